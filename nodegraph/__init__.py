@@ -1,0 +1,33 @@
+"""nodegraph: a typed node-graph engine. It validates, plans, caches and runs graphs of any typed nodes; it knows
+nothing of diffusion (that lives in the ``nodes`` package).
+
+From Python:
+
+```python
+import nodegraph
+engine = nodegraph.Executor(nodegraph.build_registry(), output_dir="out")
+wf = nodegraph.load("workflows/text-to-image.json")
+wf.set("5", "seed", 7)
+result = engine.run(wf)
+image = result.output("8", "image")
+```
+"""
+
+from .cache import ResultCache, file_identity
+from .cli import build_registry
+from .events import Event, EventBus
+from .executor import Cancelled, Executor, NodeRecord, RunContext, RunResult
+from .node import Node, NodeDefinitionError, NodeOutput
+from .registry import Registry, RegistryError
+from .spec import ANY, Boolean, Combo, Float, Int, Output, Socket, String
+from .validate import Plan, ValidationError, ValidationFailed, compile_workflow
+from .workflow import Limits, Link, Workflow, WorkflowError, load, loads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY", "Boolean", "Cancelled", "Combo", "Event", "EventBus", "Executor", "Float", "Int", "Limits", "Link",
+    "Node", "NodeDefinitionError", "NodeOutput", "NodeRecord", "Output", "Plan", "Registry", "RegistryError",
+    "ResultCache", "RunContext", "RunResult", "Socket", "String", "ValidationError", "ValidationFailed", "Workflow",
+    "WorkflowError", "build_registry", "compile_workflow", "file_identity", "load", "loads",
+]

@@ -1,0 +1,190 @@
+"""The ``nodegraph`` command: run, validate and inspect workflows headless (and, with ``serve``, start the server).
+
+Exit status: 0 when the run succeeded, 1 when a node failed or the run was cancelled, 2 for invalid input (a bad
+workflow file, validation errors, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import events as ev
+from .assets import find_workflow, shipped_workflows
+from .executor import Executor, RunResult
+from .registry import Registry, RegistryError
+from .validate import ValidationFailed
+from .workflow import Workflow, WorkflowError, load
+
+BUILTIN = "nodes"
+
+
+def build_registry(node_paths: Sequence[str] = (), settings: dict | None = None, builtin: str | None = BUILTIN
+                   ) -> Registry:
+    """The built-in node library plus node packages from the given folders (and ``NODEGRAPH_NODE_PATH``)."""
+    registry = Registry()
+    if builtin:
+        registry.load_module(builtin)
+        module = sys.modules[builtin]
+        configure = getattr(module, "configure", None)
+        if configure is not None:
+            configure(settings or {})
+    env_paths = [p for p in os.environ.get("NODEGRAPH_NODE_PATH", "").split(os.pathsep) if p]
+    for folder in [*env_paths, *node_paths]:
+        registry.load_folder(folder)
+    return registry
+
+
+def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """``NODE.INPUT=VALUE`` overrides; VALUE is JSON when it parses as JSON, text otherwise."""
+    out = []
+    for item in items:
+        key, eq, raw = item.partition("=")
+        node, dot, name = key.rpartition(".")
+        if not eq or not dot or not node or not name:
+            raise ValueError(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. --set 3.seed=42")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((node, name, value))
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", metavar="DIR", help="models root (default: $NODEGRAPH_MODELS or ./models)")
+    p.add_argument("--node-path", metavar="DIR", action="append", default=[],
+                   help="a folder of extra node packages (repeatable)")
+    p.add_argument("--device", help="torch device for the diffusion nodes (default: cuda > mps > cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default per device)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the nodes do")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodegraph", description="Run node-graph workflows for fast LCM image "
+                                                                   "generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="validate and run a workflow")
+    run.add_argument("workflow", help="a workflow .json file, or the name of a shipped example "
+                                      f"({', '.join(shipped_workflows()) or 'none'})")
+    run.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], help="override an input")
+    run.add_argument("--output", metavar="DIR", default="output", help="where output nodes write (default: ./output)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(run)
+
+    validate = sub.add_parser("validate", help="check a workflow without running it")
+    validate.add_argument("workflow")
+    _add_common(validate)
+
+    nodes = sub.add_parser("nodes", help="list the node types")
+    nodes.add_argument("--json", action="store_true", help="every node type with its inputs and outputs, as JSON")
+    _add_common(nodes)
+
+    serve = sub.add_parser("serve", help="start the HTTP server and the browser canvas")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8188)
+    _add_common(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    settings = {k: v for k, v in {"models_dir": args.models, "device": args.device, "dtype": args.dtype}.items()
+                if v is not None}
+    try:
+        registry = build_registry(args.node_path, settings)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "nodes":
+        return _cmd_nodes(registry, args)
+    if args.command == "serve":
+        from .server import serve  # imported late: aiohttp is only needed for the server
+        return serve(registry, host=args.host, port=args.port, settings=settings)
+    try:
+        workflow = load(find_workflow(args.workflow))
+        if args.command == "run":
+            for node, name, value in parse_set(args.set):
+                workflow.set(node, name, value)
+        executor = Executor(registry, output_dir=getattr(args, "output", "output"), settings=settings)
+        plan = executor.compile(workflow)
+    except (WorkflowError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationFailed as exc:
+        print(f"error: the workflow is invalid ({len(exc.errors)} problem(s)):", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(f"ok: {len(plan.order)} node(s) would run")
+        return 0
+    result = _run_with_progress(executor, plan, show=not (args.no_progress or args.json))
+    _report(result, executor, args.json)
+    return 0 if result.status == "success" else 1
+
+
+def _cmd_nodes(registry: Registry, args) -> int:
+    if args.json:
+        print(json.dumps(registry.to_json(), indent=2))
+        return 0
+    for node_type in registry:
+        if node_type.deprecated:
+            continue
+        first_line = node_type.description.splitlines()[0] if node_type.description else ""
+        print(f"{node_type.category + '/' + node_type.name:40s} {first_line}")
+    return 0
+
+
+def _run_with_progress(executor: Executor, plan, show: bool) -> RunResult:
+    if not show:
+        return executor.run(plan)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan.order), unit="node", dynamic_ncols=True, leave=True)
+    names = {n.id: n.type.name for n in plan.order}
+
+    def on_event(event: ev.Event) -> None:
+        if event.type in (ev.NODE_FINISHED, ev.NODE_CACHED, ev.NODE_FAILED, ev.NODE_SKIPPED):
+            bar.update(1)
+        elif event.type == ev.NODE_STARTED:
+            bar.set_description(f"{names[event.node_id]} #{event.node_id}")
+        elif event.type == ev.NODE_PROGRESS and event.data.get("max"):
+            bar.set_postfix_str(f"{event.data['value']}/{event.data['max']}")
+
+    unsubscribe = executor.events.subscribe(on_event)
+    try:
+        return executor.run(plan)
+    finally:
+        unsubscribe()
+        bar.close()
+
+
+def _report(result: RunResult, executor: Executor, as_json: bool) -> None:
+    files = [str(Path(executor.output_dir) / item.get("subfolder", "") / item["filename"])
+             for ui in result.ui.values() for items in ui.values() if isinstance(items, list)
+             for item in items if isinstance(item, dict) and "filename" in item]
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, "status": result.status, "duration": result.duration,
+                          "nodes": {k: v.to_json() for k, v in result.nodes.items()}, "ui": result.ui,
+                          "files": files}, indent=2, default=repr))
+        return
+    for path in files:
+        print(f"wrote {path}")
+    for error in result.errors:
+        print(f"error in node {error['node_id']} ({error['type']}): {error['exception_type']}: {error['message']}",
+              file=sys.stderr)
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

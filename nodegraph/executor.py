@@ -1,0 +1,267 @@
+"""The executor: runs a validated plan node by node, reusing cached results and isolating failures.
+
+For each planned node, in order: if an input's source failed, was skipped or was cancelled, the node is skipped;
+otherwise its key is computed from its literals and its inputs' keys, and a cached result is reused or the node runs.
+A failing node is recorded with its traceback and only its dependants are skipped: independent branches still run,
+so their outputs are saved. Cancellation is checked between nodes and, through the context, inside long nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import events as ev
+from .cache import ResultCache, node_key
+from .events import Event, EventBus
+from .node import normalise_outputs
+from .registry import Registry
+from .spec import Socket
+from .validate import Plan, compile_workflow
+from .workflow import Workflow
+
+RAN, CACHED, FAILED, SKIPPED, CANCELLED = "ran", "cached", "failed", "skipped", "cancelled"
+
+
+class Cancelled(Exception):
+    """Raised inside a node (by ``ctx.check_cancelled`` or ``ctx.progress``) when its run was cancelled."""
+
+
+class RunContext:
+    """What a node's ``run`` receives as ``ctx``: progress, cancellation, where to write, a logger, settings."""
+
+    def __init__(self, run: "_RunState", node_id: str, node_type: str):
+        self._run = run
+        self.run_id = run.run_id
+        self.node_id = node_id
+        self.node_type = node_type
+        self.output_dir: Path = run.output_dir
+        self.settings: Mapping[str, Any] = run.settings
+        self.log = logging.LoggerAdapter(logging.getLogger(f"nodegraph.node.{node_type}"),
+                                         {"run_id": run.run_id, "node_id": node_id})
+
+    @property
+    def cancelled(self) -> bool:
+        return self._run.cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._run.cancel_event.is_set():
+            raise Cancelled()
+
+    def progress(self, value: float, max: float | None = None, preview: Any = None) -> None:
+        """Report progress (``value`` of ``max``), optionally with a preview; also a cancellation point."""
+        self.check_cancelled()
+        data = {"value": value, "max": max}
+        if preview is not None:
+            data["preview"] = preview
+        self._run.publish(ev.NODE_PROGRESS, self.node_id, data)
+
+
+@dataclass
+class NodeRecord:
+    """What happened to one node in a run."""
+
+    status: str
+    type: str
+    duration: float = 0.0
+    error: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {"status": self.status, "type": self.type, "duration": self.duration}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: each planned node's record, and the outputs and UI results of those that finished."""
+
+    run_id: str
+    status: str  # "success", "failed" or "cancelled"
+    nodes: dict[str, NodeRecord]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ui: dict[str, dict] = field(default_factory=dict)
+    duration: float = 0.0
+
+    def output(self, node_id: str | int, name: str | None = None) -> Any:
+        """The value of output ``name`` of node ``node_id`` (the only output when ``name`` is omitted)."""
+        outs = self.values.get(str(node_id))
+        if outs is None:
+            record = self.nodes.get(str(node_id))
+            why = f"it {record.status}" if record else "it was not part of this run"
+            raise KeyError(f"node {node_id} has no outputs: {why}")
+        if name is None:
+            if len(outs) != 1:
+                raise KeyError(f"node {node_id} has outputs {', '.join(outs)}: name one")
+            return next(iter(outs.values()))
+        return outs[name]
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.nodes.values() if r.status == status)
+
+    @property
+    def errors(self) -> list[dict]:
+        return [dict(node_id=nid, **r.error) for nid, r in self.nodes.items() if r.error is not None]
+
+    def summary(self) -> str:
+        parts = [f"{self.count(s)} {s}" for s in (RAN, CACHED, FAILED, SKIPPED, CANCELLED) if self.count(s)]
+        return f"{self.status}: {', '.join(parts) or 'nothing to do'} in {self.duration:.2f}s"
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    output_dir: Path
+    settings: Mapping[str, Any]
+    bus: EventBus
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def publish(self, kind: str, node_id: str | None = None, data: dict | None = None) -> None:
+        self.bus.publish(Event(kind, self.run_id, node_id, data or {}))
+
+
+class Executor:
+    """Validates and runs workflows against a registry, sharing one result cache across runs.
+
+    One executor runs one workflow at a time (the server queues prompts); ``cancel`` may be called from any thread.
+    """
+
+    def __init__(self, registry: Registry, cache: ResultCache | None = None, events: EventBus | None = None,
+                 output_dir: str | Path = "output", settings: Mapping[str, Any] | None = None):
+        self.registry = registry
+        self.cache = cache if cache is not None else ResultCache()
+        self.events = events if events is not None else EventBus()
+        self.output_dir = Path(output_dir)
+        self.settings = dict(settings or {})
+        self._active: dict[str, _RunState] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, workflow: Workflow, outputs: Iterable[str] | None = None) -> Plan:
+        """Validate; raises ``ValidationFailed`` listing every error."""
+        return compile_workflow(workflow, self.registry, outputs)
+
+    def cancel(self, run_id: str) -> bool:
+        """Ask the run ``run_id`` to stop; False if no such run is active."""
+        with self._lock:
+            state = self._active.get(run_id)
+        if state is None:
+            return False
+        state.cancel_event.set()
+        return True
+
+    def run(self, workflow: Workflow | Plan, outputs: Iterable[str] | None = None, *, run_id: str | None = None,
+            output_dir: str | Path | None = None) -> RunResult:
+        """Validate (unless given a plan) and run. Raises ``ValidationFailed`` before running anything if the
+        workflow is invalid; node failures are reported in the result, never raised."""
+        plan = workflow if isinstance(workflow, Plan) else self.compile(workflow, outputs)
+        state = _RunState(run_id or uuid.uuid4().hex, Path(output_dir or self.output_dir), self.settings, self.events)
+        with self._lock:
+            if state.run_id in self._active:
+                raise ValueError(f"a run with id {state.run_id!r} is already active")
+            self._active[state.run_id] = state
+        try:
+            return self._execute(plan, state)
+        finally:
+            with self._lock:
+                self._active.pop(state.run_id, None)
+
+    def _execute(self, plan: Plan, state: _RunState) -> RunResult:
+        started = time.perf_counter()
+        records: dict[str, NodeRecord] = {}
+        keys: dict[str, str] = {}
+        values: dict[str, dict[str, Any]] = {}
+        ui: dict[str, dict] = {}
+        state.publish(ev.RUN_STARTED, data={"nodes": [n.id for n in plan.order]})
+        for node in plan.order:
+            name = node.type.name
+            blocked = next((l.node for l in node.links.values() if records[l.node].status not in (RAN, CACHED)), None)
+            if state.cancel_event.is_set():
+                records[node.id] = NodeRecord(CANCELLED, name)
+                continue
+            if blocked is not None:
+                records[node.id] = NodeRecord(SKIPPED, name)
+                state.publish(ev.NODE_SKIPPED, node.id, {"because_of": blocked})
+                continue
+            key = self._key(node, keys, state)
+            keys[node.id] = key
+            hit = self.cache.get(key)
+            if hit is not None:
+                values[node.id] = _named(node.type, hit.values)
+                if hit.ui:
+                    ui[node.id] = hit.ui
+                records[node.id] = NodeRecord(CACHED, name)
+                state.publish(ev.NODE_CACHED, node.id, {"ui": hit.ui} if hit.ui else {})
+                continue
+            records[node.id] = self._run_node(node, key, values, ui, state)
+
+        if state.cancel_event.is_set():
+            status = "cancelled"
+        elif any(r.status == FAILED for r in records.values()):
+            status = "failed"
+        else:
+            status = "success"
+        result = RunResult(state.run_id, status, records, values, ui, time.perf_counter() - started)
+        state.publish(ev.RUN_FINISHED, data={"status": status, "duration": result.duration,
+                                             "counts": {s: result.count(s) for s in
+                                                        (RAN, CACHED, FAILED, SKIPPED, CANCELLED)}})
+        return result
+
+    def _key(self, node, keys: dict[str, str], state: _RunState) -> str:
+        node_type = node.type
+        if not node_type.cacheable:
+            return uuid.uuid4().hex  # unique, so this node and everything downstream reruns
+        literals = {name: node_type.inputs[name].identity(value) for name, value in node.literals.items()}
+        upstream = {name: (keys[link.node], link.output) for name, link in node.links.items()}
+        # An output node writes into the run's output folder: a different folder is a different result.
+        extra = str(state.output_dir) if node_type.output_node else None
+        return node_key(node_type.name, node_type.version, literals, upstream, extra)
+
+    def _run_node(self, node, key: str, values: dict[str, dict[str, Any]], ui: dict[str, dict], state: _RunState) -> NodeRecord:
+        node_type = node.type
+        state.publish(ev.NODE_STARTED, node.id, {"type": node_type.name})
+        started = time.perf_counter()
+        try:
+            kwargs = dict(node.literals)
+            for name, link in node.links.items():
+                kwargs[name] = values[link.node][link.output]
+                _check_linked_value(node_type, name, kwargs[name], link)
+            returned = node_type().run(RunContext(state, node.id, node_type.name), **kwargs)
+            out, node_ui = normalise_outputs(node_type, returned)
+        except Cancelled:
+            state.cancel_event.set()
+            return NodeRecord(CANCELLED, node_type.name, time.perf_counter() - started)
+        except Exception as exc:
+            duration = time.perf_counter() - started
+            error = {"type": node_type.name, "exception_type": type(exc).__name__, "message": str(exc),
+                     "traceback": traceback.format_exc()}
+            state.publish(ev.NODE_FAILED, node.id, error)
+            return NodeRecord(FAILED, node_type.name, duration, error)
+        duration = time.perf_counter() - started
+        values[node.id] = _named(node_type, out)
+        if node_ui:
+            ui[node.id] = node_ui
+        self.cache.put(key, out, node_ui)
+        state.publish(ev.NODE_FINISHED, node.id, {"duration": duration, **({"ui": node_ui} if node_ui else {})})
+        return NodeRecord(RAN, node_type.name, duration)
+
+
+def _named(node_type, out: tuple) -> dict[str, Any]:
+    return {o.name: v for o, v in zip(node_type.outputs, out)}
+
+
+def _check_linked_value(node_type, name: str, value: Any, link) -> None:
+    """Widgets fed by links get their bounds checked at run time, since no literal was there to validate."""
+    spec = node_type.inputs[name]
+    if isinstance(spec, Socket):
+        return
+    problems = spec.check(value)
+    if problems:
+        raise ValueError(f"input {name!r} received {value!r} from node {link.node} ({link.output}): "
+                         f"{problems[0].message}")

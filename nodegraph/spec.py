@@ -1,0 +1,277 @@
+"""Input and output declarations: the typed vocabulary a node uses to describe its interface.
+
+A node type lists its inputs as instances of the classes below. Each spec knows how to check a literal value
+(returning problems as data, never raising), how to serialise itself for the canvas and the API, and which socket
+type a link into it must carry. Socket types are plain upper-case strings forming an open set: the engine knows
+none of them except the widget types (INT, FLOAT, STRING, BOOLEAN, COMBO) and the wildcard ``*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Sequence
+
+ANY = "*"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a value is unacceptable: a machine-readable code and a human message."""
+
+    code: str
+    message: str
+
+
+def types_compatible(source: str, target: str | Sequence[str]) -> bool:
+    """Whether an output of type ``source`` may feed an input accepting ``target`` (a type or a list of types)."""
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    return source == ANY or ANY in targets or source in targets
+
+
+@dataclass(frozen=True)
+class Output:
+    """A named, typed output of a node."""
+
+    name: str
+    type: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "type": self.type}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """Base of every input declaration. ``name`` is filled in when the node class is created."""
+
+    optional: bool = False
+    tooltip: str = ""
+    name: str = ""
+
+    kind: str = field(default="", init=False)
+
+    def named(self, name: str) -> "InputSpec":
+        """A copy carrying the attribute name it was declared under."""
+        clone = copy.copy(self)
+        object.__setattr__(clone, "name", name)
+        return clone
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        """The socket types a link into this input may carry."""
+        raise NotImplementedError
+
+    @property
+    def has_default(self) -> bool:
+        return False
+
+    def check(self, value: Any) -> list[Problem]:
+        """Problems with a literal value given for this input (empty when the value is fine)."""
+        raise NotImplementedError
+
+    def identity(self, value: Any) -> Any:
+        """What the cache key should contain for ``value``: the value itself unless it names something mutable."""
+        return value
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "optional": self.optional}
+        if self.tooltip:
+            out["tooltip"] = self.tooltip
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Socket(InputSpec):
+    """An input that only a link can feed, carrying one of ``types`` (e.g. ``Socket("MODEL")``)."""
+
+    types: tuple[str, ...] = ()
+    kind: str = field(default="socket", init=False)
+
+    def __init__(self, *types: str, optional: bool = False, tooltip: str = "", name: str = ""):
+        if not types:
+            raise TypeError("Socket needs at least one type")
+        object.__setattr__(self, "types", tuple(types))
+        object.__setattr__(self, "optional", optional)
+        object.__setattr__(self, "tooltip", tooltip)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "kind", "socket")
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        return self.types
+
+    def check(self, value: Any) -> list[Problem]:
+        return [Problem("expects_link", f"expects a link carrying {'/'.join(self.types)}, got a literal value")]
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "type": "/".join(self.types)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Widget(InputSpec):
+    """An input with a literal value edited on the node; a link of the widget's type may feed it instead."""
+
+    default: Any = None
+
+    @property
+    def type(self) -> str:
+        return self.kind
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        return (self.type,)
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not None
+
+    def to_json(self) -> dict:
+        out = {**super().to_json(), "type": self.type}
+        if self.default is not None:
+            out["default"] = self.default
+        return out
+
+
+def _number_problems(value: float, lo: float | None, hi: float | None, step: float | None, base: float | None,
+                     tolerance: float) -> list[Problem]:
+    if lo is not None and value < lo:
+        return [Problem("out_of_range", f"{value} is below the minimum {lo}")]
+    if hi is not None and value > hi:
+        return [Problem("out_of_range", f"{value} is above the maximum {hi}")]
+    if step:
+        k = (value - (base or 0)) / step
+        if abs(k - round(k)) > tolerance:
+            origin = f" from {base}" if base else ""
+            return [Problem("off_step", f"{value} is not a multiple of the step {step}{origin}")]
+    return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int(Widget):
+    """A whole number with optional bounds and step (the step counts from ``min`` when one is set)."""
+
+    default: int = 0
+    min: int | None = None
+    max: int | None = None
+    step: int | None = None
+    kind: str = field(default="INT", init=False)
+
+    def check(self, value: Any) -> list[Problem]:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # JSON writers may emit 5.0 for 5; accept it
+            else:
+                return [Problem("wrong_type", f"expects an integer, got {_describe(value)}")]
+        return _number_problems(value, self.min, self.max, self.step, self.min, 0)
+
+    def to_json(self) -> dict:
+        return _with_optional(super().to_json(), min=self.min, max=self.max, step=self.step)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float(Widget):
+    """A real number with optional bounds and step; ``round`` is the precision the canvas rounds to."""
+
+    default: float = 0.0
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    round: float | None = None
+    kind: str = field(default="FLOAT", init=False)
+
+    def check(self, value: Any) -> list[Problem]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return [Problem("wrong_type", f"expects a number, got {_describe(value)}")]
+        if not math.isfinite(value):
+            return [Problem("wrong_type", f"expects a finite number, got {value}")]
+        # Steps are decimal fractions such as 0.05 that binary floats cannot hold exactly: allow a small slack.
+        return _number_problems(value, self.min, self.max, self.step, self.min, 1e-6)
+
+    def to_json(self) -> dict:
+        return _with_optional(super().to_json(), min=self.min, max=self.max, step=self.step, round=self.round)
+
+
+@dataclass(frozen=True, kw_only=True)
+class String(Widget):
+    """Text; ``multiline`` asks the canvas for a text area."""
+
+    default: str = ""
+    multiline: bool = False
+    max_length: int | None = None
+    kind: str = field(default="STRING", init=False)
+
+    def check(self, value: Any) -> list[Problem]:
+        if not isinstance(value, str):
+            return [Problem("wrong_type", f"expects text, got {_describe(value)}")]
+        if self.max_length is not None and len(value) > self.max_length:
+            return [Problem("out_of_range", f"text of {len(value)} characters exceeds the limit {self.max_length}")]
+        return []
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "multiline": self.multiline}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Boolean(Widget):
+    """A checkbox."""
+
+    default: bool = False
+    kind: str = field(default="BOOLEAN", init=False)
+
+    def check(self, value: Any) -> list[Problem]:
+        if not isinstance(value, bool):
+            return [Problem("wrong_type", f"expects true or false, got {_describe(value)}")]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class Combo(Widget):
+    """One choice among ``options``: a fixed list, or a function computing it at run time (e.g. files in a folder).
+
+    ``identity`` maps a chosen value to what identifies its content (for a file: path, size and modification time),
+    so that replacing a file under the same name invalidates cached results that used it.
+    """
+
+    options: Sequence[str] | Callable[[], Iterable[str]] = ()
+    identity_of: Callable[[str], Hashable] | None = None
+    kind: str = field(default="COMBO", init=False)
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        return ("COMBO", "STRING")
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not None
+
+    def current_options(self) -> list[str]:
+        opts = self.options() if callable(self.options) else self.options
+        return list(opts)
+
+    def check(self, value: Any) -> list[Problem]:
+        if not isinstance(value, str):
+            return [Problem("wrong_type", f"expects one of the listed choices (text), got {_describe(value)}")]
+        options = self.current_options()
+        if value not in options:
+            shown = ", ".join(repr(o) for o in options[:20]) + (" ..." if len(options) > 20 else "")
+            return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}")]
+        return []
+
+    def identity(self, value: Any) -> Any:
+        return self.identity_of(value) if self.identity_of is not None else value
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "options": self.current_options()}
+
+
+def _with_optional(out: dict, **values: Any) -> dict:
+    out.update({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"

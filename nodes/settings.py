@@ -1,0 +1,44 @@
+"""Process-wide settings of the node library: where models and input images live, and the device and dtype.
+
+The command line (``--models``, ``--device``, ``--dtype``) and the server call ``configure``; the environment
+variables ``NODEGRAPH_MODELS`` and ``NODEGRAPH_INPUT`` give the defaults. Everything else reads ``current()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path
+    input_dir: Path
+    device: str | None = None  # None: chosen at run time (cuda > mps > cpu)
+    dtype: str | None = None  # None: float16 on cuda, float32 elsewhere
+    allow_pickle: bool = False  # .ckpt files are refused unless the user opts in
+
+
+def _defaults() -> Settings:
+    return Settings(models_dir=Path(os.environ.get("NODEGRAPH_MODELS", "models")),
+                    input_dir=Path(os.environ.get("NODEGRAPH_INPUT", "input")))
+
+
+_current = _defaults()
+
+
+def configure(settings: Mapping[str, Any]) -> Settings:
+    """Apply settings given by name (``models_dir``, ``input_dir``, ``device``, ``dtype``, ``allow_pickle``)."""
+    global _current
+    changes = {k: v for k, v in settings.items() if k in Settings.__dataclass_fields__}
+    for key in ("models_dir", "input_dir"):
+        if key in changes:
+            changes[key] = Path(changes[key])
+    _current = replace(_defaults(), **changes)
+    return _current
+
+
+def current() -> Settings:
+    return _current

@@ -1,0 +1,162 @@
+"""The workflow format round-trips, node packages load only from named folders, and the CLI reports properly."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import nodegraph as ng
+from nodegraph import cli
+from nodegraph.assets import shipped_workflows, workflows_dir
+
+from . import toy
+
+FULL = {
+    "format": "nodegraph/workflow",
+    "version": 1,
+    "nodes": {
+        "1": {"type": "Const", "inputs": {"value": 2}, "ui": {"pos": [10, 20], "size": [200, 80], "title": "Two",
+                                                               "color": "#335", "collapsed": False}},
+        "2": {"type": "Add", "version": 1, "inputs": {"a": {"link": ["1", "value"]}, "b": 3}},
+        "3": {"type": "Show", "inputs": {"value": {"link": ["2", "sum"]}}, "ui": {"pos": [400, 20]}},
+    },
+    "groups": [{"title": "Maths", "bounding": [0, 0, 300, 200], "color": "#222"}],
+    "notes": [{"text": "adds three", "pos": [0, 300]}],
+    "meta": {"author": "test", "nested": {"a": [1, 2, {"b": None}]}},
+}
+
+
+def test_saving_a_loaded_workflow_reproduces_it_exactly(tmp_path):
+    wf = ng.loads(json.dumps(FULL))
+    assert wf.to_json() == FULL
+    path = tmp_path / "wf.json"
+    wf.save(path)
+    assert json.loads(path.read_text()) == FULL
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_loading_executes_nothing():
+    toy.RUNS.clear()
+    ng.loads(json.dumps(FULL))
+    assert sum(toy.RUNS.values()) == 0
+
+
+def write_package(folder, module, body):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(textwrap.dedent(body))
+
+
+PACKAGE = """
+    from nodegraph import Node, Int, Output
+    class Triple(Node):
+        '''Three times x.'''
+        category = "extra"
+        x = Int(default=1)
+        outputs = (Output("value", "INT"),)
+        def run(self, ctx, x):
+            return 3 * x
+    NODES = [Triple]
+"""
+
+
+def test_node_packages_load_from_a_named_folder(tmp_path):
+    write_package(tmp_path / "pkgs", "triple", PACKAGE)
+    registry = toy.registry()
+    assert registry.load_folder(tmp_path / "pkgs")
+    assert registry["Triple"].to_json()["description"] == "Three times x."
+
+
+def test_two_node_types_with_one_name_are_an_error_naming_both(tmp_path):
+    write_package(tmp_path / "a", "one", PACKAGE)
+    write_package(tmp_path / "b", "two", PACKAGE)
+    registry = ng.Registry()
+    registry.load_folder(tmp_path / "a")
+    with pytest.raises(ng.RegistryError, match="two node types are named 'Triple'.*one.py.*two.py"):
+        registry.load_folder(tmp_path / "b")
+
+
+def test_a_broken_package_is_named(tmp_path):
+    write_package(tmp_path / "p", "broken", "raise ImportError('missing dependency xyz')")
+    with pytest.raises(ng.RegistryError, match="broken.py failed to import: ImportError: missing dependency xyz"):
+        ng.Registry().load_folder(tmp_path / "p")
+
+
+def test_every_node_type_serialises_to_json():
+    doc = toy.registry().to_json()
+    scale = doc["Scale"]
+    assert scale["category"] == "toy" and scale["outputs"] == [{"name": "result", "type": "FLOAT"}]
+    factor = next(i for i in scale["inputs"] if i["name"] == "factor")
+    assert factor == {"name": "factor", "kind": "FLOAT", "type": "FLOAT", "optional": False, "default": 1.0,
+                      "min": 0.0, "max": 10.0, "step": 0.25}
+    mode = next(i for i in doc["Words"]["inputs"] if i["name"] == "mode")
+    assert mode["options"] == ["upper", "lower"]
+    json.dumps(doc)
+
+
+def test_set_overrides_parse_json_values_or_fall_back_to_text():
+    assert cli.parse_set(["3.seed=42", "a.b.text=hello", "1.list=[1, 2]"]) == [
+        ("3", "seed", 42), ("a.b", "text", "hello"), ("1", "list", [1, 2])]
+    with pytest.raises(ValueError, match="NODE.INPUT=VALUE"):
+        cli.parse_set(["seed42"])
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nodegraph", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def toy_cli_args(tmp_path):
+    # The toy nodes become a node package; no builtin library is needed for these.
+    pkg = tmp_path / "pkgs"
+    pkg.mkdir()
+    (pkg / "toy_nodes.py").write_text((toy.__file__ and open(toy.__file__).read()) + "\nNODES = ALL\n")
+    return ["--node-path", str(pkg)]
+
+
+def test_cli_runs_a_workflow_with_overrides_and_prints_a_summary(tmp_path):
+    wf = ng.Workflow()
+    wf.add(1, "Const", value=2)
+    wf.add(2, "Add", a=ng.Link("1", "value"), b=3)
+    wf.add(3, "Show", value=ng.Link("2", "sum"))
+    wf.save(tmp_path / "wf.json")
+    proc = run_cli("run", str(tmp_path / "wf.json"), "--set", "2.b=40", "--json", *toy_cli_args(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "success" and out["ui"]["3"] == {"text": ["42"]}
+
+
+def test_cli_lists_every_validation_error_and_exits_non_zero(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "nodegraph/workflow", "version": 1, "nodes": {
+        "1": {"type": "Const", "inputs": {"value": "x"}}, "2": {"type": "Nope"}}}))
+    proc = run_cli("validate", str(path), *toy_cli_args(tmp_path))
+    assert proc.returncode == 2
+    assert "node 1 (Const), input 'value': expects an integer" in proc.stderr
+    assert "node 2 (Nope): there is no node type 'Nope'" in proc.stderr
+
+
+def test_cli_reports_a_failed_node_with_exit_status_one(tmp_path):
+    wf = ng.Workflow()
+    wf.add(1, "Const", value=2)
+    wf.add(2, "Fail", x=ng.Link("1", "value"))
+    wf.add(3, "Show", value=ng.Link("2", "x"))
+    wf.save(tmp_path / "wf.json")
+    proc = run_cli("run", str(tmp_path / "wf.json"), "--no-progress", *toy_cli_args(tmp_path))
+    assert proc.returncode == 1
+    assert "error in node 2 (Fail): RuntimeError: boom on 2" in proc.stderr
+    assert "failed: 1 ran, 1 failed, 1 skipped" in proc.stdout
+
+
+def test_cli_nodes_json_lists_the_builtin_library():
+    proc = run_cli("nodes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Integer" in json.loads(proc.stdout)
+
+
+def test_shipped_workflows_validate_against_the_builtin_library():
+    registry = cli.build_registry()
+    assert shipped_workflows(), f"no workflows in {workflows_dir()}"
+    for name in shipped_workflows():
+        ng.compile_workflow(ng.load(workflows_dir() / f"{name}.json"), registry)
