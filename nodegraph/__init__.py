@@ -19,14 +19,14 @@ from .events import Event, EventBus
 from .executor import Cancelled, Executor, NodeRecord, RunContext, RunResult
 from .node import Node, NodeDefinitionError, NodeOutput
 from .registry import Registry, RegistryError
-from .spec import ANY, Boolean, Combo, Float, Int, Output, Socket, String
+from .spec import ANY, Boolean, Combo, Float, Int, ListOf, Output, Socket, String
 from .validate import Plan, ValidationError, ValidationFailed, compile_workflow
 from .workflow import Limits, Link, Workflow, WorkflowError, load, loads
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ANY", "Boolean", "Cancelled", "Combo", "Event", "EventBus", "Executor", "Float", "Int", "Limits", "Link",
+    "ANY", "Boolean", "Cancelled", "Combo", "Event", "EventBus", "Executor", "Float", "Int", "Limits", "Link", "ListOf", "ListOf",
     "Node", "NodeDefinitionError", "NodeOutput", "NodeRecord", "Output", "Plan", "Registry", "RegistryError",
     "ResultCache", "RunContext", "RunResult", "Socket", "String", "ValidationError", "ValidationFailed", "Workflow",
     "WorkflowError", "build_registry", "compile_workflow", "file_identity", "load", "loads",

@@ -47,6 +47,11 @@ class RunContext:
                                          {"run_id": run.run_id, "node_id": node_id})
 
     @property
+    def workflow(self) -> dict | None:
+        """The workflow being run, as its JSON document (for output nodes that embed it in their files)."""
+        return self._run.workflow_json()
+
+    @property
     def cancelled(self) -> bool:
         return self._run.cancel_event.is_set()
 
@@ -121,7 +126,14 @@ class _RunState:
     output_dir: Path
     settings: Mapping[str, Any]
     bus: EventBus
+    workflow: Workflow | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    _workflow_json: dict | None = None
+
+    def workflow_json(self) -> dict | None:
+        if self._workflow_json is None and self.workflow is not None:
+            self._workflow_json = self.workflow.to_json()
+        return self._workflow_json
 
     def publish(self, kind: str, node_id: str | None = None, data: dict | None = None) -> None:
         self.bus.publish(Event(kind, self.run_id, node_id, data or {}))
@@ -161,7 +173,8 @@ class Executor:
         """Validate (unless given a plan) and run. Raises ``ValidationFailed`` before running anything if the
         workflow is invalid; node failures are reported in the result, never raised."""
         plan = workflow if isinstance(workflow, Plan) else self.compile(workflow, outputs)
-        state = _RunState(run_id or uuid.uuid4().hex, Path(output_dir or self.output_dir), self.settings, self.events)
+        state = _RunState(run_id or uuid.uuid4().hex, Path(output_dir or self.output_dir), self.settings, self.events,
+                          plan.workflow)
         with self._lock:
             if state.run_id in self._active:
                 raise ValueError(f"a run with id {state.run_id!r} is already active")

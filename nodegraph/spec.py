@@ -9,6 +9,7 @@ none of them except the widget types (INT, FLOAT, STRING, BOOLEAN, COMBO) and th
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Sequence
@@ -72,6 +73,10 @@ class InputSpec:
 
     def identity(self, value: Any) -> Any:
         """What the cache key should contain for ``value``: the value itself unless it names something mutable."""
+        return value
+
+    def normalise(self, value: Any) -> Any:
+        """The value the node receives for an accepted literal (e.g. with omitted fields filled in)."""
         return value
 
     def to_json(self) -> dict:
@@ -235,6 +240,9 @@ class Combo(Widget):
 
     options: Sequence[str] | Callable[[], Iterable[str]] = ()
     identity_of: Callable[[str], Hashable] | None = None
+    # Values outside the options that are still acceptable (e.g. a hub repository id), with a hint for the canvas.
+    accepts_other: Callable[[str], bool] | None = None
+    other_hint: str = ""
     kind: str = field(default="COMBO", init=False)
 
     @property
@@ -246,14 +254,19 @@ class Combo(Widget):
         return self.default is not None
 
     def current_options(self) -> list[str]:
-        opts = self.options() if callable(self.options) else self.options
-        return list(opts)
+        if not callable(self.options):
+            return list(self.options)
+        try:
+            return list(self.options())
+        except Exception:  # a missing or unreadable folder must not break validation or the palette
+            logging.getLogger("nodegraph.spec").exception("listing the options of %r failed", self.name)
+            return []
 
     def check(self, value: Any) -> list[Problem]:
         if not isinstance(value, str):
             return [Problem("wrong_type", f"expects one of the listed choices (text), got {_describe(value)}")]
         options = self.current_options()
-        if value not in options:
+        if value not in options and not (self.accepts_other is not None and self.accepts_other(value)):
             shown = ", ".join(repr(o) for o in options[:20]) + (" ..." if len(options) > 20 else "")
             return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}")]
         return []
@@ -262,7 +275,10 @@ class Combo(Widget):
         return self.identity_of(value) if self.identity_of is not None else value
 
     def to_json(self) -> dict:
-        return {**super().to_json(), "options": self.current_options()}
+        out = {**super().to_json(), "options": self.current_options(), "dynamic": callable(self.options)}
+        if self.accepts_other is not None:
+            out["accepts_other"] = self.other_hint or True
+        return out
 
 
 def _with_optional(out: dict, **values: Any) -> dict:
@@ -275,3 +291,58 @@ def _describe(value: Any) -> str:
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListOf(Widget):
+    """A variable-length list of rows, each a dict of widget values (e.g. LoRAs with a file and two strengths).
+    The canvas shows it as a table with add and remove buttons."""
+
+    fields: tuple[Widget, ...] = ()
+    default: list = field(default_factory=list)
+    max_items: int = 64
+    kind: str = field(default="LIST", init=False)
+
+    def __init__(self, *, optional: bool = False, tooltip: str = "", max_items: int = 64, **fields: Widget):
+        object.__setattr__(self, "fields", tuple(spec.named(name) for name, spec in fields.items()))
+        object.__setattr__(self, "default", [])
+        object.__setattr__(self, "max_items", max_items)
+        object.__setattr__(self, "optional", optional)
+        object.__setattr__(self, "tooltip", tooltip)
+        object.__setattr__(self, "name", "")
+        object.__setattr__(self, "kind", "LIST")
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    def check(self, value: Any) -> list[Problem]:
+        if not isinstance(value, list):
+            return [Problem("wrong_type", f"expects a list of rows, got {_describe(value)}")]
+        if len(value) > self.max_items:
+            return [Problem("out_of_range", f"{len(value)} rows exceed the limit of {self.max_items}")]
+        problems = []
+        for i, row in enumerate(value):
+            if not isinstance(row, dict):
+                problems.append(Problem("wrong_type", f"row {i + 1} must be an object, got {_describe(row)}"))
+                continue
+            unknown = sorted(set(row) - {f.name for f in self.fields})
+            if unknown:
+                problems.append(Problem("unknown_input", f"row {i + 1} has unknown field(s) {', '.join(unknown)}"))
+            for spec in self.fields:
+                if spec.name not in row:
+                    if not spec.has_default:
+                        problems.append(Problem("missing_input", f"row {i + 1} has no {spec.name!r}"))
+                    continue
+                problems += [Problem(p.code, f"row {i + 1}, {spec.name}: {p.message}") for p in spec.check(row[spec.name])]
+        return problems
+
+    def normalise(self, rows: list[dict]) -> list[dict]:
+        """Rows with omitted fields filled in from their defaults."""
+        return [{**{f.name: f.default for f in self.fields if f.has_default}, **row} for row in rows]
+
+    def identity(self, value: Any) -> Any:
+        return [{f.name: f.identity(row[f.name]) if f.name in row else None for f in self.fields} for row in value]
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "fields": [f.to_json() for f in self.fields], "max_items": self.max_items}

@@ -66,6 +66,7 @@ class PlannedNode:
 class Plan:
     order: list[PlannedNode]
     targets: list[str]
+    workflow: Workflow | None = None  # the document it came from (output nodes embed it in their files)
     by_id: dict[str, PlannedNode] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ def compile_workflow(workflow: Workflow, registry: Registry, outputs: Iterable[s
                                               nodes[first].type))
     if errors:
         raise ValidationFailed(errors)
-    return Plan(order, targets)
+    return Plan(order, targets, workflow)
 
 
 def _ancestors_and_self(graph: nx.DiGraph, targets: list[str]) -> set[str]:
@@ -206,9 +207,11 @@ def _check_node(nid: str, entry, node_type: type[Node], workflow: Workflow, type
             else:
                 links[name] = value
         else:
-            for problem in spec.check(value):
+            problems = spec.check(value)
+            for problem in problems:
                 error(problem.code, problem.message, name)
-            literals[name] = value
+            if not problems:
+                literals[name] = spec.normalise(value)
     if len(errors) > start:
         return None
     return PlannedNode(nid, node_type, literals, links)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -154,12 +156,50 @@ def loads(text: str | bytes, limits: Limits = Limits()) -> Workflow:
 
 
 def load(path: str | Path, limits: Limits = Limits()) -> Workflow:
+    """Read a workflow from a JSON file, or from a PNG that carries one (as SaveImage writes them)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
+    if data.startswith(PNG_SIGNATURE):
+        text = png_text(data).get(PNG_KEY)
+        if text is None:
+            raise WorkflowError(f"{path} is a PNG without a nodegraph workflow in it")
+        return loads(text, limits)
     return loads(data, limits)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KEY = "nodegraph_workflow"  # the PNG text chunk keyword under which images carry their workflow
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The tEXt, zTXt and iTXt chunks of a PNG, by keyword (standard library only)."""
+    out: dict[str, str] = {}
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        try:
+            if kind == b"tEXt":
+                key, _, value = body.partition(b"\0")
+                out[key.decode("latin-1")] = value.decode("latin-1")
+            elif kind == b"zTXt":
+                key, _, value = body.partition(b"\0")
+                out[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _, _, rest = rest.partition(b"\0")  # language tag
+                _, _, value = rest.partition(b"\0")  # translated keyword
+                out[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError):
+            continue  # a damaged chunk is skipped, not fatal
+        if kind == b"IEND":
+            break
+    return out
 
 
 def from_json(doc: Any, limits: Limits = Limits()) -> Workflow:

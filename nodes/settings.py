@@ -19,21 +19,24 @@ class Settings:
     device: str | None = None  # None: chosen at run time (cuda > mps > cpu)
     dtype: str | None = None  # None: float16 on cuda, float32 elsewhere
     allow_pickle: bool = False  # .ckpt files are refused unless the user opts in
+    max_image_size: int = 4096  # pixels per side: a typo of 51200 should be an error, not an out-of-memory
+    temp_dir: Path | None = None  # where PreviewImage writes (default: a folder in the system's temp dir)
 
 
 def _defaults() -> Settings:
     return Settings(models_dir=Path(os.environ.get("NODEGRAPH_MODELS", "models")),
-                    input_dir=Path(os.environ.get("NODEGRAPH_INPUT", "input")))
+                    input_dir=Path(os.environ.get("NODEGRAPH_INPUT", "input")),
+                    max_image_size=int(os.environ.get("NODEGRAPH_MAX_SIZE", "4096")))
 
 
 _current = _defaults()
 
 
 def configure(settings: Mapping[str, Any]) -> Settings:
-    """Apply settings given by name (``models_dir``, ``input_dir``, ``device``, ``dtype``, ``allow_pickle``)."""
+    """Apply settings given by name (any field of ``Settings``); the rest take their defaults."""
     global _current
     changes = {k: v for k, v in settings.items() if k in Settings.__dataclass_fields__}
-    for key in ("models_dir", "input_dir"):
+    for key in ("models_dir", "input_dir", "temp_dir"):
         if key in changes:
             changes[key] = Path(changes[key])
     _current = replace(_defaults(), **changes)

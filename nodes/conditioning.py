@@ -1,0 +1,53 @@
+"""Prompt encoding: CLIPEncode turns text into the embeddings the UNet attends to, exactly as diffusers'
+``encode_prompt`` does (tokenise to 77 tokens with padding and truncation, run the text encoder, optionally take
+an earlier layer through the final layer norm for clip_skip)."""
+
+from __future__ import annotations
+
+import torch
+
+from nodegraph import Int, Node, Output, Socket, String
+
+from .values import CLIP, CONDITIONING, Clip, Conditioning
+
+
+def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -> torch.Tensor:
+    """Embeddings [1, 77, dim] of ``text``; ``clip_skip`` = k takes the output of the k-th layer from the end."""
+    tokenizer = clip.tokenizer
+    with clip.applied() as encoder:
+        device = next(encoder.parameters()).device
+        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        if log is not None:
+            full = tokenizer(text, padding="longest", return_tensors="pt").input_ids
+            if full.shape[-1] > tokens.input_ids.shape[-1]:
+                log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
+        ids = tokens.input_ids.to(device)
+        with torch.inference_mode():
+            if not clip_skip:
+                embeds = encoder(ids)[0]
+            else:
+                hidden = encoder(ids, output_hidden_states=True).hidden_states
+                # transformers 5 flattened CLIPTextModel: the layer norm is on the model itself, not on .text_model
+                core = getattr(encoder, "text_model", encoder)
+                embeds = core.final_layer_norm(hidden[-(clip_skip + 1)])
+        return embeds.to(dtype=encoder.dtype, device=device)
+
+
+class CLIPEncode(Node):
+    """Encode a prompt with the checkpoint's text encoder.
+
+    clip_skip takes the output of an earlier encoder layer (0 = the last layer, as most SD1.5 models expect;
+    1 or 2 for models trained that way). Prompts longer than 77 tokens are cut off, with a warning."""
+
+    category = "conditioning"
+    clip = Socket(CLIP)
+    text = String(default="", multiline=True)
+    clip_skip = Int(default=0, min=0, max=12)
+    outputs = (Output("conditioning", CONDITIONING),)
+
+    def run(self, ctx, clip, text, clip_skip):
+        return Conditioning(encode_text(clip, text, clip_skip or None, ctx.log), (text,), clip)
+
+
+NODES = [CLIPEncode]

@@ -1,0 +1,129 @@
+"""Latents and the VAE: EmptyLatent, VAEEncode, InpaintEncode, VAEDecode.
+
+Pre- and post-processing follow diffusers' ``VaeImageProcessor`` exactly (pixels to [-1, 1], decode output back
+to [0, 1] with a clamp). Encoders return the posterior unsampled: the sampler draws the sample from its own seeded
+generator, where diffusers draws it. The latent geometry (channels, pixels per latent cell) comes from the VAE's
+config, never from a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nodegraph import Int, Node, Output, Socket
+
+from . import settings
+from .images import resize_to_multiple
+from .values import IMAGE, LATENT, MASK, VAE, Latent, Posterior, Vae
+
+# The SD geometry, assumed only when EmptyLatent is given no VAE to read it from.
+DEFAULT_LATENT_CHANNELS, DEFAULT_SCALE_FACTOR = 4, 8
+
+
+class EmptyLatent(Node):
+    """A blank latent of the given image size, the start of text-to-image.
+
+    Connect the checkpoint's VAE so the latent takes its geometry (channels, downscale factor); without one the
+    Stable Diffusion geometry (4 channels, 1/8 of the pixels) is assumed. Width and height must be multiples of 8."""
+
+    category = "latent"
+    width = Int(default=512, min=8, max=16384, step=8)
+    height = Int(default=512, min=8, max=16384, step=8)
+    batch = Int(default=1, min=1, max=64)
+    vae = Socket(VAE, optional=True)
+    outputs = (Output("latent", LATENT),)
+
+    def run(self, ctx, width, height, batch, vae=None):
+        check_size(width, height)
+        channels, factor = (vae.latent_channels, vae.scale_factor) if vae else (DEFAULT_LATENT_CHANNELS,
+                                                                                DEFAULT_SCALE_FACTOR)
+        if width % factor or height % factor:
+            raise ValueError(f"width and height must be multiples of {factor} for this VAE, got {width}x{height}")
+        return Latent(samples=torch.zeros(batch, channels, height // factor, width // factor), empty=True)
+
+
+def check_size(width: int, height: int) -> None:
+    limit = settings.current().max_image_size
+    if width > limit or height > limit:
+        raise ValueError(f"{width}x{height} exceeds the size limit of {limit} pixels per side "
+                         f"(raise it with NODEGRAPH_MAX_SIZE)")
+
+
+def to_vae_input(images: torch.Tensor, vae: Vae) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1] on the VAE's device, as diffusers preprocesses."""
+    images = resize_to_multiple(images, vae.scale_factor)
+    check_size(images.shape[2], images.shape[1])
+    x = images.permute(0, 3, 1, 2)
+    x = 2.0 * x - 1.0
+    param = next(vae.vae.parameters())
+    return x.to(param.device, param.dtype)
+
+
+def encode(vae: Vae, x: torch.Tensor) -> Posterior:
+    with torch.inference_mode():
+        dist = vae.vae.encode(x).latent_dist
+    return Posterior(dist.mean, dist.std, vae.scaling_factor)
+
+
+class VAEEncode(Node):
+    """Encode images into latents, the start of image-to-image (sizes are rounded down to the VAE's multiple)."""
+
+    category = "latent"
+    vae = Socket(VAE)
+    image = Socket(IMAGE)
+    outputs = (Output("latent", LATENT),)
+
+    def run(self, ctx, vae, image):
+        return Latent(posterior=encode(vae, to_vae_input(image, vae)))
+
+
+class InpaintEncode(Node):
+    """Encode an image and a mask for inpainting: white (1) in the mask is redrawn, black (0) is kept.
+
+    The mask is made binary at 0.5 and must have the image's size; a single mask applies to every image."""
+
+    category = "latent"
+    vae = Socket(VAE)
+    image = Socket(IMAGE)
+    mask = Socket(MASK)
+    outputs = (Output("latent", LATENT),)
+
+    def run(self, ctx, vae, image, mask):
+        if mask.shape[-2:] != image.shape[1:3]:
+            raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
+                             f"{image.shape[2]}x{image.shape[1]}: they must be the same size")
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"{mask.shape[0]} masks for {image.shape[0]} images: give one, or one per image")
+        x = to_vae_input(image, vae)
+        # the mask follows the image through the same resize, then is binarised as diffusers' mask processor does
+        m = resize_to_multiple(mask[..., None].expand(*mask.shape, 3), vae.scale_factor)[..., :1]
+        m = (m.permute(0, 3, 1, 2) >= 0.5).to(x.dtype)
+        masked = x * (m.to(x.device) < 0.5)
+        latent_mask = F.interpolate(m, size=(x.shape[2] // vae.scale_factor, x.shape[3] // vae.scale_factor))
+        if latent_mask.shape[0] < x.shape[0]:
+            latent_mask = latent_mask.repeat(x.shape[0], 1, 1, 1)
+        return Latent(posterior=encode(vae, x), mask=latent_mask, masked_image=encode(vae, masked))
+
+
+class VAEDecode(Node):
+    """Decode latents into images."""
+
+    category = "latent"
+    vae = Socket(VAE)
+    latent = Socket(LATENT)
+    outputs = (Output("image", IMAGE),)
+
+    def run(self, ctx, vae, latent):
+        return decode(vae, latent.value)
+
+
+def decode(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
+    param = next(vae.vae.parameters())
+    with torch.inference_mode():
+        x = vae.vae.decode(latents.to(param.device, param.dtype) / vae.scaling_factor, return_dict=False)[0]
+    x = (x * 0.5 + 0.5).clamp(0, 1)
+    return x.permute(0, 2, 3, 1).float().cpu()
+
+
+NODES = [EmptyLatent, VAEEncode, InpaintEncode, VAEDecode]

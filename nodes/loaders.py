@@ -1,0 +1,97 @@
+"""LoadCheckpoint: a checkpoint from the models folder (or a hub id) as MODEL, CLIP and VAE handles.
+
+The format is detected from the content (``nodes.loading``); the device and dtype are chosen at run time. The
+result is cached by the file's identity like any node result, so the same file loaded by two nodes, or in two runs,
+is read once, and replacing the file loads it afresh.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nodegraph import Combo, Node, Output, file_identity
+from nodegraph.paths import safe_join
+
+from . import devices, settings
+from .values import CLIP, MODEL, VAE, Clip, Model, Vae
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+NO_BASE = "none"
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+# The embedded demo model: the LCM-distilled UNet, and its diffusion teacher (a plain UNet, for LCM-LoRA-style use).
+EMBEDDED = {"demo-lcm": (DEMO_DIR, None), "demo-teacher": (DEMO_DIR / "teacher_unet", DEMO_DIR)}
+
+
+def checkpoints_dir() -> Path:
+    return settings.current().models_dir / "checkpoints"
+
+
+def _embedded_names() -> list[str]:
+    return [name for name, (path, _) in EMBEDDED.items() if path.is_dir()]
+
+
+def _checkpoint_names() -> list[str]:
+    from .loading import list_checkpoints
+
+    return _embedded_names() + list_checkpoints(checkpoints_dir())
+
+
+def _base_names() -> list[str]:
+    return [NO_BASE, *_checkpoint_names()]
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and name not in EMBEDDED and not (checkpoints_dir() / name).exists()
+
+
+def _locate(name: str) -> tuple[Path | str, Path | None]:
+    """Where checkpoint ``name`` is, and the base it needs (embedded models know theirs)."""
+    if name in EMBEDDED:
+        return EMBEDDED[name]
+    if _is_hub_id(name):
+        return name, None
+    return safe_join(checkpoints_dir(), name), None
+
+
+def _identity(name: str):
+    path, base = _locate(name)
+    return name if isinstance(path, str) else (file_identity(path), base and file_identity(base))
+
+
+def load(name: str, base: str = NO_BASE):
+    """The components of checkpoint ``name`` (embedded, in the checkpoints folder, or a hub id), with the UNet-only
+    folders loaded over ``base``."""
+    from .loading import load_components
+
+    path, own_base = _locate(name)
+    if base != NO_BASE:
+        own_base = _locate(base)[0]
+    device = devices.device()
+    return load_components(path, device=device, dtype=devices.dtype(device), base=own_base,
+                           allow_pickle=settings.current().allow_pickle)
+
+
+class LoadCheckpoint(Node):
+    """Load a Stable Diffusion or LCM checkpoint: a diffusers folder, a single .safetensors file (SD1.x, SD2.x,
+    SDXL, SSD-1B), or a hub id such as "SimianLuo/LCM_Dreamshaper_v7" when the hub is reachable. Files go in the
+    models folder's checkpoints/ subfolder. "demo-lcm" is the embedded demo model (it draws coloured shapes).
+    A UNet-only folder (such as the unet/ of an LCM-distilled model) needs a base: the checkpoint that gives the
+    text encoder and the VAE. .ckpt pickles are refused unless nodegraph runs with --allow-pickle."""
+
+    category = "loaders"
+    ckpt = Combo(options=_checkpoint_names, identity_of=_identity, accepts_other=_is_hub_id, default="demo-lcm",
+                 other_hint="a hub repository id (owner/name)")
+    base = Combo(options=_base_names, identity_of=lambda name: name if name == NO_BASE else _identity(name),
+                 default=NO_BASE)
+    outputs = (Output("model", MODEL), Output("clip", CLIP), Output("vae", VAE))
+
+    def run(self, ctx, ckpt, base):
+        c = load(ckpt, base)
+        return (Model(c.unet, c.scheduler_config, c.family, ckpt), Clip(c.tokenizer, c.text_encoder, c.family, ckpt),
+                Vae(c.vae, ckpt))
+
+
+NODES = [LoadCheckpoint]

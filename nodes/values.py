@@ -1,0 +1,208 @@
+"""The values that travel on links between diffusion nodes, one class per socket type.
+
+All are immutable: the result cache holds them, so a node never changes one in place; it builds a new one (a model
+with one more patch, a latent with a mask). Weights are shared between handles, never copied. A MODEL or CLIP
+handle carries its patches (LoRAs, FreeU, ...) and applies them only for the duration of a use (``applied()``),
+so nothing held upstream in the cache ever changes.
+
+Socket types: MODEL, CLIP, VAE, CONDITIONING, LATENT, SCHEDULE, IMAGE (float [B, H, W, 3] in [0, 1] on the CPU),
+MASK (float [B, H, W] in [0, 1], 1 = repaint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Protocol
+
+import torch
+
+from . import lcm_math
+from .lcm_math import LCMSchedulerConfig
+
+MODEL, CLIP, VAE, CONDITIONING, LATENT, SCHEDULE, IMAGE, MASK = (
+    "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "SCHEDULE", "IMAGE", "MASK")
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class Patch(Protocol):
+    """A change applied to a model only while it is used (a LoRA, FreeU, ...)."""
+
+    def apply(self, module: torch.nn.Module) -> contextlib.AbstractContextManager: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A denoising UNet (shared weights), the scheduler config it was trained with, and patches to apply."""
+
+    unet: torch.nn.Module
+    scheduler_config: Mapping[str, Any]
+    family: str  # "sd1", "sd2", "sdxl", ...
+    name: str
+    patches: tuple[Patch, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
+
+    @property
+    def lcm_distilled(self) -> bool:
+        """An LCM-distilled UNet takes guidance as an embedding (``time_cond_proj_dim``), not through CFG."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def with_patch(self, patch: Patch) -> "Model":
+        return replace(self, patches=(*self.patches, patch))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[torch.nn.Module]:
+        """The UNet with this handle's patches applied, restored when the block ends."""
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches:
+                stack.enter_context(patch.apply(self.unet))
+            yield self.unet
+
+    def __nodegraph_nbytes__(self) -> int:
+        return _param_bytes(self.unet)
+
+
+@dataclass(frozen=True, eq=False)
+class Clip:
+    """A tokenizer and text encoder, with patches (LoRA on the text encoder, embeddings)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    family: str
+    name: str
+    patches: tuple[Patch, ...] = ()
+
+    def with_patch(self, patch: Patch) -> "Clip":
+        return replace(self, patches=(*self.patches, patch))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[torch.nn.Module]:
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches:
+                stack.enter_context(patch.apply(self.text_encoder))
+            yield self.text_encoder
+
+    def __nodegraph_nbytes__(self) -> int:
+        return _param_bytes(self.text_encoder)
+
+
+@dataclass(frozen=True, eq=False)
+class Vae:
+    """An image autoencoder; ``scale_factor`` is pixels per latent cell, read from its config."""
+
+    vae: torch.nn.Module
+    name: str
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def __nodegraph_nbytes__(self) -> int:
+        return _param_bytes(self.vae)
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """Encoded prompts: ``embeds`` [B, tokens, dim], the prompts they came from, and extras added by later nodes
+    (for example controls from ControlNetApply)."""
+
+    embeds: torch.Tensor
+    prompts: tuple[str, ...]
+    clip: Clip | None = None  # the encoder, so a sampler needing an unconditional embedding can make one
+    extras: tuple = ()
+
+    @property
+    def batch(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def __nodegraph_nbytes__(self) -> int:
+        return self.embeds.nbytes
+
+
+@dataclass(frozen=True, eq=False)
+class Posterior:
+    """The encoder's Gaussian over latents. Kept unsampled so that the sampler draws the sample from its own seeded
+    generator, in the order diffusers draws it."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.scaling_factor * (self.mean + self.std * noise.to(self.mean.device, self.mean.dtype))
+
+    def mode(self) -> torch.Tensor:
+        return self.scaling_factor * self.mean
+
+
+@dataclass(frozen=True, eq=False)
+class Latent:
+    """Latents [B, C, h, w] (already multiplied by the VAE's scaling factor), or the posterior of encoded images;
+    for inpainting also the mask at latent resolution (1 = repaint) and the posterior of the masked image."""
+
+    samples: torch.Tensor | None = None
+    posterior: Posterior | None = None
+    mask: torch.Tensor | None = None
+    masked_image: Posterior | None = None
+    empty: bool = False  # from EmptyLatent: only the shape matters, sampling starts from pure noise
+
+    def __post_init__(self) -> None:
+        if (self.samples is None) == (self.posterior is None):
+            raise ValueError("a latent holds either samples or a posterior")
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The latents themselves (the posterior's mean for encoded images)."""
+        return self.samples if self.samples is not None else self.posterior.mode()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple((self.samples if self.samples is not None else self.posterior.mean).shape)
+
+    def __nodegraph_nbytes__(self) -> int:
+        tensors = [self.samples, self.mask]
+        for post in (self.posterior, self.masked_image):
+            if post is not None:
+                tensors += [post.mean, post.std]
+        return sum(t.nbytes for t in tensors if t is not None)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the LCMScheduler node asked for: step count or custom timesteps, over the model's scheduler config.
+
+    The timesteps themselves depend on the sampler's strength (image-to-image shortens the distillation schedule
+    before picking steps), so the sampler resolves them with ``resolve``.
+    """
+
+    config: LCMSchedulerConfig
+    steps: int | None = None
+    original_inference_steps: int | None = None
+    custom: tuple[int, ...] | None = None
+
+    def resolve(self, strength: float = 1.0) -> lcm_math.Schedule:
+        return lcm_math.lcm_timesteps(self.config, None if self.custom else self.steps,
+                                      original_inference_steps=self.original_inference_steps,
+                                      timesteps=self.custom, strength=strength)

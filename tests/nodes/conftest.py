@@ -1,0 +1,56 @@
+"""Tiny random-weight models, built once per test run, in a models folder the node library is pointed at."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nodegraph as ng
+import nodes
+from nodes.testing.tiny import build_tiny_sd, write_single_file
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    ckpts = root / "checkpoints"
+    build_tiny_sd(ckpts / "tiny-lcm", lcm=True, seed=0)
+    build_tiny_sd(ckpts / "tiny-sd", lcm=False, seed=1)
+    write_single_file(ckpts / "tiny-sd", ckpts / "tiny-sd.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def input_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("input")
+    rng = np.random.default_rng(0)
+    # a smooth picture (random pixels would make img2img comparisons meaningless) and a mask of its right half
+    y, x = np.mgrid[0:64, 0:64]
+    picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    picture[16:40, 20:44] = rng.integers(0, 255, size=3)
+    Image.fromarray(picture).save(folder / "picture.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    rgba = np.dstack([picture, 255 - mask])
+    Image.fromarray(rgba, "RGBA").save(folder / "with-alpha.png")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def configured(models_root, input_dir, tmp_path):
+    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "dtype": "float32",
+                     "temp_dir": tmp_path / "temp"})
+    yield
+    nodes.configure({})
+
+
+@pytest.fixture
+def executor(tmp_path):
+    return ng.Executor(ng.build_registry(), output_dir=tmp_path / "out")
+
+
+def max_diff(a, b) -> float:
+    return float((torch.as_tensor(np.asarray(a)) - torch.as_tensor(np.asarray(b))).abs().max())

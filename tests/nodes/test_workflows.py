@@ -1,0 +1,150 @@
+"""The shipped example workflows run, and the image nodes behave as documented."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nodegraph as ng
+from nodegraph import Link as L
+from nodegraph.assets import shipped_workflows, workflows_dir
+from nodes.images import read_workflow_from_png
+
+
+def on_tiny_model(name: str) -> ng.Workflow:
+    wf = ng.load(workflows_dir() / f"{name}.json")
+    for entry in wf.nodes.values():
+        if entry.type == "LoadCheckpoint":
+            entry.inputs["ckpt"] = "tiny-lcm"
+    return wf
+
+
+def test_the_examples_cover_the_three_lcm_tasks():
+    assert {"text-to-image", "image-to-image", "inpainting"} <= set(shipped_workflows())
+
+
+@pytest.mark.parametrize("name", shipped_workflows())
+def test_each_shipped_workflow_runs_and_saves_pngs_that_carry_it(executor, name):
+    wf = on_tiny_model(name)
+    result = executor.run(wf)
+    assert result.status == "success", result.errors
+    saved = [item for ui in result.ui.values() for item in ui.get("images", [])]
+    assert saved, "the workflow saved no image"
+    path = executor.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    with Image.open(path) as image:
+        assert image.size == (64, 64)
+    assert read_workflow_from_png(path) == wf.to_json()
+    assert ng.load(path).to_json() == wf.to_json()  # a saved image is a workflow file too
+
+
+def text_to_image(seed=1) -> ng.Workflow:
+    wf = on_tiny_model("text-to-image")
+    wf.set("5", "seed", seed)
+    return wf
+
+
+def test_changing_the_seed_reruns_only_the_sampler_decoder_and_saver(executor):
+    executor.run(text_to_image(1))
+    result = executor.run(text_to_image(2))
+    ran = sorted(nid for nid, r in result.nodes.items() if r.status == "ran")
+    assert [result.nodes[n].type for n in ran] == ["LCMSampler", "VAEDecode", "SaveImage"]
+
+
+def test_saved_images_are_numbered_and_never_overwritten(executor):
+    first = executor.run(text_to_image(1)).ui["7"]["images"][0]["filename"]
+    executor.cache.clear()
+    second = executor.run(text_to_image(1)).ui["7"]["images"][0]["filename"]
+    assert (first, second) == ("text-to-image_00001.png", "text-to-image_00002.png")
+
+
+def test_a_filename_prefix_cannot_leave_the_output_folder(executor):
+    wf = text_to_image()
+    wf.set("7", "filename_prefix", "../../escape")
+    result = executor.run(wf)
+    assert result.nodes["7"].status == "failed" and "'..' is not allowed" in result.nodes["7"].error["message"]
+
+
+def test_cancelling_between_sampler_steps(executor):
+    wf = text_to_image()
+    seen = []
+
+    def on_event(event):
+        if event.type == "node_progress":
+            seen.append(event.data["value"])
+            executor.cancel(event.run_id)
+
+    executor.events.subscribe(on_event)
+    result = executor.run(wf)
+    assert result.status == "cancelled" and result.nodes["5"].status == "cancelled" and seen == [1]
+
+
+def test_load_image_gives_rgb_and_the_transparency_as_mask(executor, input_dir):
+    wf = ng.Workflow()
+    wf.add("img", "LoadImage", image="with-alpha.png")
+    result = executor.run(wf, outputs=["img"])
+    image, mask = result.output("img", "image"), result.output("img", "mask")
+    assert image.shape == (1, 64, 64, 3) and mask.shape == (1, 64, 64)
+    picture = np.asarray(Image.open(input_dir / "picture.png"), np.float32) / 255
+    assert torch.equal(image[0], torch.from_numpy(picture))
+    assert mask[0, :, :32].max() == 0 and mask[0, :, 32:].min() == 1  # transparent right half = redraw
+
+
+@pytest.mark.parametrize("change, node, fragment", [
+    (("4", "width", 60), "4", "not a multiple of the step 8"),
+    (("4", "width", 8192), "4", "exceeds the size limit of 4096"),
+    (("3", "steps", 60), "3", "above the maximum 50"),
+    (("3", "timesteps", "999, 999"), "3", "strictly descending"),
+    (("3", "timesteps", "nine"), "3", "whole numbers"),
+    (("1", "ckpt", "missing-model"), "1", "is not one of the choices"),
+])
+def test_bad_input_is_a_clear_error_on_its_node(executor, change, node, fragment):
+    wf = text_to_image()
+    wf.set(*change)
+    try:
+        result = executor.run(wf)
+    except ng.ValidationFailed as exc:
+        [error] = exc.errors
+        assert error.node_id == node and fragment in error.message
+        return
+    assert result.nodes[node].status == "failed", result.nodes
+    assert fragment in result.nodes[node].error["message"]
+
+
+def test_a_mask_of_another_size_is_refused_on_the_encoder(executor):
+    wf = on_tiny_model("inpainting")
+    wf.set("7", "width", 32)
+    result = executor.run(wf)
+    assert result.nodes["8"].status == "failed"
+    assert "the mask is 32x64 but the image is 64x64" in result.nodes["8"].error["message"]
+
+
+def test_an_lcm_model_warns_that_it_ignores_a_negative_prompt(executor, caplog):
+    wf = text_to_image()
+    wf.add("neg", "CLIPEncode", clip=L("1", "clip"), text="blurry")
+    wf.set("5", "negative", L("neg", "conditioning"))
+    with caplog.at_level("WARNING"):
+        assert executor.run(wf).status == "success"
+    assert "takes no negative prompt" in caplog.text
+
+
+def test_the_node_library_serialises_for_the_canvas():
+    doc = ng.build_registry().to_json()
+    assert {"LoadCheckpoint", "CLIPEncode", "LCMScheduler", "LCMSampler", "EmptyLatent", "VAEEncode", "VAEDecode",
+            "InpaintEncode", "LoadImage", "SaveImage", "PreviewImage"} <= set(doc)
+    assert all(entry["description"] for entry in doc.values())
+    json.dumps(doc)
+
+
+def test_the_readme_node_reference_is_current():
+    import subprocess
+    import sys
+
+    from nodegraph.assets import workflows_dir as wd
+
+    script = wd().parent / "scripts" / "node_reference.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
