@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import events as ev
 from .assets import find_workflow, shipped_workflows
+from .cache import ResultCache
 from .executor import Executor, RunResult
 from .registry import Registry, RegistryError
 from .validate import ValidationFailed
@@ -32,8 +34,8 @@ def build_registry(node_paths: Sequence[str] = (), settings: dict | None = None,
         registry.load_module(builtin)
         module = sys.modules[builtin]
         configure = getattr(module, "configure", None)
-        if configure is not None:
-            configure(settings or {})
+        if configure is not None and settings is not None:
+            configure(settings)
     env_paths = [p for p in os.environ.get("NODEGRAPH_NODE_PATH", "").split(os.pathsep) if p]
     for folder in [*env_paths, *node_paths]:
         registry.load_folder(folder)
@@ -58,10 +60,15 @@ def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", metavar="DIR", help="models root (default: $NODEGRAPH_MODELS or ./models)")
+    p.add_argument("--input", metavar="DIR", help="input images folder (default: $NODEGRAPH_INPUT or ./input)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading .ckpt/.pt pickle checkpoints (with torch's weights_only=True)")
     p.add_argument("--node-path", metavar="DIR", action="append", default=[],
                    help="a folder of extra node packages (repeatable)")
     p.add_argument("--device", help="torch device for the diffusion nodes (default: cuda > mps > cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default per device)")
+    p.add_argument("--cache-gb", type=float, default=8.0,
+                   help="memory budget of the result cache, estimated (default 8 GB); 0 caches nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the nodes do")
 
 
@@ -88,8 +95,14 @@ def make_parser() -> argparse.ArgumentParser:
     _add_common(nodes)
 
     serve = sub.add_parser("serve", help="start the HTTP server and the browser canvas")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--output", metavar="DIR", default="output", help="where output nodes write")
+    serve.add_argument("--data", metavar="DIR", default="data", help="where the run history is kept")
+    serve.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                       help="an extra Host header value to accept (repeatable)")
+    serve.add_argument("--token", help="bearer token required from clients (default: $NODEGRAPH_TOKEN; one is "
+                                       "generated when binding a non-loopback address)")
     _add_common(serve)
     return parser
 
@@ -98,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    settings = {k: v for k, v in {"models_dir": args.models, "device": args.device, "dtype": args.dtype}.items()
+    settings = {k: v for k, v in {"models_dir": args.models, "input_dir": args.input, "device": args.device,
+                                  "dtype": args.dtype, "allow_pickle": args.allow_pickle or None}.items()
                 if v is not None}
+    # one temporary folder for previews, shared by the node library (writer) and the server (reader)
+    settings["temp_dir"] = os.environ.get("NODEGRAPH_TEMP") or str(Path(tempfile.gettempdir()) / "nodegraph-previews")
     try:
         registry = build_registry(args.node_path, settings)
     except RegistryError as exc:
@@ -109,13 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_nodes(registry, args)
     if args.command == "serve":
         from .server import serve  # imported late: aiohttp is only needed for the server
-        return serve(registry, host=args.host, port=args.port, settings=settings)
+        return serve(registry, host=args.host, port=args.port, settings=settings, token=args.token,
+                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, output_dir=args.output,
+                     library=sys.modules.get(BUILTIN), cache=_cache(args))
     try:
         workflow = load(find_workflow(args.workflow))
         if args.command == "run":
             for node, name, value in parse_set(args.set):
                 workflow.set(node, name, value)
-        executor = Executor(registry, output_dir=getattr(args, "output", "output"), settings=settings)
+        executor = Executor(registry, cache=_cache(args), output_dir=getattr(args, "output", "output"),
+                            settings=settings)
         plan = executor.compile(workflow)
     except (WorkflowError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -131,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = _run_with_progress(executor, plan, show=not (args.no_progress or args.json))
     _report(result, executor, args.json)
     return 0 if result.status == "success" else 1
+
+
+def _cache(args) -> ResultCache:
+    return ResultCache(max_bytes=int(args.cache_gb * 1024**3))
 
 
 def _cmd_nodes(registry: Registry, args) -> int:
