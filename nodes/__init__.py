@@ -7,10 +7,11 @@ nodes stays quick.
 
 from __future__ import annotations
 
-from . import conditioning, images, latent, loaders, primitives, sampling
+from . import conditioning, freeu, images, latent, loaders, primitives, sampling
 from .settings import configure
 
-NODES = [*loaders.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES, *primitives.NODES]
+NODES = [*loaders.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES, *freeu.NODES,
+         *primitives.NODES]
 
 __all__ = ["NODES", "configure"]
 

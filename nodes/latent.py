@@ -8,10 +8,12 @@ config, never from a constant.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from nodegraph import Int, Node, Output, Socket
+from nodegraph import Boolean, Int, Node, Output, Socket
 
 from . import settings
 from .images import resize_to_multiple
@@ -60,22 +62,37 @@ def to_vae_input(images: torch.Tensor, vae: Vae) -> torch.Tensor:
     return x.to(param.device, param.dtype)
 
 
-def encode(vae: Vae, x: torch.Tensor) -> Posterior:
-    with torch.inference_mode():
-        dist = vae.vae.encode(x).latent_dist
+@contextlib.contextmanager
+def vae_mode(vae: Vae, tiled: bool = False, sliced: bool = False):
+    """diffusers' VAE tiling (large images in overlapping tiles, blended: not bit-identical to one pass) and slicing
+    (one image of the batch at a time), switched on for one call only: the VAE is shared with the cache."""
+    module = vae.vae
+    module.use_tiling, module.use_slicing = tiled, sliced
+    try:
+        yield module
+    finally:
+        module.use_tiling = module.use_slicing = False
+
+
+def encode(vae: Vae, x: torch.Tensor, tiled: bool = False, sliced: bool = False) -> Posterior:
+    with vae_mode(vae, tiled, sliced) as module, torch.inference_mode():
+        dist = module.encode(x).latent_dist
     return Posterior(dist.mean, dist.std, vae.scaling_factor)
 
 
 class VAEEncode(Node):
-    """Encode images into latents, the start of image-to-image (sizes are rounded down to the VAE's multiple)."""
+    """Encode images into latents, the start of image-to-image (sizes are rounded down to the VAE's multiple).
+    tiled encodes large images in overlapping tiles to save memory; sliced encodes a batch one image at a time."""
 
     category = "latent"
     vae = Socket(VAE)
     image = Socket(IMAGE)
+    tiled = Boolean(default=False)
+    sliced = Boolean(default=False)
     outputs = (Output("latent", LATENT),)
 
-    def run(self, ctx, vae, image):
-        return Latent(posterior=encode(vae, to_vae_input(image, vae)))
+    def run(self, ctx, vae, image, tiled, sliced):
+        return Latent(posterior=encode(vae, to_vae_input(image, vae), tiled, sliced))
 
 
 class InpaintEncode(Node):
@@ -107,21 +124,24 @@ class InpaintEncode(Node):
 
 
 class VAEDecode(Node):
-    """Decode latents into images."""
+    """Decode latents into images. tiled decodes large images in overlapping, blended tiles to save memory (the
+    result differs slightly from one pass); sliced decodes a batch one image at a time."""
 
     category = "latent"
     vae = Socket(VAE)
     latent = Socket(LATENT)
+    tiled = Boolean(default=False)
+    sliced = Boolean(default=False)
     outputs = (Output("image", IMAGE),)
 
-    def run(self, ctx, vae, latent):
-        return decode(vae, latent.value)
+    def run(self, ctx, vae, latent, tiled, sliced):
+        return decode(vae, latent.value, tiled, sliced)
 
 
-def decode(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae: Vae, latents: torch.Tensor, tiled: bool = False, sliced: bool = False) -> torch.Tensor:
     param = next(vae.vae.parameters())
-    with torch.inference_mode():
-        x = vae.vae.decode(latents.to(param.device, param.dtype) / vae.scaling_factor, return_dict=False)[0]
+    with vae_mode(vae, tiled, sliced) as module, torch.inference_mode():
+        x = module.decode(latents.to(param.device, param.dtype) / vae.scaling_factor, return_dict=False)[0]
     x = (x * 0.5 + 0.5).clamp(0, 1)
     return x.permute(0, 2, 3, 1).float().cpu()
 

@@ -54,3 +54,29 @@ def executor(tmp_path):
 
 def max_diff(a, b) -> float:
     return float((torch.as_tensor(np.asarray(a)) - torch.as_tensor(np.asarray(b))).abs().max())
+
+
+@pytest.fixture(scope="session")
+def pipelines(models_root):
+    """diffusers' own pipelines over the tiny models: the reference our graphs are compared with."""
+    from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline,
+                           StableDiffusionInpaintPipeline, StableDiffusionPipeline)
+
+    ckpts = models_root / "checkpoints"
+    lcm = LatentConsistencyModelPipeline.from_pretrained(ckpts / "tiny-lcm", local_files_only=True)
+    sd = StableDiffusionPipeline.from_pretrained(ckpts / "tiny-sd", local_files_only=True)
+    out = {
+        "lcm": lcm,
+        "lcm_img2img": LatentConsistencyModelImg2ImgPipeline(**lcm.components),
+        "sd": sd,
+        "sd_inpaint": StableDiffusionInpaintPipeline(**sd.components),
+        "lcm_inpaint": StableDiffusionInpaintPipeline(**{k: v for k, v in lcm.components.items()
+                                                         if k != "image_encoder"}, image_encoder=None),
+    }
+    for pipe in out.values():
+        pipe.set_progress_bar_config(disable=True)
+    return out
+
+
+def generator(seed):
+    return torch.Generator("cpu").manual_seed(seed)

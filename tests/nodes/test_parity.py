@@ -10,7 +10,7 @@ from PIL import Image
 import nodegraph as ng
 from nodegraph import Link as L
 
-from .conftest import max_diff
+from .conftest import generator, max_diff
 
 TOLERANCE = 1e-5
 
@@ -49,31 +49,6 @@ def ours(executor, wf) -> np.ndarray:
     result = executor.run(wf)
     assert result.status == "success", result.errors
     return result.output("decode", "image").numpy()
-
-
-@pytest.fixture(scope="module")
-def pipelines(models_root):
-    from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline,
-                           StableDiffusionInpaintPipeline, StableDiffusionPipeline)
-
-    ckpts = models_root / "checkpoints"
-    lcm = LatentConsistencyModelPipeline.from_pretrained(ckpts / "tiny-lcm", local_files_only=True)
-    sd = StableDiffusionPipeline.from_pretrained(ckpts / "tiny-sd", local_files_only=True)
-    out = {
-        "lcm": lcm,
-        "lcm_img2img": LatentConsistencyModelImg2ImgPipeline(**lcm.components),
-        "sd": sd,
-        "sd_inpaint": StableDiffusionInpaintPipeline(**sd.components),
-        "lcm_inpaint": StableDiffusionInpaintPipeline(**{k: v for k, v in lcm.components.items()
-                                                         if k != "image_encoder"}, image_encoder=None),
-    }
-    for pipe in out.values():
-        pipe.set_progress_bar_config(disable=True)
-    return out
-
-
-def generator(seed):
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 @pytest.mark.parametrize("case", [
