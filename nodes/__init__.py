@@ -1,8 +1,8 @@
 """The node library: every node type nodegraph ships. Diffusion knowledge lives here, one module per family.
 
 ``NODES`` lists the node classes; ``configure(settings)`` receives the command line's settings (models folder,
-device, dtype) before anything runs. Modules import torch and diffusers lazily where they can, so listing the
-nodes stays quick.
+device, dtype) before anything runs. diffusers and transformers are imported only when a model is loaded, so
+listing the nodes costs little more than importing torch.
 """
 
 from __future__ import annotations

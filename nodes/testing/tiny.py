@@ -390,3 +390,99 @@ def write_single_file(diffusers_dir: Path | str, out_path: Path | str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint, out, metadata=_ST_METADATA)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# ControlNet and T2I-Adapter
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_controlnet(sd_dir: Path | str, out_dir: Path | str, seed: int = 0, *, scale: float = 0.3,
+                          cross_attention_dim: int | None = None) -> Path:
+    """Write a tiny ControlNet diffusers folder made from the UNet of the tiny SD folder ``sd_dir``.
+
+    ``ControlNetModel.from_unet`` copies the UNet's encoder; the hint encoder has one level per VAE level, so that
+    it downsamples the control image exactly as the VAE downsamples pixels (``conditioning_embedding_out_channels``
+    of length log2(VAE scale factor) + 1, the VAE's own widths). A fresh ControlNet's "zero" convolutions (the
+    outputs and the hint encoder's last layer) are zero, so it would change nothing: they are drawn from a seeded
+    normal distribution of standard deviation ``scale`` instead, so the control has a visible effect.
+
+    ``cross_attention_dim`` other than the UNet's gives a ControlNet of another family (for wrong-family tests): the
+    weights then come from a fresh UNet of that width instead of ``sd_dir``'s.
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    sd = Path(sd_dir)
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet", local_files_only=True)
+    vae_config = json.loads((sd / "vae" / "config.json").read_text(encoding="utf-8"))
+    hint_channels = tuple(vae_config["block_out_channels"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cross_attention_dim is not None and cross_attention_dim != unet.config.cross_attention_dim:
+            unet = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": cross_attention_dim,
+                                                     "time_cond_proj_dim": None})
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.normal_(0.0, scale)
+                conv.bias.normal_(0.0, scale)
+    out = Path(out_dir)
+    controlnet.save_pretrained(out)
+    return out
+
+
+def build_tiny_t2i_adapter(out_dir: Path | str, seed: int = 0, *, channels: tuple[int, ...] = (32, 64),
+                           downscale_factor: int = 8, num_res_blocks: int = 1) -> Path:
+    """Write a tiny full T2I-Adapter diffusers folder for the tiny SD UNet: one feature map per UNet level
+    (``channels`` must be the UNet's ``block_out_channels``), the first at the latent's size (``downscale_factor``
+    must be the VAE's scale factor). Its weights are random (seeded), so it changes images visibly."""
+    from diffusers import T2IAdapter
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = T2IAdapter(in_channels=3, channels=list(channels), num_res_blocks=num_res_blocks,
+                             downscale_factor=downscale_factor, adapter_type="full_adapter")
+    out = Path(out_dir)
+    adapter.save_pretrained(out)
+    return out
+
+
+def controlnet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``ControlNetModel`` state dict to the original (lllyasviel) layout, without prefix:
+    the UNet encoder as in :func:`unet_to_ldm`, ``input_hint_block.{0, 2, ..., 2m}`` for the hint encoder (its
+    SiLUs take the odd slots), ``zero_convs.N.0`` and ``middle_block_out.0`` for the output convolutions."""
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError("the original layout needs a single int layers_per_block")
+    n_hint = len(config["conditioning_embedding_out_channels"])
+    last_hint = 2 * (2 * (n_hint - 1) + 1)
+    out = {}
+    for key, value in state_dict.items():
+        module, _, param = key.rpartition(".")
+        if module == "controlnet_cond_embedding.conv_in":
+            new = f"input_hint_block.0.{param}"
+        elif module == "controlnet_cond_embedding.conv_out":
+            new = f"input_hint_block.{last_hint}.{param}"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", module):
+            new = f"input_hint_block.{2 * (int(m[1]) + 1)}.{param}"
+        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
+            new = f"zero_convs.{m[1]}.0.{param}"
+        elif module == "controlnet_mid_block":
+            new = f"middle_block_out.0.{param}"
+        else:
+            new = _unet_key_to_ldm(key, layers, [])
+        out[new] = value
+    return out
+
+
+def write_controlnet_single_file(controlnet_dir: Path | str, out_path: Path | str, prefix: str = "") -> Path:
+    """Write a ControlNet diffusers folder as one original-layout ``.safetensors`` file (keys as lllyasviel's
+    files name them, optionally under ``prefix`` such as ``"control_model."``)."""
+    state, config = _read_component(Path(controlnet_dir))
+    weights = {prefix + k: v.contiguous() for k, v in controlnet_to_ldm(state, config).items()}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out, metadata=_ST_METADATA)
+    return out
