@@ -243,6 +243,7 @@ class Combo(Widget):
     # Values outside the options that are still acceptable (e.g. a hub repository id), with a hint for the canvas.
     accepts_other: Callable[[str], bool] | None = None
     other_hint: str = ""
+    upload: str | None = None  # "image": the canvas offers an upload button that adds a new option
     kind: str = field(default="COMBO", init=False)
 
     @property
@@ -278,6 +279,8 @@ class Combo(Widget):
         out = {**super().to_json(), "options": self.current_options(), "dynamic": callable(self.options)}
         if self.accepts_other is not None:
             out["accepts_other"] = self.other_hint or True
+        if self.upload:
+            out["upload"] = self.upload
         return out
 
 

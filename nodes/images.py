@@ -64,7 +64,7 @@ class LoadImage(Node):
     redraw (an opaque image gives an empty mask). Rotation stored in EXIF is applied."""
 
     category = "image"
-    image = Combo(options=_input_files, identity_of=_input_identity)
+    image = Combo(options=_input_files, identity_of=_input_identity, upload="image")
     outputs = (Output("image", IMAGE), Output("mask", MASK))
 
     def run(self, ctx, image):
