@@ -90,12 +90,17 @@ def estimate_nbytes(value: Any, _depth: int = 0) -> int:
     return sys.getsizeof(value)
 
 
-def node_key(type_name: str, version: int, literals: dict[str, Any], upstream: dict[str, tuple[str, str]],
-             extra: Any = None) -> str:
-    """The content hash of a node's result. ``upstream`` maps input names to (upstream key, output name)."""
+def static_key(type_name: str, version: int, literals: dict[str, Any]) -> str:
+    """The part of a node's key known once the workflow is validated: type, version and plain literal inputs."""
     # repr of JSON-like values is deterministic once dict items are sorted, and much cheaper than json.dumps.
-    doc = (type_name, version, _canonical(literals), sorted(upstream.items()), extra)
-    return hashlib.blake2b(repr(doc).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return repr((type_name, version, _canonical(literals)))
+
+
+def node_key(static: str, dynamic: Any, upstream: list[tuple[str, str, str]], extra: Any = None) -> str:
+    """The content hash of a node's result: its static part, the identities of inputs naming files, the keys of
+    the upstream results it reads as (input name, upstream key, output name), and anything the run adds."""
+    text = f"{static}|{dynamic!r}|{upstream!r}|{extra!r}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _canonical(value: Any) -> Any:

@@ -53,6 +53,11 @@ class EventBus:
 
         return unsubscribe
 
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens (publishers skip building events nobody reads)."""
+        return bool(self._subscribers)
+
     def publish(self, event: Event) -> None:
         for fn in self._subscribers:  # a snapshot: subscribing during a publish is safe
             try:

@@ -136,7 +136,8 @@ class _RunState:
         return self._workflow_json
 
     def publish(self, kind: str, node_id: str | None = None, data: dict | None = None) -> None:
-        self.bus.publish(Event(kind, self.run_id, node_id, data or {}))
+        if self.bus.active:
+            self.bus.publish(Event(kind, self.run_id, node_id, data or {}))
 
 
 class Executor:
@@ -230,11 +231,12 @@ class Executor:
         node_type = node.type
         if not node_type.cacheable:
             return uuid.uuid4().hex  # unique, so this node and everything downstream reruns
-        literals = {name: node_type.inputs[name].identity(value) for name, value in node.literals.items()}
-        upstream = {name: (keys[link.node], link.output) for name, link in node.links.items()}
+        inputs = node_type.inputs
+        dynamic = [inputs[name].identity(node.literals[name]) for name in node.dynamic]
+        upstream = [(name, keys[source], output) for name, source, output in node.link_order]
         # An output node writes into the run's output folder: a different folder is a different result.
         extra = str(state.output_dir) if node_type.output_node else None
-        return node_key(node_type.name, node_type.version, literals, upstream, extra)
+        return node_key(node.static_key, dynamic, upstream, extra)
 
     def _run_node(self, node, key: str, values: dict[str, dict[str, Any]], ui: dict[str, dict], state: _RunState) -> NodeRecord:
         node_type = node.type

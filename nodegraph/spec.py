@@ -79,6 +79,11 @@ class InputSpec:
         """The value the node receives for an accepted literal (e.g. with omitted fields filled in)."""
         return value
 
+    @property
+    def dynamic_identity(self) -> bool:
+        """Whether ``identity`` can change while the value stays the same (a file replaced under its name)."""
+        return False
+
     def to_json(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "optional": self.optional}
         if self.tooltip:
@@ -275,6 +280,10 @@ class Combo(Widget):
     def identity(self, value: Any) -> Any:
         return self.identity_of(value) if self.identity_of is not None else value
 
+    @property
+    def dynamic_identity(self) -> bool:
+        return self.identity_of is not None
+
     def to_json(self) -> dict:
         out = {**super().to_json(), "options": self.current_options(), "dynamic": callable(self.options)}
         if self.accepts_other is not None:
@@ -346,6 +355,10 @@ class ListOf(Widget):
 
     def identity(self, value: Any) -> Any:
         return [{f.name: f.identity(row[f.name]) if f.name in row else None for f in self.fields} for row in value]
+
+    @property
+    def dynamic_identity(self) -> bool:
+        return any(f.dynamic_identity for f in self.fields)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "fields": [f.to_json() for f in self.fields], "max_items": self.max_items}

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import networkx as nx
 
+from .cache import static_key
+
 from .node import Node
 from .registry import Registry
 from .spec import Socket, types_compatible
@@ -54,12 +56,24 @@ class ValidationFailed(Exception):
 
 @dataclass
 class PlannedNode:
-    """A node ready to run: its class and inputs split into literals (defaults filled in) and links."""
+    """A node ready to run: its class and inputs split into literals (defaults filled in) and links, plus what
+    its cache key needs, prepared once: the static part, the inputs whose identity is looked up at run time
+    (files), and the links in a fixed order."""
 
     id: str
     type: type[Node]
     literals: dict[str, Any]
     links: dict[str, Link]
+    static_key: str = ""
+    dynamic: tuple[str, ...] = ()
+    link_order: tuple[tuple[str, str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        inputs = self.type.inputs
+        self.dynamic = tuple(sorted(n for n in self.literals if inputs[n].dynamic_identity))
+        plain = {n: v for n, v in self.literals.items() if n not in self.dynamic}
+        self.static_key = static_key(self.type.name, self.type.version, plain)
+        self.link_order = tuple(sorted((n, l.node, l.output) for n, l in self.links.items()))
 
 
 @dataclass
