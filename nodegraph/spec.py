@@ -120,9 +120,20 @@ class Socket(InputSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class Widget(InputSpec):
-    """An input with a literal value edited on the node; a link of the widget's type may feed it instead."""
+    """An input with a literal value edited on the node; a link of the widget's type may feed it instead.
+
+    ``identity_of`` maps a value to what identifies the content it names (for a file: path, size and modification
+    time), so that replacing a file under the same name invalidates cached results that used it."""
 
     default: Any = None
+    identity_of: Callable[[Any], Hashable] | None = None
+
+    def identity(self, value: Any) -> Any:
+        return self.identity_of(value) if self.identity_of is not None else value
+
+    @property
+    def dynamic_identity(self) -> bool:
+        return self.identity_of is not None
 
     @property
     def type(self) -> str:
@@ -237,14 +248,10 @@ class Boolean(Widget):
 
 @dataclass(frozen=True, kw_only=True)
 class Combo(Widget):
-    """One choice among ``options``: a fixed list, or a function computing it at run time (e.g. files in a folder).
-
-    ``identity`` maps a chosen value to what identifies its content (for a file: path, size and modification time),
-    so that replacing a file under the same name invalidates cached results that used it.
-    """
+    """One choice among ``options``: a fixed list, or a function computing it at run time (e.g. files in a
+    folder)."""
 
     options: Sequence[str] | Callable[[], Iterable[str]] = ()
-    identity_of: Callable[[str], Hashable] | None = None
     # Values outside the options that are still acceptable (e.g. a hub repository id), with a hint for the canvas.
     accepts_other: Callable[[str], bool] | None = None
     other_hint: str = ""
@@ -277,12 +284,6 @@ class Combo(Widget):
             return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}")]
         return []
 
-    def identity(self, value: Any) -> Any:
-        return self.identity_of(value) if self.identity_of is not None else value
-
-    @property
-    def dynamic_identity(self) -> bool:
-        return self.identity_of is not None
 
     def to_json(self) -> dict:
         out = {**super().to_json(), "options": self.current_options(), "dynamic": callable(self.options)}

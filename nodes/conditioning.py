@@ -8,6 +8,7 @@ import torch
 
 from nodegraph import Int, Node, Output, Socket, String
 
+from . import embeddings
 from .values import CLIP, CONDITIONING, Clip, Conditioning
 
 
@@ -16,20 +17,21 @@ def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -
     tokenizer = clip.tokenizer
     with clip.applied() as encoder:
         device = next(encoder.parameters()).device
-        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+        core = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
+        ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim)
+        if ids is None:
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
         if log is not None:
             full = tokenizer(text, padding="longest", return_tensors="pt").input_ids
-            if full.shape[-1] > tokens.input_ids.shape[-1]:
+            if full.shape[-1] > ids.shape[-1]:
                 log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
-        ids = tokens.input_ids.to(device)
-        with torch.inference_mode():
+        ids = ids.to(device)
+        with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
             if not clip_skip:
                 embeds = encoder(ids)[0]
             else:
                 hidden = encoder(ids, output_hidden_states=True).hidden_states
-                # transformers 5 flattened CLIPTextModel: the layer norm is on the model itself, not on .text_model
-                core = getattr(encoder, "text_model", encoder)
                 embeds = core.final_layer_norm(hidden[-(clip_skip + 1)])
         return embeds.to(dtype=encoder.dtype, device=device)
 
@@ -38,11 +40,13 @@ class CLIPEncode(Node):
     """Encode a prompt with the checkpoint's text encoder.
 
     clip_skip takes the output of an earlier encoder layer (0 = the last layer, as most SD1.5 models expect;
-    1 or 2 for models trained that way). Prompts longer than 77 tokens are cut off, with a warning."""
+    1 or 2 for models trained that way). Prompts longer than 77 tokens are cut off, with a warning.
+    Textual-inversion embeddings from the models folder's embeddings/ are used by name: "<name>" or
+    "embedding:name" (the file name without its extension)."""
 
     category = "conditioning"
     clip = Socket(CLIP)
-    text = String(default="", multiline=True)
+    text = String(default="", multiline=True, identity_of=embeddings.prompt_identity)
     clip_skip = Int(default=0, min=0, max=12)
     outputs = (Output("conditioning", CONDITIONING),)
 
