@@ -477,14 +477,18 @@ async def get_queue(request: web.Request) -> web.Response:
     return web.json_response(request.app["queue"].snapshot())
 
 
-async def post_queue(request: web.Request) -> web.Response:
+async def _clear_or_delete(request: web.Request, target) -> web.Response:
+    """``{"clear": true}`` and/or ``{"delete": [ids]}`` on the queue or the history, as ComfyUI takes them."""
     body = await _json_body(request)
-    queue: PromptQueue = request.app["queue"]
     if isinstance(body, dict) and body.get("clear"):
-        queue.clear()
+        target.clear()
     if isinstance(body, dict) and isinstance(body.get("delete"), list):
-        queue.delete([str(i) for i in body["delete"]])
+        target.delete([str(i) for i in body["delete"]])
     return web.json_response({})
+
+
+async def post_queue(request: web.Request) -> web.Response:
+    return await _clear_or_delete(request, request.app["queue"])
 
 
 def _int_query(request: web.Request, name: str, default: int, lo: int = 0, hi: int = 10**6) -> int:
@@ -510,13 +514,7 @@ async def get_history_item(request: web.Request) -> web.Response:
 
 
 async def post_history(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    history: History = request.app["history"]
-    if isinstance(body, dict) and body.get("clear"):
-        history.clear()
-    if isinstance(body, dict) and isinstance(body.get("delete"), list):
-        history.delete([str(i) for i in body["delete"]])
-    return web.json_response({})
+    return await _clear_or_delete(request, request.app["history"])
 
 
 def _comfy_input(spec: dict) -> list:
