@@ -148,3 +148,16 @@ def test_the_readme_node_reference_is_current():
     script = wd().parent / "scripts" / "node_reference.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_command_line_runs_a_shipped_workflow(models_root, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "nodegraph", "run", "text-to-image", "--models", str(models_root),
+                           "--set", "1.ckpt=tiny-lcm", "--set", "5.seed=3", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    written = tmp_path / "text-to-image_00001.png"
+    assert f"wrote {written}" in proc.stdout and written.is_file()
+    assert proc.stdout.strip().splitlines()[-1].startswith("success: 7 ran")
