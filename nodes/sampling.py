@@ -11,11 +11,16 @@ a CPU generator seeded with ``seed``, same floating-point operations):
 * inpainting as ``StableDiffusionInpaintPipeline`` + ``LCMScheduler``: strength slices the full schedule; a
   4-channel UNet has the known region put back (noised to the next timestep) after every step, a 9-channel
   inpainting UNet gets the mask and the masked image as extra input channels.
+
+ControlNets and T2I-Adapters attached to the positive conditioning (``nodes.control``) add their residuals to the
+UNet calls of all three (a ControlNet only within its step window), as diffusers' ControlNet, ControlNet-inpaint and
+T2I-Adapter pipelines do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,6 +104,7 @@ class _Guidance:
     cfg: bool
     scale: float
     w_embedding: torch.Tensor | None
+    controls: Any = None  # ControlNet / T2I-Adapter controls (nodes.control.UNetControls), or None
 
 
 def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioning | None, guidance: float,
@@ -134,13 +140,25 @@ def _repeat(embeds: torch.Tensor, batch: int) -> torch.Tensor:
     return embeds.repeat(1, batch, 1).view(batch, tokens, dim)
 
 
+def _attach_controls(g: _Guidance, model: Model, positive: Conditioning, latent_shape: tuple[int, ...],
+                     steps: int, device: torch.device) -> None:
+    """Prepare the ControlNet / T2I-Adapter controls the positive conditioning carries (nodes.control)."""
+    if positive.extras:
+        from .control import prepare_controls
+
+        g.controls = prepare_controls(model.unet, positive.extras, batch=latent_shape[0], cfg=g.cfg,
+                                      latent_size=tuple(latent_shape[-2:]), steps=steps, device=device)
+
+
 def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
-                   extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+                   extra_channels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
     model_input = torch.cat([latents] * 2) if g.cfg else latents
+    # controls see the latents only (as in diffusers' ControlNet inpainting), never the inpainting channels
+    control = g.controls(step, model_input, t, g.embeds) if g.controls is not None else {}
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)
     eps = unet(model_input, t, encoder_hidden_states=g.embeds, timestep_cond=g.w_embedding,
-               return_dict=False)[0]
+               return_dict=False, **control)[0]
     if g.cfg:
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + g.scale * (eps_cond - eps_uncond)
@@ -177,12 +195,13 @@ def sample(model: Model, positive: Conditioning, latent: Latent, schedule: Sched
         latents = lcm_math.add_noise(init, noise, plan.timesteps[:1], alphas.to(device))
 
     g = _prepare_guidance(model, positive, negative, guidance, batch, dtype, device)
+    _attach_controls(g, model, positive, latent.shape, len(plan), device)
     alphas = alphas.to(device)
     denoised = latents
     with model.applied() as unet, torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
             latents = latents.to(dtype)
-            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g)
+            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, step=i)
             latents, denoised = lcm_math.lcm_step(eps, latents, step_index=i, schedule=plan, alphas_cumprod=alphas,
                                                   config=config, generator=generator)
             if on_step is not None:
@@ -222,6 +241,7 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
     masked = latent.masked_image.sample(_posterior_noise(latent.masked_image, generator, dtype)).to(device)  # DRAW
 
     g = _prepare_guidance(model, positive, negative, guidance, batch, dtype, device)
+    _attach_controls(g, model, positive, latent.shape, len(plan), device)
     mask = latent.mask.to(device, dtype)
     extra = None
     if not blend:  # an inpainting UNet reads the mask and the masked image as extra input channels
@@ -231,7 +251,8 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
     denoised = latents
     with model.applied() as unet, torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
-            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, extra)
+            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, extra,
+                                 step=i)
             latents, denoised = lcm_math.lcm_step(eps, latents, step_index=i, schedule=plan, alphas_cumprod=alphas,
                                                   config=config, generator=generator)
             if blend:  # put the known region back, noised to where the next step starts

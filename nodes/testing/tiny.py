@@ -486,3 +486,142 @@ def write_controlnet_single_file(controlnet_dir: Path | str, out_path: Path | st
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, out, metadata=_ST_METADATA)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny LoRA files
+# --------------------------------------------------------------------------------------------
+
+#: UNet modules a tiny LoRA targets: the attention blocks' projections and the resnets' layers (LoCon style).
+_LORA_UNET_LEAVES = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "time_emb_proj")
+#: Text-encoder modules a tiny LoRA targets (kohya's lora_te_* set).
+_LORA_TEXT_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+#: What LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) also targets: every conv and linear layer of the UNet.
+_LORA_UNET_EVERYWHERE = ("conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "conv_out",
+                         "time_embedding.linear_1", "time_embedding.linear_2")
+LORA_FORMATS = ("kohya", "kohya_ldm", "peft", "peft_meta")
+
+
+def _lora_targets(model, leaves, *, top_level: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(
+                name == leaf or name.endswith("." + leaf) for leaf in leaves):
+            if top_level or name.startswith(("down_blocks", "mid_block", "up_blocks", "encoder.", "text_model.")):
+                out.append((name, module))
+    return out
+
+
+def _lora_pair(module: torch.nn.Module, rank: int, generator: torch.Generator, std: float):
+    """Random (down, up) factors shaped as peft shapes them: down like the layer's input side (kernel included),
+    up a 1x1 map from the rank to the outputs."""
+    if isinstance(module, torch.nn.Conv2d):
+        down_shape = (rank, module.in_channels, *module.kernel_size)
+        up_shape = (module.out_channels, rank, 1, 1)
+    else:
+        down_shape = (rank, module.in_features)
+        up_shape = (module.out_features, rank)
+    down = torch.randn(down_shape, generator=generator) * std
+    up = torch.randn(up_shape, generator=generator) * std
+    return down.contiguous(), up.contiguous()
+
+
+def write_tiny_lora(
+    unet,
+    text_encoder,
+    out_path: Path | str,
+    *,
+    fmt: str = "kohya",
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    std: float = 0.2,
+    text: bool = True,
+    unet_layers: bool = True,
+    everywhere: bool = False,
+) -> Path:
+    """Write a random LoRA for a tiny (SD-1.x layout) ``unet`` / ``text_encoder`` pair and return its path.
+
+    ``fmt``:
+
+    * ``"kohya"``: ``lora_unet_<diffusers module path, '.' -> '_'>`` and ``lora_te_text_model_...`` keys with
+      ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (sd-scripts' layout for SD 1.x);
+    * ``"kohya_ldm"``: the same, with the UNet modules under their original-SD (LDM) names
+      (``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``, ``..._input_blocks_1_0_in_layers_2``);
+    * ``"peft"``: diffusers/peft keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and
+      ``text_encoder.text_model.<module>...``; no alpha anywhere, so readers take alpha = rank (scale 1);
+    * ``"peft_meta"``: as ``"peft"`` plus the ``lora_adapter_metadata`` header diffusers' ``save_lora_weights``
+      writes (``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``, same for ``text_encoder``).
+
+    ``alpha`` defaults to ``rank`` (scale 1); kohya formats store it per module, ``peft_meta`` in the metadata.
+    ``everywhere=True`` targets every layer LCM-LoRA targets (also conv_in/out, the time embedding, shortcuts,
+    down- and upsamplers); not with ``"kohya_ldm"``, whose upsampler names diffusers' converter misplaces.
+    Deterministic: the same arguments give byte-identical files.
+    """
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"fmt must be one of {LORA_FORMATS}, got {fmt!r}")
+    alpha = float(rank if alpha is None else alpha)
+    generator = torch.Generator().manual_seed(seed)
+    parts: list[tuple[str, str, torch.nn.Module]] = []
+    if unet_layers:
+        leaves = _LORA_UNET_LEAVES + (_LORA_UNET_EVERYWHERE if everywhere else ())
+        parts += [("unet", name, module) for name, module in _lora_targets(unet, leaves, top_level=everywhere)]
+    if text:
+        parts += [("text_encoder", _with_prefix(name, "text_model."), module)
+                  for name, module in _lora_targets(text_encoder, _LORA_TEXT_LEAVES)]
+    layers_per_block = unet.config.layers_per_block
+    up_has_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
+    weights: dict[str, torch.Tensor] = {}
+    metadata = dict(_ST_METADATA)
+    for component, name, module in parts:
+        down, up = _lora_pair(module, rank, generator, std)
+        if fmt in ("kohya", "kohya_ldm"):
+            path = name
+            if component == "unet" and fmt == "kohya_ldm":
+                if not isinstance(layers_per_block, int):
+                    raise ValueError("LDM names need a single int layers_per_block")
+                path = _unet_key_to_ldm(f"{name}.weight", layers_per_block, up_has_attention)
+                path = path.removesuffix(".weight")
+            stem = ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
+            weights[f"{stem}.lora_down.weight"] = down
+            weights[f"{stem}.lora_up.weight"] = up
+            weights[f"{stem}.alpha"] = torch.tensor(alpha)
+        else:
+            weights[f"{component}.{name}.lora_A.weight"] = down
+            weights[f"{component}.{name}.lora_B.weight"] = up
+    if fmt == "peft_meta":
+        adapter = {}
+        for component in sorted({c for c, _, _ in parts}):
+            targets = sorted({n.removeprefix("text_model.") for c, n, _ in parts if c == component})
+            adapter.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                            f"{component}.target_modules": targets})
+        metadata["lora_adapter_metadata"] = json.dumps(adapter, indent=2, sort_keys=True)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out, metadata=metadata)
+    return out
+
+
+def write_sdxl_shaped_lora(out_path: Path | str, *, rank: int = 4, seed: int = 0) -> Path:
+    """Write a small kohya LoRA shaped like one for SDXL (LDM block names, 2048-wide cross-attention, a second
+    text encoder ``lora_te2_*`` of width 1280): something an SD-1.x model must refuse."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": (640, 2048),
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v": (640, 2048),
+        "lora_unet_middle_block_1_transformer_blocks_9_attn1_to_q": (1280, 1280),
+        "lora_unet_output_blocks_2_1_transformer_blocks_0_ff_net_2": (1280, 5120),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+        "lora_te2_text_model_encoder_layers_31_mlp_fc1": (5120, 1280),
+    }
+    weights = {}
+    for stem, (out_features, in_features) in shapes.items():
+        weights[f"{stem}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
+        weights[f"{stem}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        weights[f"{stem}.alpha"] = torch.tensor(float(rank))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out, metadata=dict(_ST_METADATA))
+    return out

@@ -1,0 +1,605 @@
+"""Spatial control: ControlNet and T2I-Adapter, and the Canny edge preprocessor.
+
+LoadControlNet / LoadT2IAdapter read models from the models folder's ``controlnet/`` subfolder (ComfyUI keeps both
+kinds there). ControlNetApply / T2IAdapterApply return a new CONDITIONING with the control appended to its
+``extras`` (several chain); nothing runs until the sampler, which knows the latent's size and the schedule.
+
+In the sampler (:func:`prepare_controls`, called once per sampling run) the controls follow diffusers'
+``StableDiffusionControlNetPipeline`` / ``MultiControlNetModel`` and ``StableDiffusionAdapterPipeline`` exactly:
+
+* control image: IMAGE [B, H, W, 3] in [0, 1] -> NCHW float. When its size differs from the latent's pixel size
+  (latent size x the control model's downscale factor), it is resized to that size with PIL's Lanczos filter,
+  as diffusers' control image preprocessing (``VaeImageProcessor.preprocess(image, height, width)``, and the
+  adapter pipeline's ``_preprocess_adapter_image``) resizes PIL images, going through 8-bit pixels as diffusers'
+  PIL input does. One image serves every latent of the batch (repeated); otherwise give one image per latent.
+  With classifier-free guidance the image (or the adapter's features) is repeated for the unconditional half.
+* ControlNet: at step i of n, each control whose window holds the step (diffusers' ``controlnet_keep``: kept
+  unless i/n < start or (i+1)/n > end) runs on the UNet's input (both CFG halves, guess mode off) with the
+  prompt embeddings and ``conditioning_scale = strength``; the residuals of all controls are summed in order and
+  passed as ``down_block_additional_residuals`` / ``mid_block_additional_residual``. A control outside its window
+  adds zeros in diffusers; here it is skipped, which gives the same numbers. The ControlNet is called without the
+  LCM guidance embedding, as diffusers calls it. A ControlNet with pooled conditions (``global_pool_conditions``,
+  e.g. shuffle) runs in diffusers' guess mode: on the conditional half of CFG only.
+* T2I-Adapter: the adapter runs once on the control image; its features times strength (summed over chained
+  adapters, as ``MultiAdapter`` does) are passed as ``down_intrablock_additional_residuals`` at every step.
+
+The controls of the positive conditioning apply to the whole batch, both halves of classifier-free guidance
+included, as in diffusers; controls attached to a negative conditioning are not used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nodegraph import Combo, Float, Int, Node, Output, Socket, file_identity
+from nodegraph.paths import safe_join
+
+from . import devices, settings
+from .images import pil_to_tensor, tensor_to_pils
+from .values import CONDITIONING, IMAGE, Conditioning
+
+CONTROL_NET, T2I_ADAPTER = "CONTROL_NET", "T2I_ADAPTER"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "controlnet-sd1"
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_ORIGINAL_PREFIX = "control_model."
+# Text feature widths of the known families, for error messages.
+_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def _family(width: Any) -> str:
+    return f"{_FAMILIES[width]}, {width}" if width in _FAMILIES else str(width)
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNet:
+    """A loaded ControlNetModel (shared weights) and its name."""
+
+    net: torch.nn.Module
+    name: str
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.net.config.cross_attention_dim)
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell the hint encoder assumes (one stride-2 convolution per level after the first)."""
+        return 2 ** (len(self.net.config.conditioning_embedding_out_channels) - 1)
+
+    def __nodegraph_nbytes__(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.net.parameters())
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """A loaded T2IAdapter (shared weights) and its name."""
+
+    adapter: torch.nn.Module
+    name: str
+
+    @property
+    def downscale(self) -> int:
+        return int(self.adapter.config.downscale_factor)
+
+    def __nodegraph_nbytes__(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.adapter.parameters())
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetControl:
+    """One ControlNetApply, carried in ``Conditioning.extras``."""
+
+    control: ControlNet
+    image: torch.Tensor  # IMAGE [B, H, W, 3]
+    strength: float
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterControl:
+    """One T2IAdapterApply, carried in ``Conditioning.extras``."""
+
+    adapter: Adapter
+    image: torch.Tensor
+    strength: float
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def controlnet_dir() -> Path:
+    return settings.current().models_dir / "controlnet"
+
+
+def _folder_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _scan() -> tuple[list[str], list[str]]:
+    """(ControlNets: folders and weight files, T2I-Adapter folders) under the controlnet folder."""
+    root = controlnet_dir()
+    nets: list[str] = []
+    adapters: list[str] = []
+    if not root.is_dir():
+        return nets, adapters
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        for entry in sorted(here.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            name = entry.relative_to(root).as_posix()
+            if entry.is_dir():
+                kind = _folder_class(entry)
+                if kind == "T2IAdapter":
+                    adapters.append(name)
+                elif kind == "ControlNetModel":
+                    nets.append(name)
+                elif kind is None and len(entry.relative_to(root).parts) < 4:  # a folder of models
+                    stack.append(entry)
+            elif entry.suffix.lower() in WEIGHT_SUFFIXES:
+                nets.append(name)
+    return sorted(nets), sorted(adapters)
+
+
+def _controlnet_names() -> list[str]:
+    return _scan()[0]
+
+
+def _adapter_names() -> list[str]:
+    return _scan()[1]
+
+
+def _identity(name: str):
+    return file_identity(safe_join(controlnet_dir(), name))
+
+
+def _ready(model: torch.nn.Module) -> torch.nn.Module:
+    """On the run-time device and dtype, eval mode, no gradients, weights in memory of their own (not the file's
+    memory map: see nodes/loading.py)."""
+    device = devices.device()
+    mapped = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    torch.nn.Module.to(model, device=device, dtype=devices.dtype(device))
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() == mapped.get(name):
+            t.data = t.data.clone()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _locate(name: str, what: str) -> Path:
+    path = safe_join(controlnet_dir(), name)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {name!r} is not in {controlnet_dir()}: put a diffusers folder (config.json + "
+                                f"weights) or a single weights file there")
+    return path
+
+
+def load_controlnet(path: Path) -> torch.nn.Module:
+    """A ControlNetModel from a diffusers folder or a single file (original or diffusers key layout)."""
+    from .loading import CheckpointError
+
+    if path.is_dir():
+        kind = _folder_class(path)
+        if kind != "ControlNetModel":
+            raise CheckpointError(f"{path}: not a ControlNet folder (its config.json names {kind!r}, expected "
+                                  f"'ControlNetModel')")
+        from diffusers import ControlNetModel
+
+        try:
+            model = ControlNetModel.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot load the ControlNet: {str(e).splitlines()[0]}") from e
+        return _ready(model)
+    return _ready(_controlnet_from_file(path))
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from . import loading
+
+    kind = loading.detect(path)  # by content; raises CheckpointError saying what the file is otherwise
+    if kind == "pickle":
+        return loading._read_pickle(path, settings.current().allow_pickle)
+    return loading._read_safetensors(path)
+
+
+def _controlnet_from_file(path: Path) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from .loading import CheckpointError
+
+    tensors = _read_weights(path)
+    if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
+        tensors = {k[len(_ORIGINAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ORIGINAL_PREFIX)}
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    config = derive_controlnet_config(shapes, str(path))
+    with init_empty_weights():
+        model = ControlNetModel.from_config(config)
+    if "time_embedding.linear_1.weight" in tensors:  # already in diffusers' layout
+        state = tensors
+    else:
+        try:
+            state = convert_controlnet_checkpoint(tensors, config)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot convert the ControlNet weights: {str(e).splitlines()[0]}") from e
+    state = {k: v for k, v in state.items() if v is not None}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not fit a ControlNet: missing {_few(missing)}; unexpected "
+                              f"{_few(unexpected)}. If it has a non-standard architecture, use its diffusers folder.")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except Exception as e:  # noqa: BLE001 - shape mismatches
+        raise CheckpointError(f"{path}: the ControlNet weights do not fit: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def _few(keys: Sequence[str], limit: int = 4) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:
+    found = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes
+             if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    return sorted(found)
+
+
+def derive_controlnet_config(shapes: Mapping[str, Sequence[int]], where: str = "the file") -> dict:
+    """A ControlNetModel configuration for original-layout weights (keys without ``control_model.``).
+
+    Starts from the shipped SD 1.5 configuration (``configs/controlnet-sd1``) and replaces every size the tensor
+    shapes reveal: input and hint channels, widths and layers per level, which levels attend to text, the text
+    width, transformer depth, linear or convolutional projections, the hint encoder's widths, SDXL's added
+    embedding. What shapes cannot reveal (attention heads, norm groups) follows the SD conventions: 8 heads for
+    768-wide text (SD 1.x), 64-wide heads otherwise, 32 norm groups (or the largest divisor of the widths below).
+    A tiny test model with other values needs its diffusers folder.
+    """
+    import math
+
+    from .loading import CheckpointError
+
+    if "time_embedding.linear_1.weight" in shapes:
+        raise CheckpointError(f"{where}: a ControlNet in diffusers' layout: put it in a folder next to its "
+                              f"config.json")
+    if "input_hint_block.0.weight" not in shapes or "input_blocks.0.0.weight" not in shapes:
+        raise CheckpointError(f"{where}: not a ControlNet (no input_hint_block / input_blocks weights)")
+    base = json.loads((CONFIG_DIR / "config.json").read_text(encoding="utf-8"))
+    try:
+        blocks = _indices(shapes, "input_blocks.")
+        ops = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in shapes]
+        layers = (ops[0] - 1) if ops else len(blocks) - 1
+        levels = len(ops) + 1
+        channels, attends, depths = [], [], []
+        for level in range(levels):
+            first = 1 + level * (layers + 1)
+            channels.append(shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0])
+            depth = len(_indices(shapes, f"input_blocks.{first}.1.transformer_blocks."))
+            attends.append(depth > 0)
+            depths.append(max(depth, 1))
+        cross = next((v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+        proj = next((v for k, v in shapes.items() if k.endswith(".proj_in.weight")), None)
+        hint = _indices(shapes, "input_hint_block.")
+        hint_channels = [shapes["input_hint_block.0.weight"][0]]
+        hint_channels += [shapes[f"input_hint_block.{i}.weight"][0] for i in hint[2:-1:2]]
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"{where}: unrecognised ControlNet layout (missing {e})") from e
+    if len(hint) != 8 or hint[-1] != 14:
+        raise CheckpointError(f"{where}: a hint encoder of {len(hint)} layers; only the standard 8-layer one (4 "
+                              f"levels) can be read from a single file: use the ControlNet's diffusers folder")
+    config = dict(base)
+    config.update(
+        in_channels=shapes["input_blocks.0.0.weight"][1],
+        conditioning_channels=shapes["input_hint_block.0.weight"][1],
+        conditioning_embedding_out_channels=hint_channels,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        transformer_layers_per_block=depths[0] if len(set(depths)) == 1 else depths,
+        mid_block_type="UNetMidBlock2DCrossAttn" if any(k.startswith("middle_block.1.") for k in shapes)
+        else "UNetMidBlock2D",
+    )
+    if cross is not None:
+        config["cross_attention_dim"] = cross
+    if proj is not None:
+        config["use_linear_projection"] = len(proj) == 2
+    if cross != 768:
+        config["attention_head_dim"] = [max(c // 64, 1) if c % 64 == 0 else max(c // 8, 1) for c in channels]
+    if channels != base["block_out_channels"]:
+        common = math.gcd(*channels)
+        config["norm_num_groups"] = max(d for d in range(1, min(32, common) + 1) if common % d == 0)
+    if "label_emb.0.0.weight" in shapes:  # SDXL: pooled text and size conditioning
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1])
+    return config
+
+
+class LoadControlNet(Node):
+    """Load a ControlNet from the models folder's controlnet/ subfolder: a diffusers folder (config.json and
+    weights) or a single weights file in the original layout (lllyasviel's key names, with or without the
+    "control_model." prefix; its configuration is read from the tensor shapes). .pth/.ckpt pickles are refused
+    unless nodegraph runs with --allow-pickle."""
+
+    category = "loaders"
+    control_net = Combo(options=_controlnet_names, identity_of=_identity)
+    outputs = (Output("control_net", CONTROL_NET),)
+
+    def run(self, ctx, control_net):
+        return ControlNet(load_controlnet(_locate(control_net, "ControlNet")), control_net)
+
+
+class LoadT2IAdapter(Node):
+    """Load a T2I-Adapter (a diffusers folder with a T2IAdapter config.json) from the models folder's
+    controlnet/ subfolder."""
+
+    category = "loaders"
+    adapter = Combo(options=_adapter_names, identity_of=_identity)
+    outputs = (Output("adapter", T2I_ADAPTER),)
+
+    def run(self, ctx, adapter):
+        from diffusers import T2IAdapter
+
+        from .loading import CheckpointError
+
+        path = _locate(adapter, "T2I-Adapter")
+        if not path.is_dir() or _folder_class(path) != "T2IAdapter":
+            raise CheckpointError(f"{path}: not a T2I-Adapter folder (config.json of a T2IAdapter + weights)")
+        try:
+            model = T2IAdapter.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot load the T2I-Adapter: {str(e).splitlines()[0]}") from e
+        return Adapter(_ready(model), adapter)
+
+
+# --------------------------------------------------------------------------------------------
+# Apply
+# --------------------------------------------------------------------------------------------
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"the control image must be an IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
+
+
+class ControlNetApply(Node):
+    """Attach a ControlNet to a conditioning: the sampler then steers the image with the control image (an edge
+    map, a depth map, a pose...), as diffusers' ControlNet pipeline does.
+
+    strength scales what the ControlNet adds (0 = no effect). start_percent and end_percent limit it to part of
+    the steps (0 and 1: all of them). Chain several to combine ControlNets; their effects add up. The control
+    image is resized (Lanczos) to the latent's size in pixels when it differs; one image serves every image of
+    the batch."""
+
+    category = "conditioning"
+    conditioning = Socket(CONDITIONING)
+    control_net = Socket(CONTROL_NET)
+    image = Socket(IMAGE)
+    strength = Float(default=1.0, min=0.0, max=2.0, step=0.01)
+    start_percent = Float(default=0.0, min=0.0, max=1.0, step=0.001)
+    end_percent = Float(default=1.0, min=0.0, max=1.0, step=0.001)
+    outputs = (Output("conditioning", CONDITIONING),)
+
+    def run(self, ctx, conditioning, control_net, image, strength, start_percent, end_percent):
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        _check_image(image)
+        width = conditioning.embeds.shape[-1]
+        if control_net.cross_attention_dim != width:
+            raise ValueError(
+                f"the ControlNet {control_net.name!r} is made for models whose text features are "
+                f"{_family(control_net.cross_attention_dim)} wide, but this conditioning's are {_family(width)} "
+                f"wide: use a ControlNet of the checkpoint's family")
+        control = ControlNetControl(control_net, image, float(strength), float(start_percent), float(end_percent))
+        return Conditioning(conditioning.embeds, conditioning.prompts, conditioning.clip,
+                            (*conditioning.extras, control))
+
+
+class T2IAdapterApply(Node):
+    """Attach a T2I-Adapter to a conditioning: a light alternative to ControlNet that steers the image with a
+    control image (computed once, not at every step), as diffusers' T2I-Adapter pipeline does. strength scales
+    its features; chain several to combine them. The image is resized (Lanczos) to the latent's size in pixels."""
+
+    category = "conditioning"
+    conditioning = Socket(CONDITIONING)
+    adapter = Socket(T2I_ADAPTER)
+    image = Socket(IMAGE)
+    strength = Float(default=1.0, min=0.0, max=2.0, step=0.01)
+    outputs = (Output("conditioning", CONDITIONING),)
+
+    def run(self, ctx, conditioning, adapter, image, strength):
+        _check_image(image)
+        return Conditioning(conditioning.embeds, conditioning.prompts, conditioning.clip,
+                            (*conditioning.extras, AdapterControl(adapter, image, float(strength))))
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessor
+# --------------------------------------------------------------------------------------------
+
+
+class Canny(Node):
+    """Canny edge map of an image (white edges on black), the control image of canny ControlNets and adapters.
+
+    Gradients weaker than low_threshold are never edges, stronger than high_threshold always are, and those in
+    between only where they continue a strong edge (OpenCV's Canny on the 8-bit RGB image)."""
+
+    category = "image"
+    image = Socket(IMAGE)
+    low_threshold = Int(default=100, min=0, max=255)
+    high_threshold = Int(default=200, min=0, max=255)
+    outputs = (Output("image", IMAGE),)
+
+    def run(self, ctx, image, low_threshold, high_threshold):
+        if low_threshold > high_threshold:
+            raise ValueError(f"low_threshold ({low_threshold}) is above high_threshold ({high_threshold})")
+        return canny(image, low_threshold, high_threshold)
+
+
+def canny(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    try:
+        import cv2
+    except ImportError:
+        raise RuntimeError("the Canny node needs OpenCV: pip install opencv-python-headless") from None
+    edges = []
+    for pil in tensor_to_pils(image):
+        e = cv2.Canny(np.array(pil), low, high)
+        edges.append(np.repeat(e[..., None], 3, axis=-1).astype(np.float32) / 255.0)
+    return torch.from_numpy(np.stack(edges))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def _control_image(image: torch.Tensor, size: tuple[int, int], batch: int, cfg: bool, device, dtype,
+                   grey: bool = False) -> torch.Tensor:
+    """IMAGE -> [batch (x2 with CFG), C, h, w] at ``size`` (height, width), as diffusers prepares control images."""
+    height, width = size
+    if image.shape[0] not in (1, batch):
+        raise ValueError(f"{image.shape[0]} control images for a batch of {batch}: give one, or one per image")
+    if tuple(image.shape[1:3]) != (height, width):  # resized as diffusers resizes PIL control images
+        image = torch.cat([pil_to_tensor(p.resize((width, height), Image.LANCZOS)) for p in tensor_to_pils(image)])
+    if grey:  # a one-channel adapter reads the grey level, as of a PIL "L" image
+        image = torch.cat([torch.from_numpy(np.array(p.convert("L")).astype(np.float32) / 255.0)[None, ..., None]
+                           for p in tensor_to_pils(image)])
+    x = image.permute(0, 3, 1, 2)
+    if x.shape[0] == 1 and batch > 1:
+        x = x.repeat_interleave(batch, dim=0)
+    x = x.to(device=device, dtype=dtype)
+    return torch.cat([x] * 2) if cfg else x
+
+
+def _check_fits(unet, control: ControlNet | Adapter) -> None:
+    cfg = unet.config
+    if isinstance(control, ControlNet):
+        net = control.net.config
+        if net.cross_attention_dim != cfg.cross_attention_dim:
+            raise ValueError(
+                f"the ControlNet {control.name!r} is made for models whose text features are "
+                f"{_family(net.cross_attention_dim)} wide; this model's are {_family(cfg.cross_attention_dim)}: use "
+                f"a ControlNet of the checkpoint's family")
+        if list(net.block_out_channels) != list(cfg.block_out_channels) or net.layers_per_block != cfg.layers_per_block:
+            raise ValueError(f"the ControlNet {control.name!r} does not fit this model's UNet (widths "
+                             f"{list(net.block_out_channels)} vs {list(cfg.block_out_channels)}): use a ControlNet "
+                             f"made for the checkpoint's family")
+        if net.addition_embed_type is not None:
+            raise ValueError(f"the ControlNet {control.name!r} needs SDXL's size conditioning, which this sampler "
+                             f"does not give")
+    else:
+        channels = list(control.adapter.config.channels)
+        if channels != list(cfg.block_out_channels)[:len(channels)]:
+            raise ValueError(f"the T2I-Adapter {control.name!r} gives features of widths {channels}, which do not "
+                             f"fit this model's UNet (widths {list(cfg.block_out_channels)}): use an adapter made "
+                             f"for the checkpoint's family")
+
+
+class UNetControls:
+    """The controls of one sampling run, prepared once; called before each UNet pass for its extra arguments."""
+
+    def __init__(self, nets: list[tuple[ControlNetControl, torch.Tensor]], features: list[torch.Tensor] | None,
+                 steps: int, cfg: bool):
+        self.nets = nets
+        self.features = features
+        self.steps = steps
+        self.cfg = cfg
+
+    def __call__(self, step: int, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> dict:
+        kwargs: dict[str, Any] = {}
+        down = mid = None
+        n = self.steps
+        for c, image in self.nets:
+            if step / n < c.start or (step + 1) / n > c.end:  # diffusers' controlnet_keep == 0: adds nothing
+                continue
+            guess = _guess_mode(c.control)
+            conditional_only = guess and self.cfg  # guess mode: the ControlNet sees the conditional half only
+            x, e = (model_input.chunk(2)[1], embeds.chunk(2)[1]) if conditional_only else (model_input, embeds)
+            d, m = c.control.net(x, t, encoder_hidden_states=e, controlnet_cond=image,
+                                 conditioning_scale=c.strength, guess_mode=guess, return_dict=False)
+            if conditional_only:  # and adds nothing to the unconditional half
+                d = [torch.cat([torch.zeros_like(r), r]) for r in d]
+                m = torch.cat([torch.zeros_like(m), m])
+            if down is None:
+                down, mid = d, m
+            else:  # MultiControlNetModel's merge, in the same order
+                down = [prev + cur for prev, cur in zip(down, d)]
+                mid = mid + m
+        if down is not None:
+            kwargs["down_block_additional_residuals"] = down
+            kwargs["mid_block_additional_residual"] = mid
+        if self.features is not None:  # the UNet consumes the list: a fresh one, of fresh tensors, each step
+            kwargs["down_intrablock_additional_residuals"] = [f.clone() for f in self.features]
+        return kwargs
+
+
+def _guess_mode(control: ControlNet) -> bool:
+    """ControlNets with pooled conditions (such as shuffle) run in diffusers' guess mode."""
+    return bool(getattr(control.net.config, "global_pool_conditions", False))
+
+
+def prepare_controls(unet, extras: Sequence[Any], *, batch: int, cfg: bool, latent_size: tuple[int, int],
+                     steps: int, device: torch.device) -> UNetControls | None:
+    """The controls among a positive conditioning's ``extras``, ready for a run of ``steps`` UNet passes over
+    latents of ``latent_size`` (None when there are none)."""
+    nets = [e for e in extras if isinstance(e, ControlNetControl)]
+    adapters = [e for e in extras if isinstance(e, AdapterControl)]
+    if not nets and not adapters:
+        return None
+    h, w = latent_size
+    prepared = []
+    for c in nets:
+        _check_fits(unet, c.control)
+        if c.strength == 0:  # adds zeros at every step
+            continue
+        param = next(c.control.net.parameters())
+        size = (h * c.control.downscale, w * c.control.downscale)
+        doubled = cfg and not _guess_mode(c.control)
+        prepared.append((c, _control_image(c.image, size, batch, doubled, device, param.dtype)))
+    features = None
+    with torch.inference_mode():
+        for c in adapters:
+            _check_fits(unet, c.adapter)
+            model = c.adapter.adapter
+            param = next(model.parameters())
+            size = (h * c.adapter.downscale, w * c.adapter.downscale)
+            image = _control_image(c.image, size, 1 if c.image.shape[0] == 1 else batch, False, device, param.dtype,
+                                   grey=model.config.in_channels == 1)
+            state = [f * c.strength for f in model(image)]
+            if features is None:
+                features = state
+            else:  # MultiAdapter: the weighted sum of every adapter's features
+                features = [a + b for a, b in zip(features, state)]
+        if features is not None:
+            if features[0].shape[0] == 1 and batch > 1:
+                features = [f.repeat(batch, 1, 1, 1) for f in features]
+            if cfg:
+                features = [torch.cat([f] * 2, dim=0) for f in features]
+    if not prepared and features is None:
+        return None
+    return UNetControls(prepared, features, steps, cfg)
+
+
+NODES = [LoadControlNet, ControlNetApply, LoadT2IAdapter, T2IAdapterApply, Canny]
