@@ -7,11 +7,11 @@ listing the nodes costs little more than importing torch.
 
 from __future__ import annotations
 
-from . import conditioning, control, freeu, images, latent, loaders, primitives, sampling
+from . import conditioning, control, freeu, images, latent, loaders, lora, primitives, sampling
 from .settings import configure
 
-NODES = [*loaders.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES, *control.NODES,
-         *freeu.NODES, *primitives.NODES]
+NODES = [*loaders.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
+         *control.NODES, *freeu.NODES, *primitives.NODES]
 
 __all__ = ["NODES", "configure"]
 
