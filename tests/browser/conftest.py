@@ -44,7 +44,7 @@ def sync_playwright_or_skip():
     return sync_playwright
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server_dirs(tmp_path_factory, sync_playwright_or_skip) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("server")
     dirs = {name: root / name for name in ("models", "input", "output", "data", "temp")}
@@ -56,7 +56,7 @@ def server_dirs(tmp_path_factory, sync_playwright_or_skip) -> dict[str, Path]:
     return dirs
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(server_dirs) -> str:
     port = _free_port()
     env = {**os.environ, "NODEGRAPH_TEMP": str(server_dirs["temp"]), "HF_HUB_OFFLINE": "1"}
@@ -88,7 +88,7 @@ def server(server_dirs) -> str:
     log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(sync_playwright_or_skip):
     with sync_playwright_or_skip() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
