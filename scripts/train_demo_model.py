@@ -1,0 +1,653 @@
+#!/usr/bin/env python
+"""Train the embedded demo model: a tiny Latent Consistency Model for captioned coloured shapes.
+
+Everything runs on a CPU (2 cores, one thread; 24 + 45 + 20 = 89 minutes by default) and is seeded. Four stages,
+each resumable from its own checkpoint in ``--work``:
+
+1. ``vae``      AutoencoderKL, 64x64 RGB -> 4x16x16 latents (4x downscale: three levels, 16/32/32 channels).
+                Loss: L1 + L2 on RGB (what the judge looks at is colour) + a KL weight of 1e-6 on the
+                posterior, whose samples are decoded (so the decoder tolerates latent noise). At the end the
+                latent ``scaling_factor`` is set to 1/std of the latents of 1,024 training images.
+2. ``teacher``  A plain UNet2DConditionModel (no ``time_cond_proj_dim``) trained jointly with a small
+                CLIPTextModel (hidden 32, 2 layers, the real 49,408-token CLIP vocabulary): epsilon
+                prediction on the SD-1.5 ``scaled_linear`` betas (0.00085-0.012, 1000 steps), the caption
+                replaced by "" 10% of the time (classifier-free guidance).
+3. ``distill``  Latent consistency distillation (LCM paper, Algorithm 1): the student is the teacher's UNet
+                plus a guidance embedding (``time_cond_proj_dim`` 64, ``cond_proj`` zero-initialised) and the
+                text encoder is frozen. Each step draws n from the 50-step DDIM grid (t = 20n - 1, skipping
+                k = 20), t' = t - 20, a guidance w ~ U[1, 8] (= pipeline guidance_scale - 1), noises the
+                latents to t, runs one DDIM step t -> t' with the teacher under CFG (x0 and eps mixed as
+                cond + w (cond - uncond)), and regresses the student's boundary-conditioned prediction
+                f(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t) on the EMA target's f(z_t', t') (Huber
+                loss, c = 1e-3). c_skip/c_out are LCMScheduler's (timestep_scaling 10, sigma_data 0.5).
+                The target network is an EMA (decay 0.95) of the student.
+4. ``export``   Writes a diffusers folder (LatentConsistencyModelPipeline) to ``--out`` (default
+                ``nodes/data/demo``): unet/ (student), teacher_unet/ (teacher), vae/, text_encoder/
+                (``text_model.*`` layout), tokenizer/ (the shipped CLIP files), scheduler/ (the LCMScheduler
+                config of LCM_Dreamshaper_v7). UNets and text encoder are stored as float16 safetensors.
+
+Data: :mod:`nodes.demo.shapes`, generated on the fly; batch i of a stage is drawn from
+``numpy.random.default_rng([seed, stage, i])``, so a resumed run sees the same data as an uninterrupted
+one. The held-out (shape, colour, background) triples of ``nodes.demo.shapes.HELD_OUT`` are never drawn.
+Stages stop after ``--minutes-<stage>`` of wall-clock (or ``--steps-<stage>``), with a cosine learning-rate
+decay over that budget; step counts therefore depend on the machine's speed.
+
+Usage::
+
+    python scripts/train_demo_model.py --work /tmp/demo_work            # all stages
+    python scripts/train_demo_model.py --work /tmp/demo_work --resume   # continue after an interruption
+    python scripts/train_demo_model.py --work /tmp/demo_work --stages export
+
+Progress goes to ``<work>/train.log`` and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodes.demo import shapes  # noqa: E402
+
+SHIPPED_TOKENIZER = ROOT / "nodes" / "data" / "clip_tokenizer"
+DEFAULT_OUT = ROOT / "nodes" / "data" / "demo"
+STAGES = ("vae", "teacher", "distill", "export")
+STAGE_ID = {"vae": 1, "teacher": 2, "distill": 3}
+
+TEXT_HIDDEN = 32
+COND_PROJ_DIM = 64
+NUM_TRAIN_TIMESTEPS = 1000
+ORIGINAL_INFERENCE_STEPS = 50
+SKIP = NUM_TRAIN_TIMESTEPS // ORIGINAL_INFERENCE_STEPS  # k = 20
+TIMESTEP_SCALING = 10.0
+SIGMA_DATA = 0.5
+UNCOND_PROB = 0.1
+W_RANGE = (1.0, 8.0)  # w = guidance_scale - 1
+EMA_DECAY = 0.95
+HUBER_C = 1e-3
+
+LOG_FILE: Path | None = None
+
+
+def log(msg: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        with LOG_FILE.open("a") as f:
+            f.write(line + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Model configurations
+# --------------------------------------------------------------------------------------------
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),  # three levels: 2 downsamplings, 64 px -> 16x16 latents
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=shapes.IMAGE_SIZE,
+        scaling_factor=1.0,  # replaced by 1/std of the latents at the end of the vae stage
+    )
+
+
+def make_unet(*, lcm: bool):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shapes.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        # Cross-attention at 8x8 and 4x4 only: cheap, and enough to place colours and shapes.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        time_cond_proj_dim=COND_PROJ_DIM if lcm else None,
+    )
+
+
+def make_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(SHIPPED_TOKENIZER))
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_scheduler():
+    """The LCMScheduler configuration of SimianLuo/LCM_Dreamshaper_v7."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        original_inference_steps=ORIGINAL_INFERENCE_STEPS,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        timestep_scaling=TIMESTEP_SCALING,
+    )
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def batch_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, STAGE_ID[stage], step])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (what VaeImageProcessor.preprocess gives)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC (what the pipelines' postprocess gives)."""
+    x = (x * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+def lr_at(base: float, frac: float, warmup_frac: float = 0.03) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base`` at the end of the budget."""
+    frac = min(max(frac, 0.0), 1.0)
+    if frac < warmup_frac:
+        return base * max(frac / warmup_frac, 0.02)
+    p = (frac - warmup_frac) / (1 - warmup_frac)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class Budget:
+    """Wall-clock budget of a stage, carried across resumes (``elapsed`` is stored in the checkpoint)."""
+
+    def __init__(self, minutes: float, max_steps: int | None, elapsed: float = 0.0):
+        self.seconds = minutes * 60
+        self.max_steps = max_steps
+        self.start = time.time() - elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def frac(self, step: int) -> float:
+        f = self.elapsed / self.seconds
+        if self.max_steps:
+            f = max(f, step / self.max_steps)
+        return f
+
+    def done(self, step: int) -> bool:
+        return self.frac(step) >= 1.0
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """Prompt embeddings as the pipelines compute them (padded to 77, last_hidden_state)."""
+    unique = sorted(set(captions))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    emb = text_encoder(ids)[0]
+    index = torch.tensor([unique.index(c) for c in captions])
+    return emb[index]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------
+
+
+def vae_score(vae, seed: int, n: int = 200) -> dict:
+    """Judge accuracy of VAE reconstructions (posterior mean) of n dataset images, all triples."""
+    rng = np.random.default_rng([seed, 99])
+    images, captions = shapes.sample_batch(rng, n, shapes.all_combos())
+    with torch.no_grad():
+        x = to_tensor(images)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return shapes.score(to_uint8(rec), captions)
+
+
+def stage_vae(args, work: Path) -> None:
+    ckpt = work / "vae.pt"
+    torch.manual_seed(args.seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("finished"):
+            log("vae: already finished")
+            return
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"vae: resumed at step {step}")
+    budget = Budget(args.minutes_vae, args.steps_vae, elapsed)
+    last_save, t_log, ema_loss = time.time(), time.time(), None
+
+    def checkpoint(finished: bool = False, extra: dict | None = None):
+        save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "elapsed": budget.elapsed, "torch_rng": torch.get_rng_state(), "finished": finished,
+                         **(extra or {})})
+
+    vae.train()
+    while not budget.done(step):
+        lr = lr_at(args.lr_vae, budget.frac(step))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images, _ = shapes.sample_batch(batch_rng(args.seed, "vae", step), args.batch_vae)
+        x = to_tensor(images)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        err = rec - x
+        loss = err.abs().mean() + err.pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if time.time() - t_log > 30:
+            log(f"vae: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
+            t_log = time.time()
+        if time.time() - last_save > 120:
+            checkpoint()
+            last_save = time.time()
+
+    vae.eval()
+    with torch.no_grad():
+        images, _ = shapes.sample_batch(np.random.default_rng([args.seed, 98]), 1024)
+        latents = vae.encode(to_tensor(images)).latent_dist.sample()
+        scaling = float(1.0 / latents.flatten().std())
+    vae.register_to_config(scaling_factor=scaling)
+    score = vae_score(vae, args.seed)
+    log(f"vae: done, {step} steps, {budget.elapsed / 60:.1f} min, scaling_factor {scaling:.5f}, "
+        f"latent mean {latents.mean():.3f}, recon judge {score}")
+    checkpoint(finished=True, extra={"scaling_factor": scaling, "score": score})
+
+
+def load_vae(work: Path):
+    state = torch.load(work / "vae.pt", weights_only=False)
+    if not state.get("finished"):
+        raise SystemExit("the vae stage has not finished")
+    vae = make_vae()
+    vae.load_state_dict(state["model"])
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.encode(to_tensor(images)).latent_dist.sample() * vae.config.scaling_factor
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: teacher
+# --------------------------------------------------------------------------------------------
+
+
+def stage_teacher(args, work: Path) -> None:
+    ckpt = work / "teacher.pt"
+    vae = load_vae(work)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(args.seed + 1)
+    unet = make_unet(lcm=False)
+    text_encoder = make_text_encoder(tokenizer)
+    params = [{"params": unet.parameters()}, {"params": text_encoder.parameters()}]
+    opt = torch.optim.AdamW(params, lr=args.lr_teacher, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("finished"):
+            log("teacher: already finished")
+            return
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"teacher: resumed at step {step}")
+    budget = Budget(args.minutes_teacher, args.steps_teacher, elapsed)
+    ac = alphas_cumprod()
+    last_save, t_log, ema_loss = time.time(), time.time(), None
+
+    def checkpoint(finished: bool = False):
+        save_ckpt(ckpt, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "elapsed": budget.elapsed,
+                         "torch_rng": torch.get_rng_state(), "finished": finished})
+
+    unet.train()
+    text_encoder.train()
+    while not budget.done(step):
+        lr = lr_at(args.lr_teacher, budget.frac(step))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = batch_rng(args.seed, "teacher", step)
+        images, captions = shapes.sample_batch(rng, args.batch_teacher)
+        captions = ["" if rng.random() < UNCOND_PROB else c for c in captions]
+        x0 = encode_latents(vae, images)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],))
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb = encode_text(tokenizer, text_encoder, captions)
+        eps = unet(zt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if time.time() - t_log > 30:
+            log(f"teacher: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
+            t_log = time.time()
+        if time.time() - last_save > 120:
+            checkpoint()
+            last_save = time.time()
+    log(f"teacher: done, {step} steps, {budget.elapsed / 60:.1f} min, loss {ema_loss}")
+    checkpoint(finished=True)
+
+
+def load_teacher(work: Path):
+    state = torch.load(work / "teacher.pt", weights_only=False)
+    if not state.get("finished"):
+        raise SystemExit("the teacher stage has not finished")
+    tokenizer = make_tokenizer()
+    unet = make_unet(lcm=False)
+    unet.load_state_dict(state["unet"])
+    text_encoder = make_text_encoder(tokenizer)
+    text_encoder.load_state_dict(state["text_encoder"])
+    return tokenizer, unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: latent consistency distillation
+# --------------------------------------------------------------------------------------------
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's w-embedding (sin first), as LatentConsistencyModelPipeline computes it for w = g - 1."""
+    w = w * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCMScheduler's c_skip, c_out at integer timesteps t (timestep_scaling 10, sigma_data 0.5)."""
+    st = t.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (st**2 + SIGMA_DATA**2)
+    c_out = st / (st**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def make_student(teacher):
+    student = make_unet(lcm=True)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert unexpected == [] and missing == ["time_embedding.cond_proj.weight"], (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def stage_distill(args, work: Path) -> None:
+    ckpt = work / "distill.pt"
+    vae = load_vae(work)
+    tokenizer, teacher, text_encoder = load_teacher(work)
+    torch.manual_seed(args.seed + 2)
+    student = make_student(teacher)
+    target = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr_distill, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("finished"):
+            log("distill: already finished")
+            return
+        student.load_state_dict(state["student"])
+        target.load_state_dict(state["target"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"distill: resumed at step {step}")
+    budget = Budget(args.minutes_distill, args.steps_distill, elapsed)
+    ac = alphas_cumprod()
+    with torch.no_grad():
+        uncond = encode_text(tokenizer, text_encoder, [""])
+    last_save, t_log, ema_loss = time.time(), time.time(), None
+
+    def checkpoint(finished: bool = False):
+        save_ckpt(ckpt, {"student": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
+                         "step": step, "elapsed": budget.elapsed, "torch_rng": torch.get_rng_state(),
+                         "finished": finished})
+
+    student.train()
+    while not budget.done(step):
+        lr = lr_at(args.lr_distill, budget.frac(step))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = batch_rng(args.seed, "distill", step)
+        images, captions = shapes.sample_batch(rng, args.batch_distill)
+        b = len(captions)
+        x0 = encode_latents(vae, images)
+        with torch.no_grad():
+            cond = encode_text(tokenizer, text_encoder, captions)
+        # Skipping-step schedule: t on the 50-step DDIM grid (19, 39, ..., 999), t' = t - k.
+        n = torch.randint(1, ORIGINAL_INFERENCE_STEPS + 1, (b,))
+        t = n * SKIP - 1
+        t_prev = (t - SKIP).clamp(min=0)
+        w = W_RANGE[0] + (W_RANGE[1] - W_RANGE[0]) * torch.rand(b)
+        w_emb = guidance_embedding(w, COND_PROJ_DIM)
+        noise = torch.randn_like(x0)
+        a_t = ac[t].view(-1, 1, 1, 1)
+        a_p = ac[t_prev].view(-1, 1, 1, 1)
+        zt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+        # Student: f(z_t, t) with the boundary-condition parametrisation.
+        c_skip, c_out = boundary_scalings(t)
+        eps_s = student(zt, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        x0_s = (zt - (1 - a_t).sqrt() * eps_s) / a_t.sqrt()
+        pred = c_skip * zt + c_out * x0_s
+
+        with torch.no_grad():
+            # Teacher: one DDIM step t -> t' under classifier-free guidance (cond + w (cond - uncond)).
+            eps_tu = teacher(torch.cat([zt, zt]), torch.cat([t, t]),
+                             encoder_hidden_states=torch.cat([cond, uncond.expand(b, -1, -1)])).sample
+            eps_c, eps_u = eps_tu.chunk(2)
+            wv = w.view(-1, 1, 1, 1)
+            eps_g = eps_c + wv * (eps_c - eps_u)
+            x0_g = (zt - (1 - a_t).sqrt() * eps_g) / a_t.sqrt()
+            z_prev = a_p.sqrt() * x0_g + (1 - a_p).sqrt() * eps_g
+            # Target: the EMA network's f(z_t', t').
+            c_skip_p, c_out_p = boundary_scalings(t_prev)
+            eps_p = target(z_prev, t_prev, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+            x0_p = (z_prev - (1 - a_p).sqrt() * eps_p) / a_p.sqrt()
+            tgt = c_skip_p * z_prev + c_out_p * x0_p
+
+        loss = (torch.sqrt((pred.float() - tgt.float()) ** 2 + HUBER_C**2) - HUBER_C).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for p_t, p_s in zip(target.parameters(), student.parameters()):
+                p_t.mul_(EMA_DECAY).add_(p_s.detach(), alpha=1 - EMA_DECAY)
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if time.time() - t_log > 30:
+            log(f"distill: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
+            t_log = time.time()
+        if time.time() - last_save > 120:
+            checkpoint()
+            last_save = time.time()
+    log(f"distill: done, {step} steps, {budget.elapsed / 60:.1f} min, loss {ema_loss}")
+    checkpoint(finished=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: export
+# --------------------------------------------------------------------------------------------
+
+
+def _save_fp16_unet(unet, folder: Path) -> None:
+    unet = copy.deepcopy(unet).to(torch.float16)
+    unet.save_pretrained(folder, safe_serialization=True)
+
+
+def _save_text_encoder(text_encoder, folder: Path) -> None:
+    """config.json + model.safetensors with keys in the ``text_model.*`` layout (float16)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text_encoder.config.architectures = [type(text_encoder).__name__]
+    text_encoder.config.save_pretrained(folder)
+    # Weights are stored as float16 to halve the 49,408 x 32 embedding; transformers 5 would then load the
+    # model in float16 (dtype "auto"), so the config names float32, the dtype the pipelines run in.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    weights = {}
+    for k, v in text_encoder.state_dict().items():
+        key = k if k.startswith("text_model.") else "text_model." + k
+        weights[key] = v.detach().to(torch.float16).contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def stage_export(args, work: Path) -> None:
+    from diffusers import LatentConsistencyModelPipeline
+
+    out = Path(args.out)
+    vae = load_vae(work)
+    tokenizer, teacher, text_encoder = load_teacher(work)
+    state = torch.load(work / "distill.pt", weights_only=False)
+    if not state.get("finished"):
+        log("export: WARNING the distill stage has not finished; exporting its last checkpoint")
+    student = make_unet(lcm=True)
+    student.load_state_dict(state["student"])
+    scheduler = make_scheduler()
+
+    for sub in ("unet", "teacher_unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_fp16_unet(student, out / "unet")
+    _save_fp16_unet(teacher, out / "teacher_unet")
+    vae.save_pretrained(out / "vae", safe_serialization=True)  # float32: small, and colour-critical
+    _save_text_encoder(text_encoder, out / "text_encoder")
+    (out / "tokenizer").mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(SHIPPED_TOKENIZER / name, out / "tokenizer" / name)
+    scheduler.save_pretrained(out / "scheduler")
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=student,
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_config(out)
+    info = {"vae_steps": torch.load(work / "vae.pt", weights_only=False)["step"],
+            "teacher_steps": torch.load(work / "teacher.pt", weights_only=False)["step"],
+            "distill_steps": state["step"],
+            "minutes": {s: round(torch.load(work / f"{s}.pt", weights_only=False)["elapsed"] / 60, 1)
+                        for s in ("vae", "teacher", "distill")},
+            "seed": args.seed}
+    (work / "export_info.json").write_text(json.dumps(info, indent=1))
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    log(f"export: wrote {out} ({size / 1e6:.2f} MB of weights) {info}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="checkpoint and log folder")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="exported diffusers folder")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="1 is robust when the CPU is shared")
+    p.add_argument("--minutes-vae", type=float, default=24)
+    p.add_argument("--minutes-teacher", type=float, default=45)
+    p.add_argument("--minutes-distill", type=float, default=20)
+    p.add_argument("--steps-vae", type=int, default=None, help="stop after this many steps (overrides minutes)")
+    p.add_argument("--steps-teacher", type=int, default=None)
+    p.add_argument("--steps-distill", type=int, default=None)
+    p.add_argument("--batch-vae", type=int, default=32)
+    p.add_argument("--batch-teacher", type=int, default=64)
+    p.add_argument("--batch-distill", type=int, default=48)
+    p.add_argument("--lr-vae", type=float, default=2e-3)
+    p.add_argument("--lr-teacher", type=float, default=1e-3)
+    p.add_argument("--lr-distill", type=float, default=3e-4)
+    args = p.parse_args(argv)
+
+    global LOG_FILE
+    args.work.mkdir(parents=True, exist_ok=True)
+    LOG_FILE = args.work / "train.log"
+    torch.set_num_threads(args.threads)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise SystemExit(f"unknown stage {s!r}")
+    log(f"start: stages {stages} args {vars(args)}")
+    for s in STAGES:
+        if s in stages:
+            globals()[f"stage_{s}"](args, args.work)
+    log("all requested stages finished")
+
+
+if __name__ == "__main__":
+    main()
