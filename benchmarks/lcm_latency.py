@@ -29,16 +29,12 @@ def run_graph(ckpt: Path, size: int, runs: int) -> list[dict]:
     import nodegraph as ng
     import nodes
 
-    nodes.configure({"models_dir": ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent,
-                     "dtype": "float32"})
+    # a models folder whose checkpoints/ is the folder holding the checkpoint (file routes refuse links out)
+    root = Path(tempfile.mkdtemp())
+    (root / "checkpoints").symlink_to(ckpt.resolve().parent, target_is_directory=True)
+    nodes.configure({"models_dir": root, "dtype": "float32"})
     executor = ng.Executor(ng.build_registry(), output_dir=tempfile.mkdtemp())
-    name = ckpt.name if ckpt.parent.name == "checkpoints" else None
-    if name is None:  # point a checkpoints folder at the given path
-        root = Path(tempfile.mkdtemp())
-        (root / "checkpoints").mkdir()
-        (root / "checkpoints" / ckpt.name).symlink_to(ckpt.resolve())
-        nodes.configure({"models_dir": root, "dtype": "float32"})
-        name = ckpt.name
+    name = ckpt.name
     out = []
     for i in range(runs + 1):  # the first run loads the checkpoint and warms up
         wf = ng.Workflow()
