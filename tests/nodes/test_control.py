@@ -16,7 +16,8 @@ import nodes
 from nodegraph import Link as L
 from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file)
 
-from .conftest import max_diff
+from .conftest import generator, max_diff
+from .test_parity import graph as parity_graph, ours
 
 TOLERANCE = 1e-5
 
@@ -63,56 +64,26 @@ def with_control(configured, control_models, control_inputs, models_root, tmp_pa
                      "temp_dir": tmp_path / "temp"})
 
 
-def graph(ckpt, prompt, *, controls=(), adapters=(), steps=4, seed=0, guidance=2.0, negative=None, image=None,
-          mask=None, strength=1.0, size=64, batch=1) -> ng.Workflow:
+def graph(ckpt, prompt, *, controls=(), adapters=(), size=64, guidance=2.0, **kwargs) -> ng.Workflow:
     """The parity graph of test_parity, with ControlNetApply / T2IAdapterApply nodes between CLIPEncode and the
     sampler. ``controls``: (controlnet, image, strength, start, end); ``adapters``: (adapter, image, strength)."""
-    wf = ng.Workflow()
-    wf.add("ckpt", "LoadCheckpoint", ckpt=ckpt)
-    wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt)
-    wf.add("sched", "LCMScheduler", model=L("ckpt", "model"), steps=steps)
-    cond = L("pos", "conditioning")
-    for i, (net, picture, scale, start, end) in enumerate(controls):
-        wf.add(f"cn{i}", "LoadControlNet", control_net=net)
-        wf.add(f"cimg{i}", "LoadImage", image=picture)
-        wf.add(f"apply{i}", "ControlNetApply", conditioning=cond, control_net=L(f"cn{i}", "control_net"),
-               image=L(f"cimg{i}", "image"), strength=scale, start_percent=start, end_percent=end)
-        cond = L(f"apply{i}", "conditioning")
-    for i, (name, picture, scale) in enumerate(adapters):
-        wf.add(f"ad{i}", "LoadT2IAdapter", adapter=name)
-        wf.add(f"aimg{i}", "LoadImage", image=picture)
-        wf.add(f"adapt{i}", "T2IAdapterApply", conditioning=cond, adapter=L(f"ad{i}", "adapter"),
-               image=L(f"aimg{i}", "image"), strength=scale)
-        cond = L(f"adapt{i}", "conditioning")
-    if image is None:
-        wf.add("latent", "EmptyLatent", width=size, height=size, batch=batch, vae=L("ckpt", "vae"))
-    else:
-        wf.add("img", "LoadImage", image=image)
-        if mask is None:
-            wf.add("latent", "VAEEncode", vae=L("ckpt", "vae"), image=L("img", "image"))
-        else:
-            wf.add("maskimg", "LoadImage", image=mask)
-            wf.add("mask", "ImageToMask", image=L("maskimg", "image"))
-            wf.add("latent", "InpaintEncode", vae=L("ckpt", "vae"), image=L("img", "image"), mask=L("mask", "mask"))
-    sampler = dict(model=L("ckpt", "model"), positive=cond, latent=L("latent", "latent"),
-                   schedule=L("sched", "schedule"), seed=seed, guidance=guidance, strength=strength)
-    if negative is not None:
-        wf.add("neg", "CLIPEncode", clip=L("ckpt", "clip"), text=negative)
-        sampler["negative"] = L("neg", "conditioning")
-    wf.add("sample", "LCMSampler", **sampler)
-    wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
-    wf.outputs = ["decode"]
-    return wf
 
+    def wrap(wf, cond):
+        for i, (net, picture, scale, start, end) in enumerate(controls):
+            wf.add(f"cn{i}", "LoadControlNet", control_net=net)
+            wf.add(f"cimg{i}", "LoadImage", image=picture)
+            wf.add(f"apply{i}", "ControlNetApply", conditioning=cond, control_net=L(f"cn{i}", "control_net"),
+                   image=L(f"cimg{i}", "image"), strength=scale, start_percent=start, end_percent=end)
+            cond = L(f"apply{i}", "conditioning")
+        for i, (name, picture, scale) in enumerate(adapters):
+            wf.add(f"ad{i}", "LoadT2IAdapter", adapter=name)
+            wf.add(f"aimg{i}", "LoadImage", image=picture)
+            wf.add(f"adapt{i}", "T2IAdapterApply", conditioning=cond, adapter=L(f"ad{i}", "adapter"),
+                   image=L(f"aimg{i}", "image"), strength=scale)
+            cond = L(f"adapt{i}", "conditioning")
+        return cond
 
-def ours(executor, wf) -> np.ndarray:
-    result = executor.run(wf)
-    assert result.status == "success", result.errors
-    return result.output("decode", "image").numpy()
-
-
-def generator(seed):
-    return torch.Generator("cpu").manual_seed(seed)
+    return parity_graph(ckpt, prompt, width=size, height=size, guidance=guidance, wrap_conditioning=wrap, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ TOLERANCE = 1e-5
 
 
 def graph(ckpt: str, prompt: str, *, steps=4, seed=0, guidance=8.5, width=64, height=64, batch=1, timesteps="",
-          original_steps=0, negative=None, clip_skip=0, strength=1.0, image=None, mask=None) -> ng.Workflow:
+          original_steps=0, negative=None, clip_skip=0, strength=1.0, image=None, mask=None,
+          wrap_conditioning=None) -> ng.Workflow:
     """LoadCheckpoint -> CLIPEncode -> LCMScheduler -> (EmptyLatent | LoadImage -> VAEEncode | InpaintEncode)
-    -> LCMSampler -> VAEDecode."""
+    -> LCMSampler -> VAEDecode. ``wrap_conditioning(wf, link)`` may add nodes between the prompt and the sampler
+    and returns the link the sampler reads."""
     wf = ng.Workflow()
     wf.add("ckpt", "LoadCheckpoint", ckpt=ckpt)
     wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt, clip_skip=clip_skip)
@@ -34,7 +36,10 @@ def graph(ckpt: str, prompt: str, *, steps=4, seed=0, guidance=8.5, width=64, he
             wf.add("maskimg", "LoadImage", image=mask)
             wf.add("mask", "ImageToMask", image=L("maskimg", "image"))
             wf.add("latent", "InpaintEncode", vae=L("ckpt", "vae"), image=L("img", "image"), mask=L("mask", "mask"))
-    sampler = dict(model=L("ckpt", "model"), positive=L("pos", "conditioning"), latent=L("latent", "latent"),
+    positive = L("pos", "conditioning")
+    if wrap_conditioning is not None:
+        positive = wrap_conditioning(wf, positive)
+    sampler = dict(model=L("ckpt", "model"), positive=positive, latent=L("latent", "latent"),
                    schedule=L("sched", "schedule"), seed=seed, guidance=guidance, strength=strength)
     if negative is not None:
         wf.add("neg", "CLIPEncode", clip=L("ckpt", "clip"), text=negative)
