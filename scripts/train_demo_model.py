@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nodes.demo import shapes  # noqa: E402
+from nodes.testing.tiny import tiny_text_encoder  # noqa: E402
 
 SHIPPED_TOKENIZER = ROOT / "nodes" / "data" / "clip_tokenizer"
 DEFAULT_OUT = ROOT / "nodes" / "data" / "demo"
@@ -137,21 +138,7 @@ def make_tokenizer():
 
 
 def make_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
+    return tiny_text_encoder(tokenizer, hidden=TEXT_HIDDEN, intermediate=64)
 
 
 def make_scheduler():

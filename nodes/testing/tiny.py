@@ -139,13 +139,14 @@ def _tiny_vae(*, sample_size: int):
     )
 
 
-def _tiny_text_encoder(tokenizer):
+def tiny_text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, intermediate: int = 37):
+    """A random 2-layer CLIPTextModel whose vocabulary and special tokens are the tokenizer's."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=37,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
@@ -202,7 +203,7 @@ def build_tiny_sd(
         torch.manual_seed(seed)
         unet = _tiny_unet(lcm=lcm, layers_per_block=layers_per_block, sample_size=sample_size)
         vae = _tiny_vae(sample_size=8 * sample_size)
-        text_encoder = _tiny_text_encoder(tokenizer)
+        text_encoder = tiny_text_encoder(tokenizer)
     scheduler = _lcm_scheduler()
 
     unet.save_pretrained(out / "unet")
