@@ -150,3 +150,37 @@ def test_single_file_checkpoint_loads_the_same_weights_as_its_folder(executor):
         single = getattr(result.output("b", output), attr).state_dict()
         assert folder.keys() == single.keys()
         assert all(torch.equal(folder[k], single[k]) for k in folder), output
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(models_root):
+    """tiny-sd with a 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting models."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    source = models_root / "checkpoints" / "tiny-sd"
+    target = models_root / "checkpoints" / "tiny-sd-inpainting"
+    if not target.exists():
+        shutil.copytree(source, target)
+        config = dict(UNet2DConditionModel.load_config(source / "unet"))
+        config["in_channels"] = 9
+        torch.manual_seed(2)
+        UNet2DConditionModel.from_config(config).save_pretrained(target / "unet")
+    return target
+
+
+@pytest.mark.parametrize("guidance, strength", [(1.0, 1.0), (2.0, 0.75)])
+def test_inpainting_with_a_9_channel_unet_matches_diffusers(executor, inpainting_model, input_dir, guidance,
+                                                            strength):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(inpainting_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(input_dir / "picture.png").convert("RGB")
+    mask = Image.open(input_dir / "mask.png")
+    expected = pipe("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
+                    num_inference_steps=4, guidance_scale=guidance, generator=generator(6), output_type="np").images
+    got = ours(executor, graph("tiny-sd-inpainting", "a yellow star", seed=6, guidance=guidance, strength=strength,
+                               image="picture.png", mask="mask.png"))
+    assert max_diff(got, expected) <= TOLERANCE
