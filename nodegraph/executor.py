@@ -8,8 +8,12 @@ so their outputs are saved. Cancellation is checked between nodes and, through t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import threading
+from collections import OrderedDict
 import time
 import traceback
 import uuid
@@ -22,9 +26,9 @@ from .cache import ResultCache, node_key
 from .events import Event, EventBus
 from .node import normalise_outputs
 from .registry import Registry
-from .spec import Socket
+from .spec import Combo, Socket
 from .validate import Plan, compile_workflow
-from .workflow import Workflow
+from .workflow import Link, Workflow
 
 RAN, CACHED, FAILED, SKIPPED, CANCELLED = "ran", "cached", "failed", "skipped", "cancelled"
 
@@ -155,10 +159,24 @@ class Executor:
         self.settings = dict(settings or {})
         self._active: dict[str, _RunState] = {}
         self._lock = threading.Lock()
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
 
     def compile(self, workflow: Workflow, outputs: Iterable[str] | None = None) -> Plan:
-        """Validate; raises ``ValidationFailed`` listing every error."""
-        return compile_workflow(workflow, self.registry, outputs)
+        """Validate; raises ``ValidationFailed`` listing every error.
+
+        Plans are remembered by the workflow's content, so re-running an unchanged graph skips validation; only
+        choices computed at run time (files in a folder) are checked again."""
+        targets = list(outputs) if outputs is not None else None
+        fingerprint = _fingerprint(workflow, targets)
+        known = self._plans.get(fingerprint)
+        if known is not None and _choices_still_valid(known):
+            self._plans.move_to_end(fingerprint)
+            return dataclasses.replace(known, workflow=workflow)
+        plan = compile_workflow(workflow, self.registry, targets)
+        self._plans[fingerprint] = plan
+        while len(self._plans) > 64:
+            self._plans.popitem(last=False)
+        return plan
 
     def cancel(self, run_id: str) -> bool:
         """Ask the run ``run_id`` to stop; False if no such run is active."""
@@ -193,6 +211,7 @@ class Executor:
         values: dict[str, dict[str, Any]] = {}
         ui: dict[str, dict] = {}
         state.publish(ev.RUN_STARTED, data={"nodes": [n.id for n in plan.order]})
+        memo = plan.key_memo.get(str(state.output_dir)) if plan.fixed_keys else None
         for node in plan.order:
             name = node.type.name
             blocked = next((l.node for l in node.links.values() if records[l.node].status not in (RAN, CACHED)), None)
@@ -203,7 +222,7 @@ class Executor:
                 records[node.id] = NodeRecord(SKIPPED, name)
                 state.publish(ev.NODE_SKIPPED, node.id, {"because_of": blocked})
                 continue
-            key = self._key(node, keys, state)
+            key = memo[node.id] if memo is not None else self._key(node, keys, state)
             keys[node.id] = key
             hit = self.cache.get(key)
             if hit is not None:
@@ -215,6 +234,8 @@ class Executor:
                 continue
             records[node.id] = self._run_node(node, key, values, ui, state)
 
+        if plan.fixed_keys and len(keys) == len(plan.order):
+            plan.key_memo[str(state.output_dir)] = keys
         if state.cancel_event.is_set():
             status = "cancelled"
         elif any(r.status == FAILED for r in records.values()):
@@ -265,6 +286,25 @@ class Executor:
         self.cache.put(key, out, node_ui)
         state.publish(ev.NODE_FINISHED, node.id, {"duration": duration, **({"ui": node_ui} if node_ui else {})})
         return NodeRecord(RAN, node_type.name, duration)
+
+
+def _fingerprint(workflow: Workflow, outputs: list[str] | None) -> str:
+    """A hash of everything validation reads from a workflow (not its layout)."""
+    doc = [outputs, workflow.outputs,
+           [(nid, e.type, e.version, [(k, ("link", v.node, v.output) if isinstance(v, Link) else v)
+                                      for k, v in e.inputs.items()]) for nid, e in workflow.nodes.items()]]
+    text = json.dumps(doc, separators=(",", ":"), default=repr)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _choices_still_valid(plan: Plan) -> bool:
+    for node in plan.order:
+        for name, value in node.literals.items():
+            spec = node.type.inputs[name]
+            computed = spec.dynamic_identity or (isinstance(spec, Combo) and callable(spec.options))
+            if computed and spec.check(value):
+                return False
+    return True
 
 
 def _named(node_type, out: tuple) -> dict[str, Any]:

@@ -82,9 +82,12 @@ class Plan:
     targets: list[str]
     workflow: Workflow | None = None  # the document it came from (output nodes embed it in their files)
     by_id: dict[str, PlannedNode] = field(default_factory=dict)
+    # Cache keys of a previous run, by output folder: valid while no node's key depends on anything but the plan.
+    key_memo: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_id = {n.id: n for n in self.order}
+        self.fixed_keys = all(n.type.cacheable and not n.dynamic for n in self.order)
 
 
 def compile_workflow(workflow: Workflow, registry: Registry, outputs: Iterable[str] | None = None) -> Plan:

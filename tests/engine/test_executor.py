@@ -273,3 +273,27 @@ def test_cached_results_equal_a_fresh_run_and_no_node_runs_twice(case):
         fresh = ng.Executor(toy.registry()).run(wf)
         assert cached.ui == fresh.ui
         assert {k: v for k, v in cached.values.items()} == fresh.values
+
+
+def test_a_remembered_plan_still_sees_a_file_disappear(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "FILES_DIR", tmp_path)
+    (tmp_path / "a.txt").write_text("one")
+    wf = ng.Workflow()
+    wf.add(1, "ReadFile", filename="a.txt")
+    wf.add(2, "Show", value=ng.Link("1", "text"))
+    executor = ng.Executor(toy.registry())
+    executor.run(wf)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(ng.ValidationFailed) as info:
+        executor.run(wf)
+    assert info.value.errors[0].code == "not_an_option"
+
+
+def test_a_remembered_plan_carries_the_workflow_being_run():
+    executor = ng.Executor(toy.registry())
+    first = chain()
+    executor.compile(first)
+    second = chain()
+    second.nodes["1"].ui = {"pos": [1, 2]}  # layout only: the same plan serves
+    plan = executor.compile(second)
+    assert plan.workflow is second
