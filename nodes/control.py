@@ -43,7 +43,7 @@ from nodegraph.paths import safe_join
 
 from . import devices, settings
 from .images import pil_to_tensor, tensor_to_pils
-from .values import CONDITIONING, IMAGE, Conditioning
+from .values import CONDITIONING, IMAGE, Conditioning, param_bytes
 
 CONTROL_NET, T2I_ADAPTER = "CONTROL_NET", "T2I_ADAPTER"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "controlnet-sd1"
@@ -79,7 +79,7 @@ class ControlNet:
         return 2 ** (len(self.net.config.conditioning_embedding_out_channels) - 1)
 
     def __nodegraph_nbytes__(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.net.parameters())
+        return param_bytes(self.net)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +94,7 @@ class Adapter:
         return int(self.adapter.config.downscale_factor)
 
     def __nodegraph_nbytes__(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.adapter.parameters())
+        return param_bytes(self.adapter)
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,7 @@ MODEL, CLIP, VAE, CONDITIONING, LATENT, SCHEDULE, IMAGE, MASK = (
     "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "SCHEDULE", "IMAGE", "MASK")
 
 
-def _param_bytes(module: torch.nn.Module) -> int:
+def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
@@ -73,7 +73,7 @@ class Model:
             yield self.unet
 
     def __nodegraph_nbytes__(self) -> int:
-        return _param_bytes(self.unet)
+        return param_bytes(self.unet)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +97,7 @@ class Clip:
             yield self.text_encoder
 
     def __nodegraph_nbytes__(self) -> int:
-        return _param_bytes(self.text_encoder)
+        return param_bytes(self.text_encoder)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,7 +120,7 @@ class Vae:
         return float(self.vae.config.scaling_factor)
 
     def __nodegraph_nbytes__(self) -> int:
-        return _param_bytes(self.vae)
+        return param_bytes(self.vae)
 
 
 @dataclass(frozen=True, eq=False)

@@ -102,12 +102,18 @@ def test_the_byte_budget_is_respected():
     assert "big" not in cache and "big2" in cache and cache.nbytes <= 10_000
 
 
-def test_replacing_a_file_under_the_same_name_invalidates(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "FILES_DIR", tmp_path)
-    (tmp_path / "a.txt").write_text("one")
+def read_file_workflow(folder, monkeypatch) -> ng.Workflow:
+    """ReadFile of a.txt (holding "one") in ``folder`` -> Show."""
+    monkeypatch.setattr(toy, "FILES_DIR", folder)
+    (folder / "a.txt").write_text("one")
     wf = ng.Workflow()
     wf.add(1, "ReadFile", filename="a.txt")
     wf.add(2, "Show", value=ng.Link("1", "text"))
+    return wf
+
+
+def test_replacing_a_file_under_the_same_name_invalidates(tmp_path, monkeypatch):
+    wf = read_file_workflow(tmp_path, monkeypatch)
     executor = ng.Executor(toy.registry())
     assert executor.run(wf).ui["2"] == {"text": ["'one'"]}
     assert executor.run(wf).nodes["1"].status == "cached"
@@ -276,11 +282,7 @@ def test_cached_results_equal_a_fresh_run_and_no_node_runs_twice(case):
 
 
 def test_a_remembered_plan_still_sees_a_file_disappear(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "FILES_DIR", tmp_path)
-    (tmp_path / "a.txt").write_text("one")
-    wf = ng.Workflow()
-    wf.add(1, "ReadFile", filename="a.txt")
-    wf.add(2, "Show", value=ng.Link("1", "text"))
+    wf = read_file_workflow(tmp_path, monkeypatch)
     executor = ng.Executor(toy.registry())
     executor.run(wf)
     (tmp_path / "a.txt").unlink()
