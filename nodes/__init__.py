@@ -7,11 +7,12 @@ listing the nodes costs little more than importing torch.
 
 from __future__ import annotations
 
-from . import conditioning, control, freeu, images, latent, loaders, lora, primitives, sampling
+from . import conditioning, control, freeu, images, ipadapter, latent, loaders, lora, primitives, sampling
 from .settings import configure
 
 NODES = [*loaders.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
-         *control.NODES, *freeu.NODES, *primitives.NODES]
+         *control.NODES, *ipadapter.NODES, *freeu.NODES,
+         *primitives.NODES]
 
 __all__ = ["NODES", "configure"]
 

@@ -213,15 +213,6 @@ def load_controlnet(path: Path) -> torch.nn.Module:
     return _ready(_controlnet_from_file(path))
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from . import loading
-
-    kind = loading.detect(path)  # by content; raises CheckpointError saying what the file is otherwise
-    if kind == "pickle":
-        return loading._read_pickle(path, settings.current().allow_pickle)
-    return loading._read_safetensors(path)
-
-
 def _controlnet_from_file(path: Path) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
@@ -229,7 +220,9 @@ def _controlnet_from_file(path: Path) -> torch.nn.Module:
 
     from .loading import CheckpointError
 
-    tensors = _read_weights(path)
+    from .loading import read_weights
+
+    tensors = read_weights(path)
     if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
         tensors = {k[len(_ORIGINAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ORIGINAL_PREFIX)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -120,6 +120,24 @@ class RectangleMask(Node):
         return mask
 
 
+class ImageBatch(Node):
+    """Join two images (or image batches) into one batch: image2's images follow image1's. When their sizes differ,
+    image2 is resized to image1's size (Lanczos). Useful for several reference images of one IPAdapterApply, or to
+    process images together."""
+
+    category = "image"
+    image1 = Socket(IMAGE)
+    image2 = Socket(IMAGE)
+    outputs = (Output("image", IMAGE),)
+
+    def run(self, ctx, image1, image2):
+        height, width = image1.shape[1:3]
+        if tuple(image2.shape[1:3]) != (height, width):
+            image2 = torch.cat([pil_to_tensor(p.resize((width, height), Image.Resampling.LANCZOS))
+                                for p in tensor_to_pils(image2)])
+        return torch.cat([image1, image2.to(image1.dtype)])
+
+
 def _png_metadata(ctx) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if ctx.workflow is not None:
@@ -185,4 +203,4 @@ def read_workflow_from_png(path: str | Path) -> dict | None:
     return json.loads(text) if text else None
 
 
-NODES = [LoadImage, ImageToMask, RectangleMask, SaveImage, PreviewImage]
+NODES = [LoadImage, ImageToMask, RectangleMask, ImageBatch, SaveImage, PreviewImage]

@@ -899,7 +899,32 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the pickle holds a {type(data).__name__}, not a dictionary of weights")
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return _flat_tensors(data)
+
+
+def _flat_tensors(data: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a (possibly nested) dictionary, nested keys joined with dots (IP-Adapter .bin files keep
+    {"image_proj": {...}, "ip_adapter": {...}})."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            out[prefix + key] = value
+        elif isinstance(value, Mapping):
+            out.update(_flat_tensors(value, f"{prefix}{key}."))
+    return out
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a single weights file, recognised by content: safetensors, or a pickle only when pickles are
+    allowed (then with ``weights_only=True``)."""
+    from . import settings
+
+    kind = detect(path)  # raises CheckpointError saying what the file is when it holds no weights
+    if kind == "pickle":
+        return _read_pickle(path, settings.current().allow_pickle)
+    return _read_safetensors(path)
 
 
 def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]], read: Callable[[], dict[str, torch.Tensor]],

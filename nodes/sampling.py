@@ -29,7 +29,7 @@ from nodegraph import Float, Int, Node, Output, Socket, String
 from . import lcm_math
 from .devices import cpu_generator
 from .lcm_math import LCMSchedulerConfig
-from .values import CONDITIONING, LATENT, MODEL, SCHEDULE, Conditioning, Latent, Model, Schedule
+from .values import CONDITIONING, LATENT, MODEL, SCHEDULE, Conditioning, Latent, Model, Schedule, unet_batch
 
 
 class LCMScheduler(Node):
@@ -198,7 +198,7 @@ def sample(model: Model, positive: Conditioning, latent: Latent, schedule: Sched
     _attach_controls(g, model, positive, latent.shape, len(plan), device)
     alphas = alphas.to(device)
     denoised = latents
-    with model.applied() as unet, torch.inference_mode():
+    with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
         for i, t in enumerate(plan.timesteps):
             latents = latents.to(dtype)
             eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, step=i)
@@ -249,7 +249,7 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
         if g.cfg:
             extra = torch.cat([extra] * 2)
     denoised = latents
-    with model.applied() as unet, torch.inference_mode():
+    with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
         for i, t in enumerate(plan.timesteps):
             eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, extra,
                                  step=i)

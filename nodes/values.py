@@ -12,6 +12,7 @@ MASK (float [B, H, W] in [0, 1], 1 = repaint).
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Protocol
@@ -27,6 +28,29 @@ MODEL, CLIP, VAE, CONDITIONING, LATENT, SCHEDULE, IMAGE, MASK = (
 
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the sampler lays out the batch of its UNet calls: ``images`` latents, twice over (unconditional half
+    first) under classifier-free guidance."""
+
+    images: int
+    cfg: bool
+
+
+# Set by the sampler for the duration of a sampling run; read by patches whose extra inputs are per image
+# (IP-Adapter's image tokens differ between the two halves of classifier-free guidance).
+UNET_BATCH: ContextVar[BatchLayout | None] = ContextVar("nodegraph_unet_batch", default=None)
+
+
+@contextlib.contextmanager
+def unet_batch(images: int, cfg: bool) -> Iterator[None]:
+    token = UNET_BATCH.set(BatchLayout(images, cfg))
+    try:
+        yield
+    finally:
+        UNET_BATCH.reset(token)
 
 
 class Patch(Protocol):

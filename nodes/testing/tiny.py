@@ -626,3 +626,68 @@ def write_sdxl_shaped_lora(out_path: Path | str, *, rank: int = 4, seed: int = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, out, metadata=dict(_ST_METADATA))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# IP-Adapter
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_image_encoder(out_dir: Path | str, seed: int = 0, *, hidden: int = 64, projection_dim: int = 24,
+                             image_size: int = 32, patch_size: int = 8) -> Path:
+    """Write a tiny CLIPVisionModelWithProjection folder (config.json + model.safetensors). One attention head per
+    64 channels and gelu, as the single-file loader assumes for widths outside CLIP's standard ones."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection_dim,
+                              num_hidden_layers=2, num_attention_heads=max(1, hidden // 64), image_size=image_size,
+                              patch_size=patch_size, hidden_act="gelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_image_encoder_single_file(encoder_dir: Path | str, out_path: Path | str) -> Path:
+    """The encoder folder's weights as one safetensors file (``vision_model.*``, ``visual_projection.weight``), the
+    layout of ComfyUI's clip_vision files."""
+    from transformers import CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, local_files_only=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, out, metadata=_ST_METADATA)
+    return out
+
+
+def write_tiny_ip_adapter(unet_dir: Path | str, out_path: Path | str, seed: int = 0, *, image_embed_dim: int = 24,
+                          tokens: int = 4, std: float = 0.3) -> Path:
+    """Write a basic IP-Adapter file (h94's key layout) for the UNet in ``unet_dir``: an image projection to
+    ``tokens`` tokens and one to_k_ip/to_v_ip pair per cross-attention layer, numbered 1, 3, 5, ... in diffusers'
+    attn_processors order. Weights are seeded normals of standard deviation ``std``, so the image has an effect."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
+    dim = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    state = {"image_proj.proj.weight": normal(tokens * dim, image_embed_dim),
+             "image_proj.proj.bias": normal(tokens * dim),
+             "image_proj.norm.weight": 1 + normal(dim), "image_proj.norm.bias": normal(dim)}
+    n = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name[: -len(".processor")]).to_k.weight.shape[0]
+            state[f"ip_adapter.{n}.to_k_ip.weight"] = normal(inner, dim)
+            state[f"ip_adapter.{n}.to_v_ip.weight"] = normal(inner, dim)
+            n += 2
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, out, metadata=_ST_METADATA)
+    return out
