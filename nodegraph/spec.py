@@ -256,6 +256,8 @@ class Combo(Widget):
     accepts_other: Callable[[str], bool] | None = None
     other_hint: str = ""
     upload: str | None = None  # "image": the canvas offers an upload button that adds a new option
+    # Said when a value is not among the options (e.g. which folder the file should be in); may be computed.
+    missing_hint: str | Callable[[], str] = ""
     kind: str = field(default="COMBO", init=False)
 
     @property
@@ -281,7 +283,9 @@ class Combo(Widget):
         options = self.current_options()
         if value not in options and not (self.accepts_other is not None and self.accepts_other(value)):
             shown = ", ".join(repr(o) for o in options[:20]) + (" ..." if len(options) > 20 else "")
-            return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}")]
+            hint = self.missing_hint() if callable(self.missing_hint) else self.missing_hint
+            return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}"
+                                             + (f" ({hint})" if hint else ""))]
         return []
 
 

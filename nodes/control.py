@@ -337,7 +337,8 @@ class LoadControlNet(Node):
     unless nodegraph runs with --allow-pickle."""
 
     category = "loaders"
-    control_net = Combo(options=_controlnet_names, identity_of=_identity)
+    control_net = Combo(options=_controlnet_names, identity_of=_identity,
+                        missing_hint=lambda: f"ControlNets are read from {controlnet_dir()}")
     outputs = (Output("control_net", CONTROL_NET),)
 
     def run(self, ctx, control_net):
@@ -349,7 +350,8 @@ class LoadT2IAdapter(Node):
     controlnet/ subfolder."""
 
     category = "loaders"
-    adapter = Combo(options=_adapter_names, identity_of=_identity)
+    adapter = Combo(options=_adapter_names, identity_of=_identity,
+                    missing_hint=lambda: f"T2I-Adapter folders are read from {controlnet_dir()}")
     outputs = (Output("adapter", T2I_ADAPTER),)
 
     def run(self, ctx, adapter):

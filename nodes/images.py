@@ -64,7 +64,8 @@ class LoadImage(Node):
     redraw (an opaque image gives an empty mask). Rotation stored in EXIF is applied."""
 
     category = "image"
-    image = Combo(options=_input_files, identity_of=_input_identity, upload="image")
+    image = Combo(options=_input_files, identity_of=_input_identity, upload="image",
+                  missing_hint=lambda: f"images are read from {settings.current().input_dir}; upload one or use --input")
     outputs = (Output("image", IMAGE), Output("mask", MASK))
 
     def run(self, ctx, image):

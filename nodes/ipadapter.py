@@ -335,8 +335,10 @@ class LoadIPAdapter(Node):
     load only when nodegraph runs with --allow-pickle."""
 
     category = "loaders"
-    ip_adapter = Combo(options=_adapter_names, identity_of=_adapter_identity)
-    image_encoder = Combo(options=_encoder_names, identity_of=_encoder_identity)
+    ip_adapter = Combo(options=_adapter_names, identity_of=_adapter_identity,
+                       missing_hint=lambda: f"IP-Adapters are read from {ipadapter_dir()}")
+    image_encoder = Combo(options=_encoder_names, identity_of=_encoder_identity,
+                          missing_hint=lambda: f"image encoders are read from {clip_vision_dir()}")
     outputs = (Output("ip_adapter", IP_ADAPTER),)
 
     def run(self, ctx, ip_adapter, image_encoder):

@@ -83,7 +83,8 @@ class LoadCheckpoint(Node):
 
     category = "loaders"
     ckpt = Combo(options=_checkpoint_names, identity_of=_identity, accepts_other=_is_hub_id, default="demo-lcm",
-                 other_hint="a hub repository id (owner/name)")
+                 other_hint="a hub repository id (owner/name)",
+                 missing_hint=lambda: f"checkpoints are read from {checkpoints_dir()}")
     base = Combo(options=_base_names, identity_of=lambda name: name if name == NO_BASE else _identity(name),
                  default=NO_BASE)
     outputs = (Output("model", MODEL), Output("clip", CLIP), Output("vae", VAE))

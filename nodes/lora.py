@@ -526,7 +526,8 @@ class LoRAStack(Node):
     model = Socket(MODEL)
     clip = Socket(CLIP)
     loras = ListOf(
-        lora=Combo(options=_lora_names, identity_of=_lora_identity),
+        lora=Combo(options=_lora_names, identity_of=_lora_identity,
+                   missing_hint=lambda: f"LoRAs are read from {loras_dir()}"),
         strength_model=Float(default=1.0, min=-4.0, max=4.0, step=0.01),
         strength_clip=Float(default=1.0, min=-4.0, max=4.0, step=0.01),
         max_items=16,

@@ -15,16 +15,79 @@ from nodegraph.assets import shipped_workflows, workflows_dir
 from nodes.images import read_workflow_from_png
 
 
+# What the example workflows name (real SD1.5 files, the embedded demo model), and what the tests use instead.
+TINY_LORAS = {"lcm-lora-sdv1-5.safetensors": "wf/lcm-lora.safetensors"}
+TINY_STYLE_LORA = "wf/style.safetensors"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def workflow_models(models_root):
+    """Tiny stand-ins for the adapters the example workflows name, in the test models folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_image_encoder, build_tiny_t2i_adapter,
+                                    write_tiny_ip_adapter, write_tiny_lora)
+
+    sd = models_root / "checkpoints" / "tiny-sd"
+    if not (models_root / "loras" / TINY_STYLE_LORA).exists():
+        pipe = StableDiffusionPipeline.from_pretrained(sd, local_files_only=True)
+        write_tiny_lora(pipe.unet, pipe.text_encoder, models_root / "loras" / TINY_LORAS["lcm-lora-sdv1-5.safetensors"],
+                        fmt="kohya", rank=8, alpha=8.0, seed=16, text=False, everywhere=True, std=0.1)
+        write_tiny_lora(pipe.unet, pipe.text_encoder, models_root / "loras" / TINY_STYLE_LORA, fmt="peft", rank=4,
+                        seed=17)
+        build_tiny_controlnet(sd, models_root / "controlnet" / "wf-cn", seed=18)
+        build_tiny_t2i_adapter(models_root / "controlnet" / "wf-t2i", seed=19)
+        build_tiny_image_encoder(models_root / "clip_vision" / "wf-vision", seed=20)
+        write_tiny_ip_adapter(sd / "unet", models_root / "ipadapter" / "wf-ip.safetensors", seed=21)
+    return models_root
+
+
 def on_tiny_model(name: str) -> ng.Workflow:
+    """A shipped workflow with every model it names replaced by a tiny one (LCM checkpoints by the tiny LCM,
+    others by the tiny SD1 model), input pictures by the test picture and image sizes by 64x64."""
     wf = ng.load(workflows_dir() / f"{name}.json")
     for entry in wf.nodes.values():
+        inputs = entry.inputs
         if entry.type == "LoadCheckpoint":
-            entry.inputs["ckpt"] = "tiny-lcm"
+            inputs["ckpt"] = "tiny-lcm" if "lcm" in inputs["ckpt"].lower() else "tiny-sd"
+        elif entry.type == "LoRAStack":
+            inputs["loras"] = [{**row, "lora": TINY_LORAS.get(row["lora"], TINY_STYLE_LORA)} for row in inputs["loras"]]
+        elif entry.type == "LoadControlNet":
+            inputs["control_net"] = "wf-cn"
+        elif entry.type == "LoadT2IAdapter":
+            inputs["adapter"] = "wf-t2i"
+        elif entry.type == "LoadIPAdapter":
+            inputs.update(ip_adapter="wf-ip.safetensors", image_encoder="wf-vision")
+        elif entry.type == "LoadImage" and inputs["image"] not in ("picture.png", "mask.png", "with-alpha.png"):
+            inputs["image"] = "picture.png"
+        elif entry.type == "EmptyLatent":
+            inputs.update(width=64, height=64)
     return wf
 
 
-def test_the_examples_cover_the_three_lcm_tasks():
-    assert {"text-to-image", "image-to-image", "inpainting"} <= set(shipped_workflows())
+def test_the_examples_cover_the_lcm_tasks_and_adapters():
+    assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-style", "controlnet-canny",
+            "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter"} <= set(shipped_workflows())
+
+
+@pytest.mark.parametrize("name, node, name_of_input, neutral", [
+    ("lcm-lora", "2", "loras", []),
+    ("lcm-lora-style", "2", "loras", "first row only"),
+    ("controlnet-canny", "14", "strength", 0.0),
+    ("controlnet-canny-lcm-lora", "14", "strength", 0.0),
+    ("t2i-adapter", "14", "strength", 0.0),
+    ("ip-adapter", "14", "scale", 0.0),
+])
+def test_each_adapter_in_the_examples_changes_the_image(executor, name, node, name_of_input, neutral):
+    wf = on_tiny_model(name)
+    with_adapter = executor.run(wf)
+    assert with_adapter.status == "success", with_adapter.errors
+    if neutral == "first row only":
+        neutral = wf.nodes[node].inputs["loras"][:1]
+    wf.set(node, name_of_input, neutral)
+    without = executor.run(wf)
+    assert without.status == "success", without.errors
+    assert not torch.equal(with_adapter.output("7", "image"), without.output("7", "image"))
 
 
 @pytest.mark.parametrize("name", shipped_workflows())
@@ -32,7 +95,7 @@ def test_each_shipped_workflow_runs_and_saves_pngs_that_carry_it(executor, name)
     wf = on_tiny_model(name)
     result = executor.run(wf)
     assert result.status == "success", result.errors
-    saved = [item for ui in result.ui.values() for item in ui.get("images", [])]
+    saved = [item for ui in result.ui.values() for item in ui.get("images", []) if item.get("type") == "output"]
     assert saved, "the workflow saved no image"
     path = executor.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
     with Image.open(path) as image:
@@ -99,7 +162,8 @@ def test_load_image_gives_rgb_and_the_transparency_as_mask(executor, input_dir):
     (("3", "steps", 60), "3", "above the maximum 50"),
     (("3", "timesteps", "999, 999"), "3", "strictly descending"),
     (("3", "timesteps", "nine"), "3", "whole numbers"),
-    (("1", "ckpt", "missing-model"), "1", "is not one of the choices"),
+    (("1", "ckpt", "missing-model"), "1", "is not one of the choices: 'demo-lcm', 'demo-teacher', 'tiny-lcm'"),
+    (("1", "ckpt", "missing-model"), "1", "(checkpoints are read from "),
 ])
 def test_bad_input_is_a_clear_error_on_its_node(executor, change, node, fragment):
     wf = text_to_image()
