@@ -856,7 +856,7 @@ def _load_tokenizer(folder: Path, vocab_size: int | None):
 
 
 def _assemble_tokenizer(settings_dir: Path, out: Path, vocab_size: int | None) -> Path:
-    from .testing.tiny import write_clip_tokenizer_subset
+    from .tokenizers import write_clip_tokenizer_subset
 
     vocab_size = vocab_size or _CLIP_VOCAB
     merges = vocab_size - _BYTE_TOKENS - _SPECIAL_TOKENS

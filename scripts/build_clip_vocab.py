@@ -30,7 +30,7 @@ Usage
 
 ``--merges N`` keeps only the first N merges (vocab size 514 + N), still a valid BPE whose ids
 agree with the full tokenizer below 512 + N; useful for tiny test tokenizers.
-``nodes.testing.tiny.write_clip_tokenizer_subset`` writes byte-identical files from the shipped
+``nodes.tokenizers.write_clip_tokenizer_subset`` writes byte-identical files from the shipped
 tokenizer, without the table.
 """
 

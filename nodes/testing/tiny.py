@@ -12,7 +12,7 @@ the same arguments give byte-identical files.
   (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``),
   with a generic diffusers -> LDM key mapping (:func:`unet_to_ldm`, :func:`vae_to_ldm`,
   :func:`text_encoder_to_ldm`).
-* :func:`write_clip_tokenizer_subset` writes a small CLIP tokenizer: the shipped one
+* :func:`write_clip_tokenizer_subset` (from :mod:`nodes.tokenizers`) writes a small CLIP tokenizer: the shipped one
   (``nodes/data/clip_tokenizer``) restricted to its first N merges.
 
 Files follow the layout real SD checkpoints use, not whatever the installed libraries happen to
@@ -35,10 +35,12 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-SHIPPED_CLIP_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
-#: Merges kept in the tiny tokenizer: vocab 1,514, so the text embedding stays small (48k weights)
-#: while common English prompt words still map to one or two tokens.
-TINY_TOKENIZER_MERGES = 1000
+from ..tokenizers import (  # noqa: F401 (re-exported for the tests)
+    SHIPPED_CLIP_TOKENIZER,
+    TINY_TOKENIZER_MERGES,
+    write_clip_tokenizer_subset,
+)
+
 #: Width of the tiny text encoder, hence the UNet's cross-attention width.
 TEXT_HIDDEN = 32
 #: Safetensors header metadata diffusers and transformers write ("pt" marks torch tensors).
@@ -48,34 +50,6 @@ _ST_METADATA = {"format": "pt"}
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
-
-
-def write_clip_tokenizer_subset(
-    out_dir: Path | str, merges: int = TINY_TOKENIZER_MERGES, source: Path | str = SHIPPED_CLIP_TOKENIZER
-) -> Path:
-    """Write a CLIP tokenizer folder that keeps only the first ``merges`` merges of ``source``.
-
-    CLIP vocabularies list the 512 byte symbols, then one token per merge in merge order, then
-    ``<|startoftext|>`` and ``<|endoftext|>`` (see ``scripts/build_clip_vocab.py``). A prefix of
-    the merges is therefore still a valid BPE: keep ids below 512 + N and renumber the two
-    special tokens to follow them. Same output as ``build_clip_vocab.py --merges N``.
-    """
-    source, out = Path(source), Path(out_dir)
-    header, *all_merges = (source / "merges.txt").read_text(encoding="utf-8").splitlines()
-    if not 0 <= merges <= len(all_merges):
-        raise ValueError(f"merges must be between 0 and {len(all_merges)}, got {merges}")
-    vocab = json.loads((source / "vocab.json").read_text(encoding="utf-8"))
-    by_id = sorted(vocab, key=vocab.__getitem__)
-    keep = 512 + merges
-    tokens = by_id[:keep] + by_id[-2:]  # the special tokens are the last two ids
-
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_text = json.dumps({t: i for i, t in enumerate(tokens)}, indent=0, ensure_ascii=False)
-    (out / "vocab.json").write_text(vocab_text + "\n", encoding="utf-8")
-    (out / "merges.txt").write_text("\n".join([header, *all_merges[:merges]]) + "\n", encoding="utf-8")
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(source / name, out / name)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
