@@ -21,7 +21,7 @@ from .cache import ResultCache
 from .executor import Executor, RunResult
 from .registry import Registry, RegistryError
 from .validate import ValidationFailed
-from .workflow import Workflow, WorkflowError, load
+from .workflow import WorkflowError, load
 
 BUILTIN = "nodes"
 

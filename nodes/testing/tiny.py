@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nodegraph as ng
 from nodegraph import Link as L
 
 from .conftest import max_diff
