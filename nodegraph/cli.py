@@ -67,6 +67,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a folder of extra node packages (repeatable)")
     p.add_argument("--device", help="torch device for the diffusion nodes (default: cuda > mps > cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default per device)")
+    p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"],
+                   help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
+                        "contiguous gives results bit-identical to diffusers' pipelines)")
     p.add_argument("--cache-gb", type=float, default=8.0,
                    help="memory budget of the result cache, estimated (default 8 GB); 0 caches nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the nodes do")
@@ -112,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     settings = {k: v for k, v in {"models_dir": args.models, "input_dir": args.input, "device": args.device,
-                                  "dtype": args.dtype, "allow_pickle": args.allow_pickle or None}.items()
+                                  "dtype": args.dtype, "memory_format": args.memory_format,
+                                  "allow_pickle": args.allow_pickle or None}.items()
                 if v is not None}
     # one temporary folder for previews, shared by the node library (writer) and the server (reader)
     settings["temp_dir"] = os.environ.get("NODEGRAPH_TEMP") or str(Path(tempfile.gettempdir()) / "nodegraph-previews")

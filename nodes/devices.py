@@ -36,6 +36,25 @@ def dtype(for_device: torch.device | None = None) -> torch.dtype:
     return torch.float16 if kind in ("cuda", "mps") else torch.float32
 
 
+_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def channels_last(for_device: torch.device) -> bool:
+    """Whether convolution weights on ``for_device`` use the channels_last layout (see Settings.memory_format)."""
+    chosen = settings.current().memory_format
+    if chosen not in _FORMATS:
+        raise ValueError(f"unknown memory format {chosen!r}; choose one of {', '.join(_FORMATS)}")
+    return chosen == "channels_last" or (chosen == "auto" and for_device.type == "cpu")
+
+
+def prefers_channels_last(module: torch.nn.Module) -> bool:
+    """True when the module's first 4-D weight is stored channels_last (inputs then go in that layout too)."""
+    for p in module.parameters():
+        if p.ndim == 4:
+            return p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 def cpu_generator(seed: int) -> torch.Generator:
     # Seeds above 2**63 are folded into torch's unsigned 64-bit range the same way on every platform.
     return torch.Generator("cpu").manual_seed(int(seed) % (2**64))

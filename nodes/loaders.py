@@ -70,8 +70,14 @@ def load(name: str, base: str = NO_BASE):
     if base != NO_BASE:
         own_base = _locate(base)[0]
     device = devices.device()
-    return load_components(path, device=device, dtype=devices.dtype(device), base=own_base,
-                           allow_pickle=settings.current().allow_pickle)
+    components = load_components(path, device=device, dtype=devices.dtype(device), base=own_base,
+                                 allow_pickle=settings.current().allow_pickle)
+    if devices.channels_last(device):
+        import torch
+
+        for module in (components.unet, components.vae):
+            module.to(memory_format=torch.channels_last)
+    return components
 
 
 class LoadCheckpoint(Node):

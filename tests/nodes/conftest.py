@@ -39,9 +39,14 @@ def input_dir(tmp_path_factory):
     return folder
 
 
+#: Settings under which our graphs must match diffusers' pipelines exactly: float32, and contiguous weights (the
+#: default channels_last layout on the CPU is faster but rounds differently; test_channels_last covers it).
+EXACT = {"dtype": "float32", "memory_format": "contiguous"}
+
+
 @pytest.fixture(autouse=True)
 def configured(models_root, input_dir, tmp_path):
-    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "dtype": "float32",
+    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": input_dir,
                      "temp_dir": tmp_path / "temp"})
     yield
     nodes.configure({})

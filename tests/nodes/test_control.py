@@ -16,7 +16,7 @@ import nodes
 from nodegraph import Link as L
 from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file)
 
-from .conftest import generator, max_diff
+from .conftest import EXACT, generator, max_diff
 from .test_parity import graph as parity_graph, ours
 
 TOLERANCE = 1e-5
@@ -60,8 +60,7 @@ def control_inputs(input_dir, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def with_control(configured, control_models, control_inputs, models_root, tmp_path):
-    nodes.configure({"models_dir": models_root, "input_dir": control_inputs, "dtype": "float32",
-                     "temp_dir": tmp_path / "temp"})
+    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": control_inputs, "temp_dir": tmp_path / "temp"})
 
 
 def graph(ckpt, prompt, *, controls=(), adapters=(), size=64, guidance=2.0, **kwargs) -> ng.Workflow:
@@ -280,8 +279,8 @@ def test_a_pickled_controlnet_is_refused_unless_pickles_are_allowed(executor, co
     wf.add("cn", "LoadControlNet", control_net="tiny-cn.pth")
     result = executor.run(wf, outputs=["cn"])
     assert result.status != "success" and "pickle" in str(result.nodes["cn"].error)
-    nodes.configure({"models_dir": models_root, "input_dir": control_inputs, "dtype": "float32",
-                     "allow_pickle": True, "temp_dir": tmp_path / "temp"})
+    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": control_inputs, "allow_pickle": True,
+                     "temp_dir": tmp_path / "temp"})
     result = executor.run(wf, outputs=["cn"])
     assert result.status == "success", result.errors
     net = result.output("cn", "control_net").net

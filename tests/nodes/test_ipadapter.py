@@ -13,7 +13,7 @@ import nodes
 from nodegraph import Link as L
 from nodes.testing.tiny import build_tiny_image_encoder, write_image_encoder_single_file, write_tiny_ip_adapter
 
-from .conftest import generator, max_diff
+from .conftest import EXACT, generator, max_diff
 from .test_parity import graph as parity_graph, ours
 
 TOLERANCE = 1e-5
@@ -199,7 +199,7 @@ def test_a_pickled_adapter_needs_the_flag(executor, ip_models, input_dir, tmp_pa
     torch.save(nested, ip_models / "ipadapter" / "tiny-ip.bin")  # h94's .bin layout
     wf = with_ip(parity_graph("tiny-lcm", PROMPT), adapters=(("tiny-ip.bin", "tiny-vision", 0.7),))
     assert "pickle" in _error(executor, wf)
-    nodes.configure({"models_dir": ip_models, "input_dir": input_dir, "dtype": "float32", "allow_pickle": True,
+    nodes.configure({**EXACT, "models_dir": ip_models, "input_dir": input_dir, "allow_pickle": True,
                      "temp_dir": tmp_path / "temp"})
     from_pickle = ours(executor, wf)
     from_safetensors = ours(executor, with_ip(parity_graph("tiny-lcm", PROMPT)))

@@ -1,0 +1,44 @@
+"""The CPU default stores UNet and VAE convolution weights channels_last (faster with oneDNN): the images stay within
+float rounding of the contiguous layout, which matches diffusers' pipelines exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nodes
+
+from .conftest import max_diff
+from .test_parity import graph, ours
+
+
+def _run(executor, memory_format, models_root, input_dir, tmp_path, **kwargs):
+    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "dtype": "float32", "device": "cpu",
+                     "memory_format": memory_format, "temp_dir": tmp_path / "temp"})
+    executor.cache.clear()
+    wf = graph("tiny-lcm", "a red cube", **kwargs)
+    wf.outputs = ["decode", "ckpt"]
+    result = executor.run(wf)
+    assert result.status == "success", result.errors
+    return result
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=4), dict(steps=2, image="picture.png", strength=0.6)])
+def test_channels_last_is_the_cpu_default_and_within_rounding_of_contiguous(executor, models_root, input_dir,
+                                                                            tmp_path, kwargs):
+    fast = _run(executor, "auto", models_root, input_dir, tmp_path, **kwargs)
+    exact = _run(executor, "contiguous", models_root, input_dir, tmp_path, **kwargs)
+    unet = fast.output("ckpt", "model").unet
+    vae = fast.output("ckpt", "vae").vae
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert exact.output("ckpt", "model").unet.conv_in.weight.is_contiguous()
+    diff = max_diff(fast.output("decode", "image"), exact.output("decode", "image"))
+    assert 0 < diff <= 1e-4
+
+
+def test_an_unknown_memory_format_is_a_clear_error(executor, models_root, input_dir, tmp_path):
+    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "memory_format": "nhwc"})
+    result = executor.run(graph("tiny-lcm", "a red cube"))
+    assert result.nodes["ckpt"].status == "failed"
+    assert "unknown memory format 'nhwc'" in result.nodes["ckpt"].error["message"]
