@@ -12,8 +12,11 @@ for sampling). Rows:
                   ``--teacher-guidance`` (several values may be given);
 * ``lcm N``       diffusers' LatentConsistencyModelPipeline (the shipped folder, unchanged) at 1, 2 and 4
                   steps, guidance ``--lcm-guidance`` (w = g - 1 goes into the guidance embedding);
-* ``graph LCM N`` the same through a nodegraph graph, one run per caption with a new prompt and seed (the images
-                  equal the pipeline's; the time is what a user of the engine waits for an image).
+* ``teacher+LCM-LoRA N`` StableDiffusionPipeline with the teacher, an LCMScheduler and the teacher's LCM-LoRA
+                  (``nodes/data/loras/demo-lcm-lora.safetensors``) at guidance ``--lora-guidance`` (1: no CFG);
+* ``graph LCM N`` the LCM through a nodegraph graph, one run per caption with a new prompt and seed (the images
+                  equal the pipeline's up to float rounding: channels_last weights on the CPU; the time is what a
+                  user of the engine waits for an image).
 
 Columns give the fraction fully correct on seen / held-out / all captions, the per-attribute accuracy on
 all 200, and the time for one image (batch 1, median of ``--timing-runs``) at ``--threads`` threads.
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from nodes.demo import shapes  # noqa: E402
 
 DEMO_DIR = ROOT / "nodes" / "data" / "demo"
+DEMO_LORA = ROOT / "nodes" / "data" / "loras" / "demo-lcm-lora.safetensors"
 N_CAPTIONS = 200
 
 
@@ -199,6 +203,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--timing-runs", type=int, default=20)
     p.add_argument("--skip-teacher", action="store_true")
+    p.add_argument("--lora", type=Path, default=DEMO_LORA, help="the teacher's LCM-LoRA (rows skipped if absent)")
+    p.add_argument("--lora-guidance", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="first 20 captions only, 3 timing runs (smoke test)")
     p.add_argument("--grid", type=Path, default=None, help="write a captioned grid of 4-step samples here")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
@@ -239,6 +245,23 @@ def main(argv=None) -> dict:
             args.timing_runs,
         )
 
+    if args.lora.is_file():
+        from diffusers import LCMScheduler, StableDiffusionPipeline
+
+        with_lora = StableDiffusionPipeline(**{**sd.components, "scheduler": LCMScheduler.from_config(lcm.scheduler.config)})
+        with_lora.load_lora_weights(str(args.lora.parent), weight_name=args.lora.name)
+        with_lora.set_progress_bar_config(disable=True)
+        for n in args.lcm_steps:
+            name = f"teacher+LCM-LoRA {n} step{'s' if n > 1 else ''}, g {args.lora_guidance:g}"
+            rows[name] = summarise(generate(with_lora, prompts, seeds, num_inference_steps=n,
+                                            guidance_scale=args.lora_guidance), items)
+            gen = torch.Generator()
+            rows[name]["ms"] = median_ms(
+                lambda: with_lora(prompts[1], num_inference_steps=n, guidance_scale=args.lora_guidance,
+                                  generator=gen.manual_seed(0), height=64, width=64),
+                args.timing_runs,
+            )
+
     for n in args.lcm_steps:
         name = f"graph LCM {n} step{'s' if n > 1 else ''}, g {args.lcm_guidance:g}"
         images, ms = graph_runs(args.model, items, n, args.lcm_guidance)
@@ -246,12 +269,12 @@ def main(argv=None) -> dict:
 
     print(f"\ndemo model {args.model} - judge on {len(items)} captions ({sum(h for _, h in items)} held-out), "
           f"{args.threads} threads\n")
-    header = f"| {'':28} | seen | held-out | all correct | shape | colour | background | ms/image |"
+    header = f"| {'':30} | seen | held-out | all correct | shape | colour | background | ms/image |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, r in rows.items():
         ms = "-" if np.isnan(r["ms"]) else f"{r['ms']:.1f}"
-        print(f"| {name:28} | {r['seen']:4.0%} | {r['held_out']:8.0%} | {r['correct']:11.0%} | {r['shape']:5.0%} "
+        print(f"| {name:30} | {r['seen']:4.0%} | {r['held_out']:8.0%} | {r['correct']:11.0%} | {r['shape']:5.0%} "
               f"| {r['colour']:6.0%} | {r['background']:10.0%} | {ms:>8} |")
 
     if args.grid:

@@ -299,11 +299,12 @@ def load_image_encoder(path: Path):
     centre-crop to the encoder's image size, CLIP's mean and std."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .loading import CheckpointError, _first_line
+    from .loading import CheckpointError, _first_line, _quiet_transformers
 
     if path.is_dir():
         try:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
+            with _quiet_transformers():
+                encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot load the CLIP vision encoder: {_first_line(e)}") from e
         if (path / "preprocessor_config.json").is_file():

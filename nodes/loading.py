@@ -35,6 +35,7 @@ Pass ``clone_weights=False`` to keep the mapped tensors (bit-identical to diffus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -791,13 +792,28 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True  # never unpickle a .bin silently
     try:
-        model = cls.from_pretrained(folder, **kwargs)
+        with _quiet_transformers():
+            model = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
         hint = ""
         if not opts.allow_pickle and any(where.glob("*.bin")) and not any(where.glob("*.safetensors")):
             hint = " Its weights are a pickle (.bin): convert them to safetensors, or allow pickles (--allow-pickle)."
         raise CheckpointError(f"{where}: cannot load the {class_name}: {_first_line(e)}.{hint}") from e
     return _ready(model, opts)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bar from transformers: it would interleave with the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:
