@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded demo model: a tiny Latent Consistency Model for captioned coloured shapes.
 
-Everything runs on a CPU (2 cores, one thread; 24 + 45 + 20 = 89 minutes by default) and is seeded. Four stages,
+Everything runs on a CPU (2 cores, one thread; 24 + 36 + 30 = 90 minutes by default) and is seeded. Four stages,
 each resumable from its own checkpoint in ``--work``:
 
 1. ``vae``      AutoencoderKL, 64x64 RGB -> 4x16x16 latents (4x downscale: three levels, 16/32/32 channels).
@@ -64,8 +64,8 @@ from nodes.testing.tiny import tiny_text_encoder  # noqa: E402
 
 SHIPPED_TOKENIZER = ROOT / "nodes" / "data" / "clip_tokenizer"
 DEFAULT_OUT = ROOT / "nodes" / "data" / "demo"
-STAGES = ("vae", "teacher", "distill", "export")
-STAGE_ID = {"vae": 1, "teacher": 2, "distill": 3}
+STAGES = ("vae", "teacher", "distill", "export", "lcm_lora", "export_lora")
+STAGE_ID = {"vae": 1, "teacher": 2, "distill": 3, "lcm_lora": 4}
 
 TEXT_HIDDEN = 32
 COND_PROJ_DIM = 64
@@ -78,6 +78,12 @@ UNCOND_PROB = 0.1
 W_RANGE = (1.0, 8.0)  # w = guidance_scale - 1
 EMA_DECAY = 0.95
 HUBER_C = 1e-3
+LORA_W_RANGE = (1.5, 3.5)  # LCM-LoRA bakes in one guidance: w = g - 1 around the teacher's best (g 3)
+LORA_RANK = 8
+# The layers diffusers' LCM-LoRA training script adapts (attention, feed-forward, resnets, resamplers).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+DEFAULT_LORA_OUT = ROOT / "nodes" / "data" / "loras" / "demo-lcm-lora.safetensors"
 
 LOG_FILE: Path | None = None
 
@@ -119,11 +125,17 @@ def make_unet(*, lcm: bool):
         sample_size=shapes.IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(32, 64),
         layers_per_block=1,
-        # Cross-attention at 8x8 and 4x4 only: cheap, and enough to place colours and shapes.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # Two levels (16x16, 8x8) and cross-attention only in the 8x8 mid block: at this size a UNet call costs
+        # per module as much as per FLOP, and the 3-level UNet with attention at 8x8 and 4x4 of the first model
+        # took twice the time per step (17 vs 8 ms on one core). The caption also reaches every resnet through
+        # the time embedding (attention-pooled text, addition_embed_type "text"): with the mid block alone, a
+        # first run bound colours to the wrong parts (12% correct after 1,400 steps).
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -222,6 +234,75 @@ class Budget:
         return self.frac(step) >= 1.0
 
 
+class StageLoop:
+    """What every stage shares: resume from ``<work>/<name>.pt``, the wall-clock budget with its learning-rate
+    schedule, a log line every 30 s and a checkpoint every 2 minutes.
+
+    ``modules`` maps checkpoint keys to the modules whose weights are saved. Iterating yields step numbers
+    until the budget is spent; call :meth:`record` with each step's loss.
+    """
+
+    def __init__(self, name: str, args, work: Path, modules: dict, opt, *, lr: float, minutes: float,
+                 max_steps: int | None):
+        self.name, self.modules, self.opt, self.base_lr = name, modules, opt, lr
+        self.path = work / f"{name}.pt"
+        self.step, elapsed, self.already_finished = 0, 0.0, False
+        if args.resume and self.path.exists():
+            state = torch.load(self.path, weights_only=False)
+            if state.get("finished"):
+                self.already_finished = True
+                log(f"{name}: already finished")
+            else:
+                for key, module in modules.items():
+                    module.load_state_dict(state[key])
+                opt.load_state_dict(state["opt"])
+                self.step, elapsed = state["step"], state["elapsed"]
+                torch.set_rng_state(state["torch_rng"])
+                log(f"{name}: resumed at step {self.step}")
+        self.budget = Budget(minutes, max_steps, elapsed)
+        self.ema_loss: float | None = None
+        self.lr = lr
+
+    def __iter__(self):
+        if self.already_finished:
+            return
+        last_save = t_log = time.time()
+        while not self.budget.done(self.step):
+            self.lr = lr_at(self.base_lr, self.budget.frac(self.step))
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr
+            yield self.step
+            self.step += 1
+            if time.time() - t_log > 30:
+                log(f"{self.name}: step {self.step} loss {self.ema_loss:.4f} lr {self.lr:.2e} "
+                    f"elapsed {self.budget.elapsed / 60:.1f} min")
+                t_log = time.time()
+            if time.time() - last_save > 120:
+                self.save()
+                last_save = time.time()
+
+    def record(self, loss: torch.Tensor) -> None:
+        value = loss.item()
+        self.ema_loss = value if self.ema_loss is None else 0.98 * self.ema_loss + 0.02 * value
+
+    def save(self, finished: bool = False, **extra) -> None:
+        state = {key: m.state_dict() for key, m in self.modules.items()}
+        save_ckpt(self.path, {**state, "opt": self.opt.state_dict(), "step": self.step,
+                              "elapsed": self.budget.elapsed, "torch_rng": torch.get_rng_state(),
+                              "finished": finished, **extra})
+
+    def finish(self, **extra) -> None:
+        log(f"{self.name}: done, {self.step} steps, {self.budget.elapsed / 60:.1f} min, loss {self.ema_loss}")
+        self.save(finished=True, **extra)
+
+
+def optimise(opt, params, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """Prompt embeddings as the pipelines compute them (padded to 77, last_hidden_state)."""
     unique = sorted(set(captions))
@@ -248,52 +329,23 @@ def vae_score(vae, seed: int, n: int = 200) -> dict:
 
 
 def stage_vae(args, work: Path) -> None:
-    ckpt = work / "vae.pt"
     torch.manual_seed(args.seed)
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("finished"):
-            log("vae: already finished")
-            return
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        log(f"vae: resumed at step {step}")
-    budget = Budget(args.minutes_vae, args.steps_vae, elapsed)
-    last_save, t_log, ema_loss = time.time(), time.time(), None
-
-    def checkpoint(finished: bool = False, extra: dict | None = None):
-        save_ckpt(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                         "elapsed": budget.elapsed, "torch_rng": torch.get_rng_state(), "finished": finished,
-                         **(extra or {})})
-
+    loop = StageLoop("vae", args, work, {"model": vae}, opt, lr=args.lr_vae, minutes=args.minutes_vae,
+                     max_steps=args.steps_vae)
+    if loop.already_finished:
+        return
     vae.train()
-    while not budget.done(step):
-        lr = lr_at(args.lr_vae, budget.frac(step))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step in loop:
         images, _ = shapes.sample_batch(batch_rng(args.seed, "vae", step), args.batch_vae)
         x = to_tensor(images)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         err = rec - x
         loss = err.abs().mean() + err.pow(2).mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if time.time() - t_log > 30:
-            log(f"vae: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
-            t_log = time.time()
-        if time.time() - last_save > 120:
-            checkpoint()
-            last_save = time.time()
+        optimise(opt, vae.parameters(), loss)
+        loop.record(loss)
 
     vae.eval()
     with torch.no_grad():
@@ -302,9 +354,8 @@ def stage_vae(args, work: Path) -> None:
         scaling = float(1.0 / latents.flatten().std())
     vae.register_to_config(scaling_factor=scaling)
     score = vae_score(vae, args.seed)
-    log(f"vae: done, {step} steps, {budget.elapsed / 60:.1f} min, scaling_factor {scaling:.5f}, "
-        f"latent mean {latents.mean():.3f}, recon judge {score}")
-    checkpoint(finished=True, extra={"scaling_factor": scaling, "score": score})
+    log(f"vae: scaling_factor {scaling:.5f}, latent mean {latents.mean():.3f}, recon judge {score}")
+    loop.finish(scaling_factor=scaling, score=score)
 
 
 def load_vae(work: Path):
@@ -329,41 +380,21 @@ def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
 
 
 def stage_teacher(args, work: Path) -> None:
-    ckpt = work / "teacher.pt"
     vae = load_vae(work)
     tokenizer = make_tokenizer()
     torch.manual_seed(args.seed + 1)
     unet = make_unet(lcm=False)
     text_encoder = make_text_encoder(tokenizer)
-    params = [{"params": unet.parameters()}, {"params": text_encoder.parameters()}]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr_teacher, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("finished"):
-            log("teacher: already finished")
-            return
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        log(f"teacher: resumed at step {step}")
-    budget = Budget(args.minutes_teacher, args.steps_teacher, elapsed)
+    loop = StageLoop("teacher", args, work, {"unet": unet, "text_encoder": text_encoder}, opt,
+                     lr=args.lr_teacher, minutes=args.minutes_teacher, max_steps=args.steps_teacher)
+    if loop.already_finished:
+        return
     ac = alphas_cumprod()
-    last_save, t_log, ema_loss = time.time(), time.time(), None
-
-    def checkpoint(finished: bool = False):
-        save_ckpt(ckpt, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                         "opt": opt.state_dict(), "step": step, "elapsed": budget.elapsed,
-                         "torch_rng": torch.get_rng_state(), "finished": finished})
-
     unet.train()
     text_encoder.train()
-    while not budget.done(step):
-        lr = lr_at(args.lr_teacher, budget.frac(step))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step in loop:
         rng = batch_rng(args.seed, "teacher", step)
         images, captions = shapes.sample_batch(rng, args.batch_teacher)
         captions = ["" if rng.random() < UNCOND_PROB else c for c in captions]
@@ -375,20 +406,9 @@ def stage_teacher(args, work: Path) -> None:
         emb = encode_text(tokenizer, text_encoder, captions)
         eps = unet(zt, t, encoder_hidden_states=emb).sample
         loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if time.time() - t_log > 30:
-            log(f"teacher: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
-            t_log = time.time()
-        if time.time() - last_save > 120:
-            checkpoint()
-            last_save = time.time()
-    log(f"teacher: done, {step} steps, {budget.elapsed / 60:.1f} min, loss {ema_loss}")
-    checkpoint(finished=True)
+        optimise(opt, params, loss)
+        loop.record(loss)
+    loop.finish()
 
 
 def load_teacher(work: Path):
@@ -433,98 +453,86 @@ def make_student(teacher):
     return student
 
 
+def pseudo_huber(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (torch.sqrt((pred.float() - target.float()) ** 2 + HUBER_C**2) - HUBER_C).mean()
+
+
+def consistency_pair(x0, cond, uncond, teacher, *, w_range, student, target, ac):
+    """One latent consistency distillation sample (LCM paper, Algorithm 1) for latents ``x0``: the student's
+    boundary-conditioned prediction f(z_t, t) with gradients, and the target network's f(z_t', t') after one DDIM
+    step of the teacher under classifier-free guidance w ~ U(w_range) (cond + w (cond - uncond)).
+
+    Skipping-step schedule: t on the 50-step DDIM grid (19, 39, ..., 999), t' = t - k. ``student`` and ``target``
+    map (z, t, w) to the predicted noise. Random draws: n, w, then the noise."""
+    b = x0.shape[0]
+    n = torch.randint(1, ORIGINAL_INFERENCE_STEPS + 1, (b,))
+    t = n * SKIP - 1
+    t_prev = (t - SKIP).clamp(min=0)
+    w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(b)
+    noise = torch.randn_like(x0)
+    a_t = ac[t].view(-1, 1, 1, 1)
+    a_p = ac[t_prev].view(-1, 1, 1, 1)
+    zt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+    c_skip, c_out = boundary_scalings(t)
+    eps_s = student(zt, t, w)
+    x0_s = (zt - (1 - a_t).sqrt() * eps_s) / a_t.sqrt()
+    pred = c_skip * zt + c_out * x0_s
+
+    with torch.no_grad():
+        eps_tu = teacher(torch.cat([zt, zt]), torch.cat([t, t]),
+                         encoder_hidden_states=torch.cat([cond, uncond.expand(b, -1, -1)])).sample
+        eps_c, eps_u = eps_tu.chunk(2)
+        wv = w.view(-1, 1, 1, 1)
+        eps_g = eps_c + wv * (eps_c - eps_u)
+        x0_g = (zt - (1 - a_t).sqrt() * eps_g) / a_t.sqrt()
+        z_prev = a_p.sqrt() * x0_g + (1 - a_p).sqrt() * eps_g
+        c_skip_p, c_out_p = boundary_scalings(t_prev)
+        eps_p = target(z_prev, t_prev, w)
+        x0_p = (z_prev - (1 - a_p).sqrt() * eps_p) / a_p.sqrt()
+        tgt = c_skip_p * z_prev + c_out_p * x0_p
+    return pred, tgt
+
+
+def distillation_batches(loop: StageLoop, args, vae, tokenizer, text_encoder):
+    """Each step's (latents, caption embeddings, empty-caption embedding) from the frozen VAE and text encoder."""
+    with torch.no_grad():
+        uncond = encode_text(tokenizer, text_encoder, [""])
+    for step in loop:
+        images, captions = shapes.sample_batch(batch_rng(args.seed, loop.name, step), args.batch_distill)
+        x0 = encode_latents(vae, images)
+        with torch.no_grad():
+            cond = encode_text(tokenizer, text_encoder, captions)
+        yield x0, cond, uncond
+
+
 def stage_distill(args, work: Path) -> None:
-    ckpt = work / "distill.pt"
     vae = load_vae(work)
     tokenizer, teacher, text_encoder = load_teacher(work)
     torch.manual_seed(args.seed + 2)
     student = make_student(teacher)
     target = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr_distill, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("finished"):
-            log("distill: already finished")
-            return
-        student.load_state_dict(state["student"])
-        target.load_state_dict(state["target"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        log(f"distill: resumed at step {step}")
-    budget = Budget(args.minutes_distill, args.steps_distill, elapsed)
+    loop = StageLoop("distill", args, work, {"student": student, "target": target}, opt,
+                     lr=args.lr_distill, minutes=args.minutes_distill, max_steps=args.steps_distill)
+    if loop.already_finished:
+        return
     ac = alphas_cumprod()
-    with torch.no_grad():
-        uncond = encode_text(tokenizer, text_encoder, [""])
-    last_save, t_log, ema_loss = time.time(), time.time(), None
-
-    def checkpoint(finished: bool = False):
-        save_ckpt(ckpt, {"student": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                         "step": step, "elapsed": budget.elapsed, "torch_rng": torch.get_rng_state(),
-                         "finished": finished})
-
     student.train()
-    while not budget.done(step):
-        lr = lr_at(args.lr_distill, budget.frac(step))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rng = batch_rng(args.seed, "distill", step)
-        images, captions = shapes.sample_batch(rng, args.batch_distill)
-        b = len(captions)
-        x0 = encode_latents(vae, images)
-        with torch.no_grad():
-            cond = encode_text(tokenizer, text_encoder, captions)
-        # Skipping-step schedule: t on the 50-step DDIM grid (19, 39, ..., 999), t' = t - k.
-        n = torch.randint(1, ORIGINAL_INFERENCE_STEPS + 1, (b,))
-        t = n * SKIP - 1
-        t_prev = (t - SKIP).clamp(min=0)
-        w = W_RANGE[0] + (W_RANGE[1] - W_RANGE[0]) * torch.rand(b)
-        w_emb = guidance_embedding(w, COND_PROJ_DIM)
-        noise = torch.randn_like(x0)
-        a_t = ac[t].view(-1, 1, 1, 1)
-        a_p = ac[t_prev].view(-1, 1, 1, 1)
-        zt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
-
-        # Student: f(z_t, t) with the boundary-condition parametrisation.
-        c_skip, c_out = boundary_scalings(t)
-        eps_s = student(zt, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-        x0_s = (zt - (1 - a_t).sqrt() * eps_s) / a_t.sqrt()
-        pred = c_skip * zt + c_out * x0_s
-
-        with torch.no_grad():
-            # Teacher: one DDIM step t -> t' under classifier-free guidance (cond + w (cond - uncond)).
-            eps_tu = teacher(torch.cat([zt, zt]), torch.cat([t, t]),
-                             encoder_hidden_states=torch.cat([cond, uncond.expand(b, -1, -1)])).sample
-            eps_c, eps_u = eps_tu.chunk(2)
-            wv = w.view(-1, 1, 1, 1)
-            eps_g = eps_c + wv * (eps_c - eps_u)
-            x0_g = (zt - (1 - a_t).sqrt() * eps_g) / a_t.sqrt()
-            z_prev = a_p.sqrt() * x0_g + (1 - a_p).sqrt() * eps_g
-            # Target: the EMA network's f(z_t', t').
-            c_skip_p, c_out_p = boundary_scalings(t_prev)
-            eps_p = target(z_prev, t_prev, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-            x0_p = (z_prev - (1 - a_p).sqrt() * eps_p) / a_p.sqrt()
-            tgt = c_skip_p * z_prev + c_out_p * x0_p
-
-        loss = (torch.sqrt((pred.float() - tgt.float()) ** 2 + HUBER_C**2) - HUBER_C).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+    for x0, cond, uncond in distillation_batches(loop, args, vae, tokenizer, text_encoder):
+        pred, tgt = consistency_pair(
+            x0, cond, uncond, teacher, w_range=W_RANGE, ac=ac,
+            student=lambda z, t, w: student(z, t, encoder_hidden_states=cond,
+                                            timestep_cond=guidance_embedding(w, COND_PROJ_DIM)).sample,
+            target=lambda z, t, w: target(z, t, encoder_hidden_states=cond,
+                                          timestep_cond=guidance_embedding(w, COND_PROJ_DIM)).sample)
+        loss = pseudo_huber(pred, tgt)
+        optimise(opt, student.parameters(), loss)
         with torch.no_grad():
             for p_t, p_s in zip(target.parameters(), student.parameters()):
                 p_t.mul_(EMA_DECAY).add_(p_s.detach(), alpha=1 - EMA_DECAY)
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if time.time() - t_log > 30:
-            log(f"distill: step {step} loss {ema_loss:.4f} lr {lr:.2e} elapsed {budget.elapsed / 60:.1f} min")
-            t_log = time.time()
-        if time.time() - last_save > 120:
-            checkpoint()
-            last_save = time.time()
-    log(f"distill: done, {step} steps, {budget.elapsed / 60:.1f} min, loss {ema_loss}")
-    checkpoint(finished=True)
+        loop.record(loss)
+    loop.finish()
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,19 +605,86 @@ def stage_export(args, work: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Optional stages 5-6: an LCM-LoRA for the teacher
+# --------------------------------------------------------------------------------------------
+
+
+def make_lora_student(teacher):
+    """The teacher with LoRA layers (rank LORA_RANK, alpha = rank, B zero-initialised) on LORA_TARGETS."""
+    from peft import LoraConfig
+
+    student = copy.deepcopy(teacher).requires_grad_(False)
+    student.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                   target_modules=LORA_TARGETS))
+    return student
+
+
+def stage_lcm_lora(args, work: Path) -> None:
+    """LCM-LoRA (Luo et al., 2023): latent consistency distillation into LoRA layers on the frozen teacher, as
+    diffusers' LCM-LoRA training script does it: no guidance embedding (one guidance, drawn per sample from
+    LORA_W_RANGE, is baked in), and the target is the LoRA student itself without gradients (no EMA copy)."""
+    vae = load_vae(work)
+    tokenizer, teacher, text_encoder = load_teacher(work)
+    torch.manual_seed(args.seed + 3)
+    student = make_lora_student(teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr_lora, weight_decay=0.0)
+    loop = StageLoop("lcm_lora", args, work, {"student": student}, opt, lr=args.lr_lora,
+                     minutes=args.minutes_lora, max_steps=args.steps_lora)
+    if loop.already_finished:
+        return
+    ac = alphas_cumprod()
+    student.train()
+    for x0, cond, uncond in distillation_batches(loop, args, vae, tokenizer, text_encoder):
+
+        def unet(z, t, w):
+            return student(z, t, encoder_hidden_states=cond).sample
+
+        pred, tgt = consistency_pair(x0, cond, uncond, teacher, w_range=LORA_W_RANGE, ac=ac, student=unet,
+                                     target=unet)
+        loss = pseudo_huber(pred, tgt)
+        optimise(opt, params, loss)
+        loop.record(loss)
+    loop.finish()
+
+
+def stage_export_lora(args, work: Path) -> None:
+    """Writes the LoRA layers as a diffusers/peft LoRA file (``unet.*.lora_A/lora_B``, float16)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    _, teacher, _ = load_teacher(work)
+    state = torch.load(work / "lcm_lora.pt", weights_only=False)
+    if not state.get("finished"):
+        log("export_lora: WARNING the lcm_lora stage has not finished; exporting its last checkpoint")
+    student = make_lora_student(teacher)
+    student.load_state_dict(state["student"])
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(student))
+    layers = {k: v.detach().to(torch.float16).contiguous() for k, v in layers.items()}
+    out = Path(args.lora_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name,
+                                              safe_serialization=True)
+    log(f"export_lora: wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {len(layers)} tensors, "
+        f"{state['step']} steps)")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True, help="checkpoint and log folder")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="exported diffusers folder")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    p.add_argument("--stages", default="vae,teacher,distill,export",
+                   help="comma-separated subset of " + ",".join(STAGES) + " (the LCM-LoRA stages are optional)")
     p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is robust when the CPU is shared")
     p.add_argument("--minutes-vae", type=float, default=24)
-    p.add_argument("--minutes-teacher", type=float, default=45)
-    p.add_argument("--minutes-distill", type=float, default=20)
+    p.add_argument("--minutes-teacher", type=float, default=36)
+    p.add_argument("--minutes-distill", type=float, default=30)
     p.add_argument("--steps-vae", type=int, default=None, help="stop after this many steps (overrides minutes)")
     p.add_argument("--steps-teacher", type=int, default=None)
     p.add_argument("--steps-distill", type=int, default=None)
@@ -619,6 +694,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr-vae", type=float, default=2e-3)
     p.add_argument("--lr-teacher", type=float, default=1e-3)
     p.add_argument("--lr-distill", type=float, default=3e-4)
+    p.add_argument("--minutes-lora", type=float, default=15)
+    p.add_argument("--steps-lora", type=int, default=None)
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lora-out", type=Path, default=DEFAULT_LORA_OUT, help="the exported LCM-LoRA file")
     args = p.parse_args(argv)
 
     global LOG_FILE
