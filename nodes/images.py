@@ -65,7 +65,8 @@ class LoadImage(Node):
 
     category = "image"
     image = Combo(options=_input_files, identity_of=_input_identity, upload="image",
-                  missing_hint=lambda: f"images are read from {settings.current().input_dir}; upload one or use --input")
+                  missing_hint=lambda: f"images are read from {settings.current().input_dir}; upload one or use "
+                                      f"--input")
     outputs = (Output("image", IMAGE), Output("mask", MASK))
 
     def run(self, ctx, image):

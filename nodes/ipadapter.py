@@ -379,9 +379,9 @@ class IPAdapterApply(Node):
         unet = model.unet
         width = int(unet.config.cross_attention_dim)
         if ip_adapter.cross_attention_dim != width:
-            raise IPAdapterError(f"the IP-Adapter {ip_adapter.name!r} is made for models with {ip_adapter.cross_attention_dim}"
-                                 f"-wide text features, but this model's are {width} wide: use an IP-Adapter of "
-                                 f"the checkpoint's family")
+            raise IPAdapterError(f"the IP-Adapter {ip_adapter.name!r} is made for models with "
+                                 f"{ip_adapter.cross_attention_dim}-wide text features, but this model's are "
+                                 f"{width} wide: use an IP-Adapter of the checkpoint's family")
         layers = cross_attention_layers(unet)
         if len(layers) != len(ip_adapter.to_k):
             raise IPAdapterError(f"the IP-Adapter {ip_adapter.name!r} has {len(ip_adapter.to_k)} attention layers but "

@@ -1,7 +1,8 @@
 """Process-wide settings of the node library: where models and input images live, and the device and dtype.
 
-The command line (``--models``, ``--device``, ``--dtype``, ``--memory-format``) and the server call ``configure``; the environment
-variables ``NODEGRAPH_MODELS`` and ``NODEGRAPH_INPUT`` give the defaults. Everything else reads ``current()``.
+The command line (``--models``, ``--device``, ``--dtype``, ``--memory-format``) and the server call
+``configure``; the environment variables ``NODEGRAPH_MODELS`` and ``NODEGRAPH_INPUT`` give the defaults.
+Everything else reads ``current()``.
 """
 
 from __future__ import annotations

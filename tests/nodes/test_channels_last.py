@@ -9,7 +9,7 @@ import torch
 import nodes
 
 from .conftest import max_diff
-from .test_parity import graph, ours
+from .test_parity import graph
 
 
 def _run(executor, memory_format, models_root, input_dir, tmp_path, **kwargs):
