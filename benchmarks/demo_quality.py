@@ -12,8 +12,8 @@ for sampling). Rows:
                   ``--teacher-guidance`` (several values may be given);
 * ``lcm N``       diffusers' LatentConsistencyModelPipeline (the shipped folder, unchanged) at 1, 2 and 4
                   steps, guidance ``--lcm-guidance`` (w = g - 1 goes into the guidance embedding);
-* ``teacher+LCM-LoRA N`` StableDiffusionPipeline with the teacher, an LCMScheduler and the teacher's LCM-LoRA
-                  (``nodes/data/loras/demo-lcm-lora.safetensors``) at guidance ``--lora-guidance`` (1: no CFG);
+* ``teacher+LCM-LoRA N`` with ``--lora FILE``: StableDiffusionPipeline with the teacher, an LCMScheduler and that
+                  LCM-LoRA at guidance ``--lora-guidance`` (1: no CFG);
 * ``graph LCM N`` the LCM through a nodegraph graph, one run per caption with a new prompt and seed (the images
                   equal the pipeline's up to float rounding: channels_last weights on the CPU; the time is what a
                   user of the engine waits for an image).
@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 from nodes.demo import shapes  # noqa: E402
 
 DEMO_DIR = ROOT / "nodes" / "data" / "demo"
-DEMO_LORA = ROOT / "nodes" / "data" / "loras" / "demo-lcm-lora.safetensors"
 N_CAPTIONS = 200
 
 
@@ -203,7 +202,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--timing-runs", type=int, default=20)
     p.add_argument("--skip-teacher", action="store_true")
-    p.add_argument("--lora", type=Path, default=DEMO_LORA, help="the teacher's LCM-LoRA (rows skipped if absent)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="an LCM-LoRA for the teacher (scripts/train_demo_model.py --stages lcm_lora,export_lora)")
     p.add_argument("--lora-guidance", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="first 20 captions only, 3 timing runs (smoke test)")
     p.add_argument("--grid", type=Path, default=None, help="write a captioned grid of 4-step samples here")
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
             args.timing_runs,
         )
 
-    if args.lora.is_file():
+    if args.lora is not None:
         from diffusers import LCMScheduler, StableDiffusionPipeline
 
         with_lora = StableDiffusionPipeline(**{**sd.components, "scheduler": LCMScheduler.from_config(lcm.scheduler.config)})

@@ -210,7 +210,9 @@ def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict | None, unet_c
 
     parts, foreign = _split_components(tensors)
     unet_part = parts["unet"]
-    if unet_part and "lora_A" not in next(iter(unet_part)):
+    # diffusers' training scripts save convert_state_dict_to_diffusers(peft state): attention layers come out as
+    # "to_q.lora.down" while other layers keep "lora_A", so any key outside the peft names means converting
+    if any(".lora_A." not in k and ".lora_B." not in k and not k.endswith(".alpha") for k in unet_part):
         try:
             unet_part = convert_unet_state_dict_to_peft(unet_part)
         except Exception:  # noqa: BLE001 - names diffusers cannot place fit no layer of ours either
