@@ -523,7 +523,7 @@ def stage_distill(args, work: Path) -> None:
     student.train()
     for x0, cond, uncond in distillation_batches(loop, args, vae, tokenizer, text_encoder):
         pred, tgt = consistency_pair(
-            x0, cond, uncond, teacher, w_range=W_RANGE, ac=ac,
+            x0, cond, uncond, teacher, w_range=(args.w_min, args.w_max), ac=ac,
             student=lambda z, t, w: student(z, t, encoder_hidden_states=cond,
                                             timestep_cond=guidance_embedding(w, COND_PROJ_DIM)).sample,
             target=lambda z, t, w: target(z, t, encoder_hidden_states=cond,
@@ -696,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr-vae", type=float, default=2e-3)
     p.add_argument("--lr-teacher", type=float, default=1e-3)
     p.add_argument("--lr-distill", type=float, default=3e-4)
+    p.add_argument("--w-min", type=float, default=W_RANGE[0], help="distillation guidance range, w = g - 1")
+    p.add_argument("--w-max", type=float, default=W_RANGE[1])
     p.add_argument("--minutes-lora", type=float, default=15)
     p.add_argument("--steps-lora", type=int, default=None)
     p.add_argument("--lr-lora", type=float, default=1e-3)
