@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", type=Path, default=DEMO_DIR)
     p.add_argument("--threads", type=int, default=1, help="1: lowest batch-1 latency at this model size")
     p.add_argument("--teacher-guidance", type=float, nargs="+", default=[4.0])
-    p.add_argument("--lcm-guidance", type=float, default=8.0)
+    p.add_argument("--lcm-guidance", type=float, default=3.0)
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--timing-runs", type=int, default=20)
     p.add_argument("--skip-teacher", action="store_true")
