@@ -218,9 +218,7 @@ def _controlnet_from_file(path: Path) -> torch.nn.Module:
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    from .loading import CheckpointError
-
-    from .loading import read_weights
+    from .loading import CheckpointError, _few, read_weights
 
     tensors = read_weights(path)
     if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
@@ -247,12 +245,6 @@ def _controlnet_from_file(path: Path) -> torch.nn.Module:
     except Exception as e:  # noqa: BLE001 - shape mismatches
         raise CheckpointError(f"{path}: the ControlNet weights do not fit: {str(e).splitlines()[0]}") from e
     return model
-
-
-def _few(keys: Sequence[str], limit: int = 4) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:

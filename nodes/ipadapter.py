@@ -33,7 +33,7 @@ from nodegraph.paths import list_files, safe_join
 
 from . import settings
 from .images import tensor_to_pils
-from .loading import read_weights
+from .loading import _few, read_weights
 from .values import IMAGE, MODEL, UNET_BATCH, Model, param_bytes
 
 IP_ADAPTER = "IP_ADAPTER"
@@ -241,11 +241,6 @@ def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict, dict[
         if set(pair) != {"k", "v"}:
             raise IPAdapterError(f"{path.name}: layer {n} lacks its to_{'v' if 'k' in pair else 'k'}_ip weight")
     return proj, layers
-
-
-def _few(keys: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "") if keys else "nothing"
 
 
 def load_adapter_weights(path: Path):
