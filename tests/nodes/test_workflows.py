@@ -222,6 +222,20 @@ def test_the_command_line_runs_a_shipped_workflow(models_root, tmp_path):
                            "--set", "1.ckpt=tiny-lcm", "--set", "5.seed=3", "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr  # no library progress bar inside the run's own
     written = tmp_path / "text-to-image_00001.png"
     assert f"wrote {written}" in proc.stdout and written.is_file()
     assert proc.stdout.strip().splitlines()[-1].startswith("success: 7 ran")
+
+
+def test_image_batch_joins_images_and_resizes_the_second_to_the_first(executor, input_dir):
+    Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(input_dir / "grey-48x40.png")
+    wf = ng.Workflow()
+    wf.add("a", "LoadImage", image="picture.png")
+    wf.add("b", "LoadImage", image="grey-48x40.png")
+    wf.add("both", "ImageBatch", image1=L("a", "image"), image2=L("b", "image"))
+    result = executor.run(wf, outputs=["both", "a"])
+    both = result.output("both", "image")
+    assert both.shape == (2, 64, 64, 3)
+    assert torch.equal(both[0], result.output("a", "image")[0])
+    assert torch.allclose(both[1], torch.full((64, 64, 3), 200 / 255))  # a flat image stays flat when resized
