@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -39,9 +41,13 @@ def input_dir(tmp_path_factory):
     return folder
 
 
-#: Settings under which our graphs must match diffusers' pipelines exactly: float32, and contiguous weights (the
-#: default channels_last layout on the CPU is faster but rounds differently; test_channels_last covers it).
-EXACT = {"dtype": "float32", "memory_format": "contiguous"}
+#: Settings under which our graphs must match diffusers' pipelines exactly: float32, contiguous weights (the
+#: default channels_last layout on the CPU is faster but rounds differently; test_channels_last covers it), and
+#: the CPU, where the reference pipelines run, even on a CUDA machine (test_cuda covers the GPU);
+#: NODEGRAPH_TEST_DEVICE=cuda runs every graph of the suite there instead.
+EXACT = {"dtype": "float32", "memory_format": "contiguous", "device": os.environ.get("NODEGRAPH_TEST_DEVICE", "cpu")}
+if EXACT["device"].startswith("cuda"):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 (test_cuda)
 
 
 @pytest.fixture(autouse=True)
