@@ -152,3 +152,22 @@ def test_cli_nodes_json_lists_the_builtin_library():
     proc = run_cli("nodes", "--json")
     assert proc.returncode == 0, proc.stderr
     assert "Integer" in json.loads(proc.stdout)
+
+
+def test_cli_hands_device_dtype_and_memory_format_to_the_node_library(monkeypatch, capsys):
+    handed = {}
+
+    def build_registry(node_path, settings):
+        handed.update(settings)
+        raise ng.RegistryError("stop here")
+
+    monkeypatch.setattr(cli, "build_registry", build_registry)
+    argv = ["run", "text-to-image", "--device", "cpu", "--dtype", "bfloat16", "--memory-format", "contiguous"]
+    assert cli.main(argv) == 2 and "stop here" in capsys.readouterr().err
+    assert (handed["device"], handed["dtype"], handed["memory_format"]) == ("cpu", "bfloat16", "contiguous")
+    handed.clear()
+    assert cli.main(["run", "text-to-image"]) == 2
+    assert not {"device", "dtype", "memory_format"} & set(handed)  # unset flags leave the library's defaults
+    with pytest.raises(SystemExit):
+        cli.main(["run", "text-to-image", "--memory-format", "nhwc"])
+    assert "invalid choice: 'nhwc'" in capsys.readouterr().err
