@@ -24,6 +24,7 @@ all 200, and the time for one image (batch 1, median of ``--timing-runs``) at ``
 
     python benchmarks/demo_quality.py                       # table
     python benchmarks/demo_quality.py --grid docs/demo_grid.png --json /tmp/demo_quality.json
+    python benchmarks/demo_quality.py --model /tmp/candidate --device cuda --skip-graph   # a GPU recipe search
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def median_ms(fn, runs: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def load_pipelines(folder: Path):
+def load_pipelines(folder: Path, device: str = "cpu"):
     from diffusers import (
         DDIMScheduler,
         LatentConsistencyModelPipeline,
@@ -103,6 +104,7 @@ def load_pipelines(folder: Path):
     )
     for p in (lcm, sd):
         p.set_progress_bar_config(disable=True)
+        p.to(device)
     return lcm, sd
 
 
@@ -120,14 +122,14 @@ def vae_recon(vae, items) -> list:
     for i, (cap, _) in enumerate(items):
         rng = np.random.default_rng([4321, i])
         images.append(shapes.render(*shapes.parse_caption(cap), *shapes.random_geometry(rng)))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1).to(vae.device)
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    rec = ((rec * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    rec = ((rec * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return list(rec)
 
 
-def graph_runs(model: Path, items, steps: int, guidance: float) -> tuple[list, float]:
+def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "cpu") -> tuple[list, float]:
     """The same captions and seeds through a nodegraph graph (LoadCheckpoint -> CLIPEncode -> LCMScheduler ->
     EmptyLatent -> LCMSampler -> VAEDecode), one run per caption, each with a new prompt and seed (so the prompt is
     encoded, the latent sampled and decoded every time; only the loaded checkpoint is reused from the cache).
@@ -142,7 +144,7 @@ def graph_runs(model: Path, items, steps: int, guidance: float) -> tuple[list, f
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(model, Path(tmp) / "checkpoints" / "candidate")  # model files must lie in the models folder
-        nodes.configure({"models_dir": Path(tmp)})
+        nodes.configure({"models_dir": Path(tmp), "device": device})
         wf = ng.Workflow()
         wf.add("ckpt", "LoadCheckpoint", ckpt="candidate")
         wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text="")
@@ -197,6 +199,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=DEMO_DIR)
     p.add_argument("--threads", type=int, default=1, help="1: lowest batch-1 latency at this model size")
+    p.add_argument("--device", default="cpu", help="where the pipelines and graphs run (the targets are the CPU's)")
+    p.add_argument("--skip-graph", action="store_true", help="leave out the graph rows")
     p.add_argument("--teacher-guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--lcm-guidance", type=float, default=3.0)
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[1, 2, 4])
@@ -211,7 +215,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    lcm, sd = load_pipelines(args.model)
+    lcm, sd = load_pipelines(args.model, args.device)
     items = benchmark_captions()
     if args.quick:
         items, args.timing_runs = items[:20], 3
@@ -248,7 +252,8 @@ def main(argv=None) -> dict:
     if args.lora is not None:
         from diffusers import LCMScheduler, StableDiffusionPipeline
 
-        with_lora = StableDiffusionPipeline(**{**sd.components, "scheduler": LCMScheduler.from_config(lcm.scheduler.config)})
+        lcm_scheduler = LCMScheduler.from_config(lcm.scheduler.config)
+        with_lora = StableDiffusionPipeline(**{**sd.components, "scheduler": lcm_scheduler})
         with_lora.load_lora_weights(str(args.lora.parent), weight_name=args.lora.name)
         with_lora.set_progress_bar_config(disable=True)
         for n in args.lcm_steps:
@@ -262,13 +267,14 @@ def main(argv=None) -> dict:
                 args.timing_runs,
             )
 
-    for n in args.lcm_steps:
+    for n in [] if args.skip_graph else args.lcm_steps:
         name = f"graph LCM {n} step{'s' if n > 1 else ''}, g {args.lcm_guidance:g}"
-        images, ms = graph_runs(args.model, items, n, args.lcm_guidance)
+        images, ms = graph_runs(args.model, items, n, args.lcm_guidance, args.device)
         rows[name] = {**summarise(images, items), "ms": ms}
 
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
     print(f"\ndemo model {args.model} - judge on {len(items)} captions ({sum(h for _, h in items)} held-out), "
-          f"{args.threads} threads\n")
+          f"{where}\n")
     header = f"| {'':30} | seen | held-out | all correct | shape | colour | background | ms/image |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
