@@ -46,7 +46,7 @@ def test_the_default_workflow_runs_and_its_png_gives_the_graph_back(page):
     from nodes.demo.shapes import judge
 
     (prompt,) = [e["inputs"]["text"] for e in doc["nodes"].values() if e["type"] == "CLIPEncode"]
-    assert judge(Image.open(io.BytesIO(body)).convert("RGB"), prompt)["background"]
+    assert judge(Image.open(io.BytesIO(body)).convert("RGB"), prompt)["correct"]  # shape and both colours
     assert page.locator("#gallery-count").inner_text() == "1"
     kinds = page.evaluate("window.nodegraph.app.events.map(e => e.type)")
     assert {"execution_start", "executing", "progress", "executed", "execution_success"} <= set(kinds)
