@@ -1,6 +1,7 @@
 """Prompt encoding: CLIPEncode turns text into the embeddings the UNet attends to, exactly as diffusers'
 ``encode_prompt`` does (tokenise to 77 tokens with padding and truncation, run the text encoder, optionally take
-an earlier layer through the final layer norm for clip_skip)."""
+an earlier layer through the final layer norm for clip_skip). SDXL and SSD-1B encode with both text encoders, as
+their pipeline does: the penultimate layers side by side, and the second encoder's projected pooled output."""
 
 from __future__ import annotations
 
@@ -36,11 +37,36 @@ def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -
         return embeds.to(dtype=encoder.dtype, device=device)
 
 
+def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """SDXL's embeddings [1, 77, dim1 + dim2] and pooled embedding [1, dim] of ``text`` (clip_skip = k: k layers
+    before the penultimate, as diffusers counts for SDXL)."""
+    if embeddings.mentions(text, embeddings.available() if "embedding:" in text or "<" in text else {}):
+        raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
+    parts, pooled = [], None
+    with clip.applied() as first:
+        for tokenizer, encoder in ((clip.tokenizer, first), (clip.tokenizer_2, clip.text_encoder_2)):
+            device = next(encoder.parameters()).device
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            if log is not None and tokenizer is clip.tokenizer:
+                if tokenizer(text, padding="longest", return_tensors="pt").input_ids.shape[-1] > ids.shape[-1]:
+                    log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
+            with torch.inference_mode():
+                out = encoder(ids.to(device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output comes first
+                pooled = out[0]
+            parts.append(out.hidden_states[-((clip_skip or 0) + 2)])
+    dtype, device = clip.text_encoder_2.dtype, parts[-1].device
+    return torch.cat([p.to(device) for p in parts], dim=-1).to(dtype), pooled.to(dtype)
+
+
 class CLIPEncode(Node):
-    """Encode a prompt with the checkpoint's text encoder.
+    """Encode a prompt with the checkpoint's text encoder (SDXL and SSD-1B: with both, plus the pooled embedding
+    their UNet also takes).
 
     clip_skip takes the output of an earlier encoder layer (0 = the last layer, as most SD1.5 models expect;
-    1 or 2 for models trained that way). Prompts longer than 77 tokens are cut off, with a warning.
+    1 or 2 for models trained that way; SDXL counts from its penultimate layer, as diffusers does). Prompts longer than 77 tokens are cut off, with a warning.
     Textual-inversion embeddings from the models folder's embeddings/ are used by name: "<name>" or
     "embedding:name" (the file name without its extension)."""
 
@@ -51,6 +77,9 @@ class CLIPEncode(Node):
     outputs = (Output("conditioning", CONDITIONING),)
 
     def run(self, ctx, clip, text, clip_skip):
+        if clip.text_encoder_2 is not None:
+            embeds, pooled = encode_text_xl(clip, text, clip_skip or None, ctx.log)
+            return Conditioning(embeds, (text,), clip, pooled=pooled)
         return Conditioning(encode_text(clip, text, clip_skip or None, ctx.log), (text,), clip)
 
 

@@ -30,7 +30,7 @@ included, as in diffusers; controls attached to a negative conditioning are not 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -43,7 +43,7 @@ from nodegraph.paths import safe_join
 
 from . import devices, settings
 from .images import pil_to_tensor, tensor_to_pils
-from .values import CONDITIONING, IMAGE, Conditioning, param_bytes
+from .values import CONDITIONING, IMAGE, param_bytes
 
 CONTROL_NET, T2I_ADAPTER = "CONTROL_NET", "T2I_ADAPTER"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "controlnet-sd1"
@@ -400,8 +400,7 @@ class ControlNetApply(Node):
                 f"{_family(control_net.cross_attention_dim)} wide, but this conditioning's are {_family(width)} "
                 f"wide: use a ControlNet of the checkpoint's family")
         control = ControlNetControl(control_net, image, float(strength), float(start_percent), float(end_percent))
-        return Conditioning(conditioning.embeds, conditioning.prompts, conditioning.clip,
-                            (*conditioning.extras, control))
+        return replace(conditioning, extras=(*conditioning.extras, control))
 
 
 class T2IAdapterApply(Node):
@@ -418,8 +417,7 @@ class T2IAdapterApply(Node):
 
     def run(self, ctx, conditioning, adapter, image, strength):
         _check_image(image)
-        return Conditioning(conditioning.embeds, conditioning.prompts, conditioning.clip,
-                            (*conditioning.extras, AdapterControl(adapter, image, float(strength))))
+        return replace(conditioning, extras=(*conditioning.extras, AdapterControl(adapter, image, float(strength))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,8 +492,7 @@ def _check_fits(unet, control: ControlNet | Adapter) -> None:
                              f"{list(net.block_out_channels)} vs {list(cfg.block_out_channels)}): use a ControlNet "
                              f"made for the checkpoint's family")
         if net.addition_embed_type is not None:
-            raise ValueError(f"the ControlNet {control.name!r} needs SDXL's size conditioning, which this sampler "
-                             f"does not give")
+            raise ValueError(f"the ControlNet {control.name!r} is an SDXL ControlNet: those are not supported yet")
     else:
         channels = list(control.adapter.config.channels)
         if channels != list(cfg.block_out_channels)[:len(channels)]:

@@ -97,8 +97,11 @@ class LoadCheckpoint(Node):
 
     def run(self, ctx, ckpt, base):
         c = load(ckpt, base)
-        return (Model(c.unet, c.scheduler_config, c.family, ckpt), Clip(c.tokenizer, c.text_encoder, c.family, ckpt),
-                Vae(c.vae, ckpt))
+        vae = Vae(c.vae, ckpt)
+        return (Model(c.unet, c.scheduler_config, c.family, ckpt, latent_scale=vae.scale_factor),
+                Clip(c.tokenizer, c.text_encoder, c.family, ckpt, tokenizer_2=c.tokenizer_2,
+                     text_encoder_2=c.text_encoder_2),
+                vae)
 
 
 NODES = [LoadCheckpoint]

@@ -105,20 +105,33 @@ class _Guidance:
     scale: float
     w_embedding: torch.Tensor | None
     controls: Any = None  # ControlNet / T2I-Adapter controls (nodes.control.UNetControls), or None
+    added: dict | None = None  # SDXL's added conditioning: pooled text embeddings and size/crop "time ids"
 
 
 def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioning | None, guidance: float,
-                      batch: int, dtype: torch.dtype, device: torch.device) -> _Guidance:
+                      latent_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Guidance:
+    batch = latent_shape[0]
     embeds = _repeat(positive.embeds, batch)
     cfg = guidance > 1.0 and not model.lcm_distilled
+    xl = getattr(model.unet.config, "addition_embed_type", None) == "text_time"
+    if xl and positive.pooled is None:
+        raise ValueError("this SDXL model needs a prompt encoded by an SDXL CLIP (both text encoders, "
+                         "with the pooled embedding)")
+    uncond_pooled = None
     if cfg:
         if negative is None:
             if positive.clip is None:
                 raise ValueError("guidance > 1 needs a negative prompt (or a positive one from CLIPEncode)")
             from .conditioning import encode_text  # the unconditional embedding, as diffusers makes it
-            uncond = encode_text(positive.clip, "")
+            if xl:  # SDXL pipelines use zeros when no negative prompt is given (force_zeros_for_empty_prompt)
+                uncond, uncond_pooled = torch.zeros_like(positive.embeds[:1]), torch.zeros_like(positive.pooled[:1])
+            else:
+                uncond = encode_text(positive.clip, "")
         else:
             uncond = negative.embeds
+            if xl and negative.pooled is None:
+                raise ValueError("the negative prompt of an SDXL model must come from an SDXL CLIP too")
+            uncond_pooled = negative.pooled
         if uncond.shape[1:] != positive.embeds.shape[1:]:
             raise ValueError(f"the negative prompt's embeddings {tuple(uncond.shape)} do not match the positive "
                              f"prompt's {tuple(positive.embeds.shape)}: encode both with the same CLIP")
@@ -127,7 +140,16 @@ def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioni
     if model.lcm_distilled:
         w_embedding = lcm_math.guidance_embedding(guidance, model.unet.config.time_cond_proj_dim, batch,
                                                   dtype=dtype, device=device)
-    return _Guidance(embeds.to(device), cfg, guidance, w_embedding)
+    added = None
+    if xl:
+        pooled = _repeat(positive.pooled[:, None], batch)[:, 0]
+        if cfg:
+            pooled = torch.cat([_repeat(uncond_pooled[:, None], batch)[:, 0], pooled])
+        # original size, crop top-left, target size, in pixels: the image as generated, uncropped
+        height, width = (n * model.latent_scale for n in latent_shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).repeat(pooled.shape[0], 1)
+        added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device)}
+    return _Guidance(embeds.to(device), cfg, guidance, w_embedding, added=added)
 
 
 def _repeat(embeds: torch.Tensor, batch: int) -> torch.Tensor:
@@ -157,6 +179,8 @@ def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
     control = g.controls(step, model_input, t, g.embeds) if g.controls is not None else {}
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)
+    if g.added is not None:
+        control = {**control, "added_cond_kwargs": g.added}
     eps = unet(model_input, t, encoder_hidden_states=g.embeds, timestep_cond=g.w_embedding,
                return_dict=False, **control)[0]
     if g.cfg:
@@ -194,7 +218,7 @@ def sample(model: Model, positive: Conditioning, latent: Latent, schedule: Sched
         noise = lcm_math.randn_like_diffusers(init.shape, generator, dtype=dtype, device=device)  # DRAW 2
         latents = lcm_math.add_noise(init, noise, plan.timesteps[:1], alphas.to(device))
 
-    g = _prepare_guidance(model, positive, negative, guidance, batch, dtype, device)
+    g = _prepare_guidance(model, positive, negative, guidance, latent.shape, dtype, device)
     _attach_controls(g, model, positive, latent.shape, len(plan), device)
     alphas = alphas.to(device)
     denoised = latents
@@ -240,7 +264,7 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
     latents = noise if strength == 1.0 else lcm_math.add_noise(image_latents, noise, plan.timesteps[:1], alphas)
     masked = latent.masked_image.sample(_posterior_noise(latent.masked_image, generator, dtype)).to(device)  # DRAW
 
-    g = _prepare_guidance(model, positive, negative, guidance, batch, dtype, device)
+    g = _prepare_guidance(model, positive, negative, guidance, latent.shape, dtype, device)
     _attach_controls(g, model, positive, latent.shape, len(plan), device)
     mask = latent.mask.to(device, dtype)
     extra = None

@@ -68,6 +68,7 @@ class Model:
     family: str  # "sd1", "sd2", "sdxl", ...
     name: str
     patches: tuple[Patch, ...] = ()
+    latent_scale: int = 8  # pixels per latent cell of the checkpoint's VAE (SDXL's size conditioning is in pixels)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
@@ -102,13 +103,16 @@ class Model:
 
 @dataclass(frozen=True, eq=False)
 class Clip:
-    """A tokenizer and text encoder, with patches (LoRA on the text encoder, embeddings)."""
+    """A tokenizer and text encoder, with patches (LoRA on the text encoder, embeddings); SDXL and SSD-1B also
+    have a second pair, whose projected pooled output conditions the UNet too (patches apply to the first)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
     family: str
     name: str
     patches: tuple[Patch, ...] = ()
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
 
     def with_patch(self, patch: Patch) -> "Clip":
         return replace(self, patches=(*self.patches, patch))
@@ -121,7 +125,7 @@ class Clip:
             yield self.text_encoder
 
     def __nodegraph_nbytes__(self) -> int:
-        return param_bytes(self.text_encoder)
+        return param_bytes(self.text_encoder) + (param_bytes(self.text_encoder_2) if self.text_encoder_2 else 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,12 +154,13 @@ class Vae:
 @dataclass(frozen=True, eq=False)
 class Conditioning:
     """Encoded prompts: ``embeds`` [B, tokens, dim], the prompts they came from, and extras added by later nodes
-    (for example controls from ControlNetApply)."""
+    (for example controls from ControlNetApply); ``pooled`` [B, dim] is SDXL's pooled prompt embedding."""
 
     embeds: torch.Tensor
     prompts: tuple[str, ...]
     clip: Clip | None = None  # the encoder, so a sampler needing an unconditional embedding can make one
     extras: tuple = ()
+    pooled: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:

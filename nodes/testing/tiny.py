@@ -199,6 +199,48 @@ def build_tiny_sd(
     return out
 
 
+def build_tiny_sdxl(out_dir: Path | str, *, lcm: bool = False, seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny SDXL diffusers folder (StableDiffusionXLPipeline layout) with random weights.
+
+    Two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection, hidden 32 each, so the UNet attends to
+    64-wide embeddings), a UNet with SDXL's ``text_time`` added conditioning (the second encoder's pooled
+    embedding and six size/crop numbers), and ``time_cond_proj_dim`` when ``lcm`` (an LCM-distilled SDXL UNet).
+    Deterministic like :func:`build_tiny_sd`."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_subset(out / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer_subset(out / "tokenizer_2"))
+    time_dim, pooled = 8, TEXT_HIDDEN
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            cross_attention_dim=2 * TEXT_HIDDEN, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled,
+            time_cond_proj_dim=32 if lcm else None,
+        )
+        vae = _tiny_vae(sample_size=8 * sample_size)
+        text_encoder = tiny_text_encoder(tokenizer)
+        config = CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": pooled})
+        text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    scheduler = _lcm_scheduler()
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    scheduler.save_pretrained(out / "scheduler")
+    _save_text_encoder(text_encoder, out / "text_encoder")
+    text_encoder_2.save_pretrained(out / "text_encoder_2")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler).save_config(out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # diffusers -> original LDM single file
 # --------------------------------------------------------------------------------------------

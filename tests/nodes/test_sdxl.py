@@ -1,0 +1,139 @@
+"""SDXL text-to-image: our graphs give the images diffusers' StableDiffusionXLPipeline (with an LCMScheduler) gives,
+on tiny SDXL models: two text encoders, pooled embedding and size conditioning, LCM-LoRA-style guidance (CFG with
+SDXL's zero negative embedding, or none at guidance 1) and an LCM-distilled SDXL UNet (guidance embedding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nodegraph as ng
+from nodegraph import Link as L
+
+from .conftest import generator, max_diff
+from .test_parity import graph, ours
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def sdxl(models_root):
+    from diffusers import StableDiffusionXLPipeline
+
+    from nodes.testing.tiny import build_tiny_sdxl
+
+    ckpts = models_root / "checkpoints"
+    pipes = {}
+    for name, lcm, seed in (("tiny-sdxl", False, 30), ("tiny-sdxl-lcm", True, 31)):
+        if not (ckpts / name).exists():
+            build_tiny_sdxl(ckpts / name, lcm=lcm, seed=seed)
+        pipes[name] = StableDiffusionXLPipeline.from_pretrained(ckpts / name, local_files_only=True)
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.mark.parametrize("ckpt, case", [
+    ("tiny-sdxl", dict(steps=4, guidance=1.0)),
+    ("tiny-sdxl", dict(steps=2, guidance=2.0)),
+    ("tiny-sdxl", dict(steps=3, guidance=1.5, negative="blurry")),
+    ("tiny-sdxl", dict(steps=2, guidance=2.0, batch=2, width=48)),
+    ("tiny-sdxl", dict(steps=2, guidance=1.0, clip_skip=1)),
+    ("tiny-sdxl-lcm", dict(steps=4, guidance=4.0)),
+    ("tiny-sdxl-lcm", dict(steps=1, guidance=8.0, height=48)),
+], ids=lambda c: c if isinstance(c, str) else ",".join(f"{k}={v}" for k, v in c.items()))
+def test_text_to_image_matches_the_sdxl_pipeline(executor, sdxl, ckpt, case):
+    kwargs = dict(num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+                  num_images_per_prompt=case.get("batch", 1), height=case.get("height", 64),
+                  width=case.get("width", 64), output_type="np")
+    for ours_name, theirs in (("negative", "negative_prompt"), ("clip_skip", "clip_skip")):
+        if ours_name in case:
+            kwargs[theirs] = case[ours_name]
+    expected = sdxl[ckpt]("a red circle", generator=generator(5), **kwargs).images
+    got = ours(executor, graph(ckpt, "a red circle", seed=5, **case))
+    assert got.shape == expected.shape
+    assert max_diff(got, expected) <= TOLERANCE
+
+
+def test_an_sdxl_model_refuses_a_prompt_from_a_one_encoder_clip(executor, sdxl):
+    wf = graph("tiny-sdxl", "a red circle", guidance=1.0)
+    wf.add("sd1", "LoadCheckpoint", ckpt="tiny-sd")
+    wf.set("pos", "clip", L("sd1", "clip"))
+    result = executor.run(wf)
+    assert result.nodes["sample"].status == "failed"
+    assert "needs a prompt encoded by an SDXL CLIP" in result.nodes["sample"].error["message"]
+
+
+def test_the_sdxl_prompt_carries_both_encoders_and_the_pooled_embedding(executor, sdxl):
+    wf = ng.Workflow()
+    wf.add("ckpt", "LoadCheckpoint", ckpt="tiny-sdxl")
+    wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text="a red circle")
+    result = executor.run(wf, outputs=["pos"])
+    cond = result.output("pos", "conditioning")
+    with torch.no_grad():
+        embeds, _, pooled, _ = sdxl["tiny-sdxl"].encode_prompt("a red circle", do_classifier_free_guidance=False)
+    assert cond.embeds.shape == (1, 77, 64) and cond.pooled.shape == (1, 32)
+    assert max_diff(cond.embeds, embeds) == 0 and max_diff(cond.pooled, pooled) == 0
+
+
+@pytest.mark.parametrize("fmt, strength, guidance", [("peft", 1.0, 1.0), ("kohya", 0.8, 1.5)])
+def test_an_lcm_lora_on_sdxl_matches_diffusers(executor, sdxl, models_root, fmt, strength, guidance):
+    """LCM-LoRA's setting: a plain SDXL UNet, a LoRA on every layer LCM-LoRA adapts, few steps, CFG only above 1."""
+    from nodes.testing.tiny import write_tiny_lora
+
+    pipe = sdxl["tiny-sdxl"]
+    path = models_root / "loras" / f"sdxl-{fmt}.safetensors"
+    if not path.exists():
+        write_tiny_lora(pipe.unet, pipe.text_encoder, path, fmt=fmt, rank=4, seed=32, text=False, everywhere=True,
+                        std=0.1)
+    wf = graph("tiny-sdxl", "a red circle", seed=2, steps=4, guidance=guidance)
+    wf.add("lora", "LoRAStack", model=L("ckpt", "model"), clip=L("ckpt", "clip"),
+           loras=[{"lora": path.name, "strength_model": strength, "strength_clip": strength}])
+    wf.set("sample", "model", L("lora", "model"))
+    got = ours(executor, wf)
+
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lcm")
+    try:
+        pipe.set_adapters(["lcm"], adapter_weights=[strength])
+        expected = pipe("a red circle", generator=generator(2), num_inference_steps=4, guidance_scale=guidance,
+                        height=64, width=64, output_type="np").images
+    finally:
+        pipe.unload_lora_weights()
+    assert max_diff(got, expected) <= TOLERANCE
+    plain = ours(executor, graph("tiny-sdxl", "a red circle", seed=2, steps=4, guidance=guidance))
+    assert max_diff(got, plain) > 1e-2  # the LoRA does change the image
+
+
+@pytest.mark.parametrize("guidance, strength", [(1.0, 1.0), (2.0, 0.75)])
+def test_inpainting_matches_the_sdxl_inpaint_pipeline(executor, sdxl, input_dir, guidance, strength):
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionXLInpaintPipeline(**sdxl["tiny-sdxl"].components)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(input_dir / "picture.png").convert("RGB")
+    mask = Image.open(input_dir / "mask.png")
+    expected = pipe("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
+                    num_inference_steps=4, guidance_scale=guidance, generator=generator(5), output_type="np").images
+    got = ours(executor, graph("tiny-sdxl", "a yellow star", seed=5, guidance=guidance, strength=strength,
+                               image="picture.png", mask="mask.png"))
+    assert max_diff(got, expected) <= TOLERANCE
+
+
+def test_image_to_image_runs_on_sdxl_and_keeps_the_picture_at_low_strength(executor, sdxl):
+    low = ours(executor, graph("tiny-sdxl", "a yellow star", seed=4, guidance=1.0, strength=0.2, image="picture.png"))
+    high = ours(executor, graph("tiny-sdxl", "a yellow star", seed=4, guidance=1.0, strength=1.0, image="picture.png"))
+    result = executor.run(graph("tiny-sdxl", "a yellow star", image="picture.png"), outputs=["img"])
+    picture = result.output("img", "image").numpy()
+    assert abs(low - picture).mean() < abs(high - picture).mean()  # (a random tiny VAE reconstructs loosely)
+
+
+def test_a_textual_inversion_embedding_on_sdxl_is_a_clear_error(executor, sdxl, models_root):
+    from safetensors.torch import save_file
+
+    folder = models_root / "embeddings"
+    folder.mkdir(exist_ok=True)
+    save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)}, folder / "xl-style.safetensors")
+    wf = graph("tiny-sdxl", "a red circle, <xl-style>", guidance=1.0)
+    result = executor.run(wf)
+    assert result.nodes["pos"].status == "failed"
+    assert "textual-inversion embeddings are not supported on SDXL models" in result.nodes["pos"].error["message"]
