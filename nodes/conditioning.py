@@ -44,8 +44,8 @@ def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None
     if embeddings.mentions(text, embeddings.available() if "embedding:" in text or "<" in text else {}):
         raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
     parts, pooled = [], None
-    with clip.applied() as first:
-        for tokenizer, encoder in ((clip.tokenizer, first), (clip.tokenizer_2, clip.text_encoder_2)):
+    with clip.applied() as first, clip.applied_2() as second:
+        for tokenizer, encoder in ((clip.tokenizer, first), (clip.tokenizer_2, second)):
             device = next(encoder.parameters()).device
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids

@@ -31,7 +31,7 @@ import math
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -52,7 +52,7 @@ FILE_READS = 0
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_COMPONENTS = ("unet", "text_encoder")
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL / SSD-1B have a second text encoder
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "ssd1b": "SSD-1B"}
 # Cross-attention width of the UNet (the text encoder's width) -> the family a LoRA was trained for.
 _CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
@@ -218,16 +218,19 @@ def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict | None, unet_c
         except Exception:  # noqa: BLE001 - names diffusers cannot place fit no layer of ours either
             foreign += [f"unet.{k}" for k in unet_part]
             unet_part = {}
-    text_part = parts["text_encoder"]
-    if text_part:
-        try:
-            text_part = _text_encoder_to_peft(text_part)
-        except Exception:  # noqa: BLE001
-            foreign += [f"text_encoder.{k}" for k in text_part]
-            text_part = {}
+    converted_parts = {"unet": unet_part}
+    for component in ("text_encoder", "text_encoder_2"):
+        text_part = parts[component]
+        if text_part:
+            try:
+                text_part = _text_encoder_to_peft(text_part)
+            except Exception:  # noqa: BLE001
+                foreign += [f"{component}.{k}" for k in text_part]
+                text_part = {}
+        converted_parts[component] = text_part
 
     layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]] = {}
-    for component, part in (("unet", unet_part), ("text_encoder", text_part)):
+    for component, part in converted_parts.items():
         found: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
         for key, down in part.items():
             if ".lora_A." not in key:
@@ -325,12 +328,11 @@ class LoraFile:
     name: str
     unet: Mapping[str, LoraLayer]
     text_encoder: Mapping[str, LoraLayer]
+    text_encoder_2: Mapping[str, LoraLayer] = field(default_factory=dict)
     targets: tuple = ()  # weak references to the modules it was matched to (the reuse check of load_lora)
 
-    def matches(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> bool:
-        if len(self.targets) != 2:
-            return False
-        return self.targets[0]() is unet and self.targets[1]() is text_encoder
+    def matches(self, *modules: torch.nn.Module | None) -> bool:
+        return len(self.targets) == len(modules) and all(ref() is m for ref, m in zip(self.targets, modules))
 
 
 def _alpha_from_metadata(meta: Mapping[str, Any], module_name: str, rank: int) -> tuple[float, bool]:
@@ -343,12 +345,14 @@ def _alpha_from_metadata(meta: Mapping[str, Any], module_name: str, rank: int) -
 
 
 def match_lora(converted: _Converted, raw_shapes, name: str, unet: torch.nn.Module,
-               text_encoder: torch.nn.Module | None, family: str | None) -> LoraFile:
+               text_encoder: torch.nn.Module | None, family: str | None,
+               text_encoder_2: torch.nn.Module | None = None) -> LoraFile:
     """Bind each converted LoRA module to the model's layer; every weight must fit one, or this is an error."""
     unmatched = list(converted.foreign)
     total = len(converted.foreign)
     bound: dict[str, dict[str, LoraLayer]] = {}
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    models = (unet, text_encoder, text_encoder_2)
+    for component, model in zip(_COMPONENTS, models):
         bound[component] = {}
         entries = converted.layers.get(component, {})
         total += len(entries)
@@ -378,11 +382,11 @@ def match_lora(converted: _Converted, raw_shapes, name: str, unet: torch.nn.Modu
         shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
         raise _mismatch_error(name, raw_shapes, family,
                               detail=f"{len(unmatched)} of its {total} LoRA layers match no layer of the model's "
-                                     f"UNet or text encoder ({shown})")
+                                     f"UNet or text encoders ({shown})")
     if total == 0:
         raise LoraError(f"LoRA {name!r} holds no LoRA weights (no lora_down/lora_up or lora_A/lora_B pairs)")
-    targets = (weakref.ref(unet), weakref.ref(text_encoder) if text_encoder is not None else (lambda: None))
-    return LoraFile(name, bound["unet"], bound["text_encoder"], targets)
+    targets = tuple(weakref.ref(m) if m is not None else (lambda: None) for m in models)
+    return LoraFile(name, bound["unet"], bound["text_encoder"], bound["text_encoder_2"], targets)
 
 
 # Files already read and matched, while some patch still holds them: (file identity, model ids, device, dtype) ->.
@@ -397,18 +401,19 @@ def load_lora(name: str, model: Model, clip: Clip | None) -> LoraFile:
     if not path.is_file():
         raise LoraError(f"LoRA {name!r} not found in {loras_dir()}")
     text_encoder = clip.text_encoder if clip is not None else None
+    text_encoder_2 = clip.text_encoder_2 if clip is not None else None
     te_param = next(text_encoder.parameters()) if text_encoder is not None else None
     key = (file_identity(path), id(model.unet), str(model.device), str(model.dtype), id(text_encoder),
-           te_param is not None and (str(te_param.device), str(te_param.dtype)))
+           id(text_encoder_2), te_param is not None and (str(te_param.device), str(te_param.dtype)))
     with _LOADED_LOCK:
         cached = _LOADED.get(key)
-    if cached is not None and cached.matches(model.unet, text_encoder):  # ids can be reused after a model is freed
+    if cached is not None and cached.matches(model.unet, text_encoder, text_encoder_2):  # ids can be reused
         return cached
     tensors, metadata = read_lora_file(path, allow_pickle=settings.current().allow_pickle)
     FILE_READS += 1
     raw_shapes = _shapes(tensors)
     converted = convert_lora(tensors, metadata, model.unet.config, name)
-    lora = match_lora(converted, raw_shapes, name, model.unet, text_encoder, model.family)
+    lora = match_lora(converted, raw_shapes, name, model.unet, text_encoder, model.family, text_encoder_2)
     with _LOADED_LOCK:
         _LOADED[key] = lora
     return lora
@@ -517,9 +522,9 @@ def build_patch(loras: list[tuple[LoraFile, float]], component: str) -> LoraPatc
 class LoRAStack(Node):
     """Apply LoRA files from the models folder's loras/ subfolder to a model and its text encoder.
 
-    Each row is a LoRA with its strength on the model (UNet) and on the CLIP text encoder; rows add up in order, as
-    diffusers' set_adapters([...], adapter_weights=[...]) mixes adapters. Use it for LCM-LoRA (a plain SD model
-    then samples in 4-8 steps at guidance 1-2) mixed with style LoRAs. Reads kohya/sd-scripts files (diffusers or
+    Each row is a LoRA with its strength on the model (UNet) and on the CLIP text encoder (both of them on SDXL);
+    rows add up in order, as diffusers' set_adapters([...], adapter_weights=[...]) mixes adapters. Use it for
+    LCM-LoRA (a plain SD model then samples in 4-8 steps at guidance 1-2) mixed with style LoRAs. Reads kohya/sd-scripts files (diffusers or
     original-SD block names) and diffusers/peft files. The checkpoint itself is never changed: the LoRAs are applied
     only while the model runs, so other branches of the graph see the model without them."""
 
@@ -544,13 +549,17 @@ class LoRAStack(Node):
             rows.append((lora, float(row.get("strength_model", 1.0)), float(row.get("strength_clip", 1.0))))
         unet_patch = build_patch([(lora, sm) for lora, sm, _ in rows], "unet")
         text_patch = build_patch([(lora, sc) for lora, _, sc in rows], "text_encoder")
+        text_patch_2 = build_patch([(lora, sc) for lora, _, sc in rows], "text_encoder_2")
         for lora, sm, sc in rows:
-            if sc != 0 and not lora.text_encoder and lora.unet:
+            if sc != 0 and not lora.text_encoder and not lora.text_encoder_2 and lora.unet:
                 ctx.log.info("LoRA %r has no text-encoder layers: strength_clip does nothing", lora.name)
-        if unet_patch is not None or text_patch is not None:
+        if unet_patch is not None or text_patch is not None or text_patch_2 is not None:
             PATCH_BUILDS += 1
-        return (model.with_patch(unet_patch) if unet_patch is not None else model,
-                clip.with_patch(text_patch) if text_patch is not None else clip)
+        if text_patch is not None:
+            clip = clip.with_patch(text_patch)
+        if text_patch_2 is not None:
+            clip = clip.with_patch(text_patch_2, second=True)
+        return (model.with_patch(unet_patch) if unet_patch is not None else model), clip
 
 
 NODES = [LoRAStack]

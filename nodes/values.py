@@ -113,16 +113,28 @@ class Clip:
     patches: tuple[Patch, ...] = ()
     tokenizer_2: Any = None
     text_encoder_2: torch.nn.Module | None = None
+    patches_2: tuple[Patch, ...] = ()  # on the second text encoder
 
-    def with_patch(self, patch: Patch) -> "Clip":
+    def with_patch(self, patch: Patch, second: bool = False) -> "Clip":
+        if second:
+            return replace(self, patches_2=(*self.patches_2, patch))
         return replace(self, patches=(*self.patches, patch))
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[torch.nn.Module]:
+        """The first text encoder with its patches applied, restored when the block ends."""
         with contextlib.ExitStack() as stack:
             for patch in self.patches:
                 stack.enter_context(patch.apply(self.text_encoder))
             yield self.text_encoder
+
+    @contextlib.contextmanager
+    def applied_2(self) -> Iterator[torch.nn.Module | None]:
+        """The second text encoder (SDXL), with its patches applied."""
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches_2:
+                stack.enter_context(patch.apply(self.text_encoder_2))
+            yield self.text_encoder_2
 
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.text_encoder) + (param_bytes(self.text_encoder_2) if self.text_encoder_2 else 0)

@@ -137,3 +137,52 @@ def test_a_textual_inversion_embedding_on_sdxl_is_a_clear_error(executor, sdxl, 
     result = executor.run(wf)
     assert result.nodes["pos"].status == "failed"
     assert "textual-inversion embeddings are not supported on SDXL models" in result.nodes["pos"].error["message"]
+
+
+def _kohya_sdxl_lora_with_both_text_encoders(pipe, path):
+    """A kohya SDXL file: lora_unet_* plus lora_te1_* and lora_te2_* (different weights on each encoder)."""
+    from safetensors.torch import load_file, save_file
+
+    from nodes.testing.tiny import write_tiny_lora
+
+    single = path.with_name("one-encoder.safetensors")
+    write_tiny_lora(pipe.unet, pipe.text_encoder, single, fmt="kohya", rank=4, seed=33, std=0.1)
+    tensors = {}
+    for key, value in load_file(single).items():
+        if key.startswith("lora_te_"):
+            tensors[key.replace("lora_te_", "lora_te1_")] = value.clone()
+            tensors[key.replace("lora_te_", "lora_te2_")] = value.flip(0).clone() if value.ndim else value.clone()
+        else:
+            tensors[key] = value
+    single.unlink()
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("strength_model, strength_clip, guidance", [(1.0, 1.0, 1.0), (0.0, 1.0, 2.0)])
+def test_a_lora_on_both_sdxl_text_encoders_matches_diffusers(executor, sdxl, models_root, strength_model,
+                                                             strength_clip, guidance):
+    pipe = sdxl["tiny-sdxl"]
+    path = models_root / "loras" / "sdxl-kohya-te1-te2.safetensors"
+    if not path.exists():
+        _kohya_sdxl_lora_with_both_text_encoders(pipe, path)
+    wf = graph("tiny-sdxl", "a red circle", seed=6, steps=2, guidance=guidance)
+    wf.add("lora", "LoRAStack", model=L("ckpt", "model"), clip=L("ckpt", "clip"),
+           loras=[{"lora": path.name, "strength_model": strength_model, "strength_clip": strength_clip}])
+    wf.set("sample", "model", L("lora", "model"))
+    wf.set("pos", "clip", L("lora", "clip"))
+    got = ours(executor, wf)
+
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="both")
+    try:
+        pipe.set_adapters(["both"], adapter_weights=[{"unet": strength_model, "text_encoder": strength_clip,
+                                                      "text_encoder_2": strength_clip}])
+        expected = pipe("a red circle", generator=generator(6), num_inference_steps=2, guidance_scale=guidance,
+                        height=64, width=64, output_type="np").images
+    finally:
+        pipe.unload_lora_weights()
+    assert max_diff(got, expected) <= TOLERANCE
+    result = executor.run(wf, outputs=["lora"])
+    clip = result.output("lora", "clip")
+    assert len(clip.patches) == len(clip.patches_2) == 1  # one patch on each encoder
+    plain = ours(executor, graph("tiny-sdxl", "a red circle", seed=6, steps=2, guidance=guidance))
+    assert max_diff(got, plain) > 1e-3  # the text-encoder layers alone change the image too
