@@ -11,7 +11,7 @@ from PIL import Image
 
 import nodegraph as ng
 import nodes
-from nodes.testing.tiny import build_tiny_sd, write_single_file
+from nodes.testing.tiny import build_tiny_sd, build_tiny_sdxl, write_single_file
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,8 @@ def models_root(tmp_path_factory):
     build_tiny_sd(ckpts / "tiny-lcm", lcm=True, seed=0)
     build_tiny_sd(ckpts / "tiny-sd", lcm=False, seed=1)
     write_single_file(ckpts / "tiny-sd", ckpts / "tiny-sd.safetensors")
+    build_tiny_sdxl(ckpts / "tiny-sdxl", lcm=False, seed=30)
+    build_tiny_sdxl(ckpts / "tiny-sdxl-lcm", lcm=True, seed=31)
     return root
 
 

@@ -20,14 +20,10 @@ TOLERANCE = 1e-5
 def sdxl(models_root):
     from diffusers import StableDiffusionXLPipeline
 
-    from nodes.testing.tiny import build_tiny_sdxl
-
-    ckpts = models_root / "checkpoints"
     pipes = {}
-    for name, lcm, seed in (("tiny-sdxl", False, 30), ("tiny-sdxl-lcm", True, 31)):
-        if not (ckpts / name).exists():
-            build_tiny_sdxl(ckpts / name, lcm=lcm, seed=seed)
-        pipes[name] = StableDiffusionXLPipeline.from_pretrained(ckpts / name, local_files_only=True)
+    for name in ("tiny-sdxl", "tiny-sdxl-lcm"):  # built by conftest's models_root
+        pipes[name] = StableDiffusionXLPipeline.from_pretrained(models_root / "checkpoints" / name,
+                                                                local_files_only=True)
         pipes[name].set_progress_bar_config(disable=True)
     return pipes
 

@@ -16,14 +16,15 @@ from nodes.images import read_workflow_from_png
 
 
 # What the example workflows name (real SD1.5 files, the embedded demo model), and what the tests use instead.
-TINY_LORAS = {"lcm-lora-sdv1-5.safetensors": "wf/lcm-lora.safetensors"}
+TINY_LORAS = {"lcm-lora-sdv1-5.safetensors": "wf/lcm-lora.safetensors",
+              "lcm-lora-sdxl.safetensors": "wf/lcm-lora-sdxl.safetensors"}
 TINY_STYLE_LORA = "wf/style.safetensors"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def workflow_models(models_root):
     """Tiny stand-ins for the adapters the example workflows name, in the test models folder."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_image_encoder, build_tiny_t2i_adapter,
                                     write_tiny_ip_adapter, write_tiny_lora)
@@ -35,6 +36,9 @@ def workflow_models(models_root):
                         fmt="kohya", rank=8, alpha=8.0, seed=16, text=False, everywhere=True, std=0.1)
         write_tiny_lora(pipe.unet, pipe.text_encoder, models_root / "loras" / TINY_STYLE_LORA, fmt="peft", rank=4,
                         seed=17)
+        xl = StableDiffusionXLPipeline.from_pretrained(models_root / "checkpoints" / "tiny-sdxl", local_files_only=True)
+        write_tiny_lora(xl.unet, xl.text_encoder, models_root / "loras" / TINY_LORAS["lcm-lora-sdxl.safetensors"],
+                        fmt="peft", rank=4, seed=22, text=False, everywhere=True, std=0.1)
         build_tiny_controlnet(sd, models_root / "controlnet" / "wf-cn", seed=18)
         build_tiny_t2i_adapter(models_root / "controlnet" / "wf-t2i", seed=19)
         build_tiny_image_encoder(models_root / "clip_vision" / "wf-vision", seed=20)
@@ -43,13 +47,15 @@ def workflow_models(models_root):
 
 
 def on_tiny_model(name: str) -> ng.Workflow:
-    """A shipped workflow with every model it names replaced by a tiny one (LCM checkpoints by the tiny LCM,
-    others by the tiny SD1 model), input pictures by the test picture and image sizes by 64x64."""
+    """A shipped workflow with every model it names replaced by a tiny one (LCM checkpoints by the tiny LCM, SDXL
+    ones by the tiny SDXL model, others by the tiny SD1 model), input pictures by the test picture and image sizes
+    by 64x64."""
     wf = ng.load(workflows_dir() / f"{name}.json")
     for entry in wf.nodes.values():
         inputs = entry.inputs
         if entry.type == "LoadCheckpoint":
-            inputs["ckpt"] = "tiny-lcm" if "lcm" in inputs["ckpt"].lower() else "tiny-sd"
+            name = inputs["ckpt"].lower()
+            inputs["ckpt"] = "tiny-lcm" if "lcm" in name else "tiny-sdxl" if "xl" in name else "tiny-sd"
         elif entry.type == "LoRAStack":
             inputs["loras"] = [{**row, "lora": TINY_LORAS.get(row["lora"], TINY_STYLE_LORA)} for row in inputs["loras"]]
         elif entry.type == "LoadControlNet":
@@ -66,12 +72,13 @@ def on_tiny_model(name: str) -> ng.Workflow:
 
 
 def test_the_examples_cover_the_lcm_tasks_and_adapters():
-    assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-style", "controlnet-canny",
-            "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter"} <= set(shipped_workflows())
+    assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-sdxl", "lcm-lora-style",
+            "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter"} <= set(shipped_workflows())
 
 
 @pytest.mark.parametrize("name, node, name_of_input, neutral", [
     ("lcm-lora", "2", "loras", []),
+    ("lcm-lora-sdxl", "2", "loras", []),
     ("lcm-lora-style", "2", "loras", "first row only"),
     ("controlnet-canny", "14", "strength", 0.0),
     ("controlnet-canny-lcm-lora", "14", "strength", 0.0),
