@@ -612,3 +612,28 @@ def test_list_checkpoints(tiny, tmp_path):
     (root / "empty-folder").mkdir()
     assert list_checkpoints(root) == ["a.safetensors", "b.ckpt", "lcm-unet", "nested/c.pt", "nested/d.pth", "pipeline"]
     assert list_checkpoints(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize("family", ["sdxl", "ssd1b"])
+def test_sdxl_and_ssd1b_single_files_generate_as_diffusers_does(tiny, family, tmp_path, executor):
+    """An original-layout SDXL / SSD-1B file through a graph (LCM-LoRA's setting: plain UNet, LCMScheduler, CFG)
+    gives diffusers' StableDiffusionXLPipeline image for the same loaded components."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    import nodes
+    from .conftest import EXACT, generator, max_diff
+    from .test_parity import graph, ours
+
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copyfile(tiny.families[family].path, tmp_path / "checkpoints" / f"{family}.safetensors")
+    nodes.configure({**EXACT, "models_dir": tmp_path})
+    got = ours(executor, graph(f"{family}.safetensors", "a red circle", seed=3, steps=2, guidance=2.0))
+
+    c = load(tiny.families[family].path)
+    pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                     tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                     scheduler=LCMScheduler.from_config(dict(c.scheduler_config)))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle", generator=generator(3), num_inference_steps=2, guidance_scale=2.0,
+                    height=64, width=64, output_type="np").images  # the graph's EmptyLatent size
+    assert got.shape == expected.shape and max_diff(got, expected) <= 1e-5
