@@ -72,9 +72,14 @@ def load(name: str, base: str = NO_BASE):
     device = devices.device()
     components = load_components(path, device=device, dtype=devices.dtype(device), base=own_base,
                                  allow_pickle=settings.current().allow_pickle)
-    if devices.channels_last(device):
-        import torch
+    import torch
 
+    if (components.family in ("sdxl", "ssd1b") and components.vae.dtype == torch.float16
+            and getattr(components.vae.config, "force_upcast", False)):
+        # SDXL's VAE overflows in float16 (black or NaN images); its pipelines upcast it to decode, so it stays in
+        # float32 here (VAEs that are fine in float16, such as sdxl-vae-fp16-fix, say force_upcast: false)
+        components.vae.to(torch.float32)
+    if devices.channels_last(device):
         for module in (components.unet, components.vae):
             module.to(memory_format=torch.channels_last)
     return components

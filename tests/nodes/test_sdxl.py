@@ -182,3 +182,20 @@ def test_a_lora_on_both_sdxl_text_encoders_matches_diffusers(executor, sdxl, mod
     assert len(clip.patches) == len(clip.patches_2) == 1  # one patch on each encoder
     plain = ours(executor, graph("tiny-sdxl", "a red circle", seed=6, steps=2, guidance=guidance))
     assert max_diff(got, plain) > 1e-3  # the text-encoder layers alone change the image too
+
+
+def test_the_sdxl_vae_stays_in_float32_when_the_rest_runs_in_float16(executor, models_root, input_dir):
+    """SDXL's VAE overflows in float16; its config says force_upcast, and diffusers' SDXL pipelines decode in
+    float32. SD1 models keep a float16 VAE."""
+    import nodes
+
+    from .conftest import EXACT
+
+    nodes.configure({**EXACT, "dtype": "float16", "models_dir": models_root, "input_dir": input_dir})
+    wf = ng.Workflow()
+    wf.add("xl", "LoadCheckpoint", ckpt="tiny-sdxl")
+    wf.add("sd", "LoadCheckpoint", ckpt="tiny-sd")
+    result = executor.run(wf, outputs=["xl", "sd"])
+    assert result.output("xl", "model").dtype == torch.float16
+    assert result.output("xl", "vae").vae.dtype == torch.float32
+    assert result.output("sd", "vae").vae.dtype == torch.float16
