@@ -487,12 +487,14 @@ def _check_fits(unet, control: ControlNet | Adapter) -> None:
                 f"the ControlNet {control.name!r} is made for models whose text features are "
                 f"{_family(net.cross_attention_dim)} wide; this model's are {_family(cfg.cross_attention_dim)}: use "
                 f"a ControlNet of the checkpoint's family")
+        if net.addition_embed_type != getattr(cfg, "addition_embed_type", None):
+            raise ValueError(f"the ControlNet {control.name!r} takes added conditioning {net.addition_embed_type!r} "
+                             f"but this model's UNet takes {getattr(cfg, 'addition_embed_type', None)!r}: use a "
+                             f"ControlNet of the checkpoint's family")
         if list(net.block_out_channels) != list(cfg.block_out_channels) or net.layers_per_block != cfg.layers_per_block:
             raise ValueError(f"the ControlNet {control.name!r} does not fit this model's UNet (widths "
                              f"{list(net.block_out_channels)} vs {list(cfg.block_out_channels)}): use a ControlNet "
                              f"made for the checkpoint's family")
-        if net.addition_embed_type is not None:
-            raise ValueError(f"the ControlNet {control.name!r} is an SDXL ControlNet: those are not supported yet")
     else:
         channels = list(control.adapter.config.channels)
         if channels != list(cfg.block_out_channels)[:len(channels)]:
@@ -511,7 +513,8 @@ class UNetControls:
         self.steps = steps
         self.cfg = cfg
 
-    def __call__(self, step: int, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> dict:
+    def __call__(self, step: int, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                 added: dict | None = None) -> dict:
         kwargs: dict[str, Any] = {}
         down = mid = None
         n = self.steps
@@ -521,8 +524,12 @@ class UNetControls:
             guess = _guess_mode(c.control)
             conditional_only = guess and self.cfg  # guess mode: the ControlNet sees the conditional half only
             x, e = (model_input.chunk(2)[1], embeds.chunk(2)[1]) if conditional_only else (model_input, embeds)
+            extra = {}
+            if added is not None:  # SDXL: the pooled prompt and size conditioning, as the UNet gets them
+                extra["added_cond_kwargs"] = ({k: v.chunk(2)[1] for k, v in added.items()} if conditional_only
+                                              else added)
             d, m = c.control.net(x, t, encoder_hidden_states=e, controlnet_cond=image,
-                                 conditioning_scale=c.strength, guess_mode=guess, return_dict=False)
+                                 conditioning_scale=c.strength, guess_mode=guess, return_dict=False, **extra)
             if conditional_only:  # and adds nothing to the unconditional half
                 d = [torch.cat([torch.zeros_like(r), r]) for r in d]
                 m = torch.cat([torch.zeros_like(m), m])

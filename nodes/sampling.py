@@ -176,7 +176,7 @@ def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
                    extra_channels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
     model_input = torch.cat([latents] * 2) if g.cfg else latents
     # controls see the latents only (as in diffusers' ControlNet inpainting), never the inpainting channels
-    control = g.controls(step, model_input, t, g.embeds) if g.controls is not None else {}
+    control = g.controls(step, model_input, t, g.embeds, g.added) if g.controls is not None else {}
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)
     if g.added is not None:

@@ -37,6 +37,8 @@ def control_models(models_root):
         (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
         build_tiny_t2i_adapter(folder / "tiny-t2i", seed=5)
         build_tiny_t2i_adapter(folder / "tiny-t2i-b", seed=6)
+    if not (folder / "tiny-cn-sdxl").is_dir():
+        build_tiny_controlnet(models_root / "checkpoints" / "tiny-sdxl", folder / "tiny-cn-sdxl", seed=8)
     return folder
 
 
@@ -339,3 +341,37 @@ def test_a_missing_controlnet_file_is_reported(executor):
     with pytest.raises(ng.ValidationFailed) as info:
         executor.run(wf, outputs=["cn"])
     assert "nowhere.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("guidance, pooled", [(1.0, False), (2.0, False), (2.0, True)], ids=["no-cfg", "cfg", "guess"])
+def test_an_sdxl_controlnet_matches_the_sdxl_controlnet_pipeline(executor, models_root, control_models,
+                                                                 control_inputs, guidance, pooled):
+    """SDXL ControlNets get the pooled prompt and size conditioning too (in guess mode the conditional half only)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    net = ControlNetModel.from_pretrained(control_models / "tiny-cn-sdxl", local_files_only=True)
+    name = "tiny-cn-sdxl"
+    if pooled:
+        name = "tiny-cn-sdxl-pool"
+        if not (control_models / name).is_dir():
+            net.register_to_config(global_pool_conditions=True)
+            net.save_pretrained(control_models / name)
+        net = ControlNetModel.from_pretrained(control_models / name, local_files_only=True)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(models_root / "checkpoints" / "tiny-sdxl",
+                                                               controlnet=net, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle", image=picture(control_inputs, "rings.png"), num_inference_steps=4,
+                    guidance_scale=guidance, controlnet_conditioning_scale=0.9, height=64, width=64,
+                    generator=generator(7), output_type="np").images
+    got = ours(executor, graph("tiny-sdxl", "a red circle", seed=7, guidance=guidance,
+                               controls=[(name, "rings.png", 0.9, 0.0, 1.0)]))
+    plain = ours(executor, graph("tiny-sdxl", "a red circle", seed=7, guidance=guidance))
+    assert max_diff(got, expected) <= TOLERANCE
+    assert max_diff(got, plain) > 0.01  # the control has a visible effect
+
+
+def test_an_sdxl_controlnet_on_an_sd1_model_is_refused(executor):
+    result = executor.run(graph("tiny-sd", "a red circle", guidance=1.0, controls=[("tiny-cn-sdxl", "rings.png", 1.0,
+                                                                                     0.0, 1.0)]))
+    assert result.nodes["apply0"].status == "failed"
+    assert "use a ControlNet of the checkpoint's family" in result.nodes["apply0"].error["message"]
