@@ -41,18 +41,20 @@ def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None
                                                                                           torch.Tensor]:
     """SDXL's embeddings [1, 77, dim1 + dim2] and pooled embedding [1, dim] of ``text`` (clip_skip = k: k layers
     before the penultimate, as diffusers counts for SDXL)."""
-    if embeddings.mentions(text, embeddings.available() if "embedding:" in text or "<" in text else {}):
-        raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
     parts, pooled = [], None
     with clip.applied() as first, clip.applied_2() as second:
-        for tokenizer, encoder in ((clip.tokenizer, first), (clip.tokenizer_2, second)):
+        # an SDXL textual-inversion file holds one set of vectors per encoder: clip_l (first), clip_g (second)
+        for tokenizer, encoder, key in ((clip.tokenizer, first, "clip_l"), (clip.tokenizer_2, second, "clip_g")):
             device = next(encoder.parameters()).device
-            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+            core = getattr(encoder, "text_model", encoder)
+            ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, key)
+            if ids is None:
+                ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
             if log is not None and tokenizer is clip.tokenizer:
                 if tokenizer(text, padding="longest", return_tensors="pt").input_ids.shape[-1] > ids.shape[-1]:
                     log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
-            with torch.inference_mode():
+            with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
                 out = encoder(ids.to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output comes first
                 pooled = out[0]
@@ -68,7 +70,7 @@ class CLIPEncode(Node):
     clip_skip takes the output of an earlier encoder layer (0 = the last layer, as most SD1.5 models expect;
     1 or 2 for models trained that way; SDXL counts from its penultimate layer, as diffusers does). Prompts longer than 77 tokens are cut off, with a warning.
     Textual-inversion embeddings from the models folder's embeddings/ are used by name: "<name>" or
-    "embedding:name" (the file name without its extension)."""
+    "embedding:name" (the file name without its extension); SDXL ones hold clip_l and clip_g vectors."""
 
     category = "conditioning"
     clip = Socket(CLIP)

@@ -53,8 +53,9 @@ def prompt_identity(text: str):
     return text if not used else (text, [file_identity(safe_join(embeddings_dir(), names[n])) for n in used])
 
 
-def load_vectors(name: str, file_name: str, width: int) -> torch.Tensor:
-    """The [n, width] vectors of embedding ``name``; a clear error for another text encoder's embedding."""
+def load_vectors(name: str, file_name: str, width: int, encoder_key: str | None = None) -> torch.Tensor:
+    """The [n, width] vectors of embedding ``name``; a clear error for another text encoder's embedding.
+    ``encoder_key`` picks one text encoder's vectors from an SDXL embedding ("clip_l" or "clip_g")."""
     path = safe_join(embeddings_dir(), file_name)
     if _is_safetensors(path):  # by content: a pickle renamed .safetensors is still a pickle
         from safetensors.torch import load_file
@@ -68,7 +69,12 @@ def load_vectors(name: str, file_name: str, width: int) -> torch.Tensor:
     if "string_to_param" in data:  # A1111 .pt
         data = data["string_to_param"]
     tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
-    if "emb_params" in data:
+    if encoder_key is not None:
+        if encoder_key not in data:
+            raise ValueError(f"embedding {name!r} has no {encoder_key!r} vectors: it is not an SDXL embedding "
+                             f"(its tensors: {', '.join(sorted(data)[:6])})")
+        tensors = [data[encoder_key]]
+    elif "emb_params" in data:
         tensors = [data["emb_params"]]
     if len(tensors) != 1:
         keys = ", ".join(sorted(data)[:6])
@@ -88,7 +94,8 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{"
 
 
-def token_ids(tokenizer, text: str, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_ids(tokenizer, text: str, width: int,
+              encoder_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Input ids [1, 77] for ``text`` with embeddings expanded to placeholder ids past the vocabulary, and the
     vectors those ids stand for (None when the text names no embedding)."""
     names = available() if "embedding:" in text or "<" in text else {}
@@ -101,7 +108,7 @@ def token_ids(tokenizer, text: str, width: int) -> tuple[torch.Tensor, torch.Ten
     cursor = 0
     for start, end, name in found:
         ids += tokenizer(text[cursor:start], add_special_tokens=False).input_ids
-        v = load_vectors(name, names[name], width)
+        v = load_vectors(name, names[name], width, encoder_key)
         ids += list(range(vocab + sum(len(x) for x in vectors), vocab + sum(len(x) for x in vectors) + len(v)))
         vectors.append(v)
         cursor = end

@@ -123,16 +123,43 @@ def test_image_to_image_runs_on_sdxl_and_keeps_the_picture_at_low_strength(execu
     assert abs(low - picture).mean() < abs(high - picture).mean()  # (a random tiny VAE reconstructs loosely)
 
 
-def test_a_textual_inversion_embedding_on_sdxl_is_a_clear_error(executor, sdxl, models_root):
+def test_an_sdxl_textual_inversion_embedding_matches_diffusers(executor, sdxl, models_root):
+    """An SDXL embedding file holds vectors for each encoder (clip_l, clip_g), as diffusers loads them."""
     from safetensors.torch import save_file
 
     folder = models_root / "embeddings"
     folder.mkdir(exist_ok=True)
-    save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)}, folder / "xl-style.safetensors")
-    wf = graph("tiny-sdxl", "a red circle, <xl-style>", guidance=1.0)
-    result = executor.run(wf)
+    g = torch.Generator().manual_seed(9)
+    vectors = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)}
+    save_file(vectors, folder / "xl-style.safetensors")
+    prompt = "a red circle, <xl-style>"
+    got = ours(executor, graph("tiny-sdxl", prompt, seed=3, steps=2, guidance=2.0))
+
+    pipe = sdxl["tiny-sdxl"]
+    pipe.load_textual_inversion(vectors["clip_l"], token="<xl-style>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token="<xl-style>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    try:
+        expected = pipe(prompt, generator=generator(3), num_inference_steps=2, guidance_scale=2.0, height=64,
+                        width=64, output_type="np").images
+    finally:
+        pipe.unload_textual_inversion("<xl-style>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        pipe.unload_textual_inversion("<xl-style>", tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+    assert max_diff(got, expected) <= TOLERANCE
+    plain = ours(executor, graph("tiny-sdxl", "a red circle, xl-style", seed=3, steps=2, guidance=2.0))
+    assert max_diff(got, plain) > 1e-4  # the embedding really changed the image
+
+
+def test_an_sd1_embedding_on_sdxl_is_a_clear_error(executor, sdxl, models_root):
+    from safetensors.torch import save_file
+
+    folder = models_root / "embeddings"
+    folder.mkdir(exist_ok=True)
+    save_file({"emb_params": torch.zeros(1, 32)}, folder / "sd1-only.safetensors")
+    result = executor.run(graph("tiny-sdxl", "a red circle, <sd1-only>", guidance=1.0))
     assert result.nodes["pos"].status == "failed"
-    assert "textual-inversion embeddings are not supported on SDXL models" in result.nodes["pos"].error["message"]
+    assert "has no 'clip_l' vectors: it is not an SDXL embedding" in result.nodes["pos"].error["message"]
 
 
 def _kohya_sdxl_lora_with_both_text_encoders(pipe, path):
