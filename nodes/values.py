@@ -104,7 +104,7 @@ class Model:
 @dataclass(frozen=True, eq=False)
 class Clip:
     """A tokenizer and text encoder, with patches (LoRA on the text encoder, embeddings); SDXL and SSD-1B also
-    have a second pair, whose projected pooled output conditions the UNet too (patches apply to the first)."""
+    have a second pair, whose projected pooled output conditions the UNet too (``patches_2`` apply to it)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -179,7 +179,7 @@ class Conditioning:
         return int(self.embeds.shape[0])
 
     def __nodegraph_nbytes__(self) -> int:
-        return self.embeds.nbytes
+        return self.embeds.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
 
 
 @dataclass(frozen=True, eq=False)
