@@ -13,21 +13,27 @@ from . import embeddings
 from .values import CLIP, CONDITIONING, Clip, Conditioning
 
 
+def _token_ids(tokenizer, encoder, text: str, log=None, encoder_key: str | None = None):
+    """(ids [1, 77] on the encoder's device, vectors of the embeddings the text names or None), as diffusers
+    tokenises: padded and truncated to the tokenizer's length, with a warning when the end is cut off."""
+    core = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
+    ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, encoder_key)
+    if ids is None:
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    if log is not None:
+        full = tokenizer(text, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
+    return ids.to(next(encoder.parameters()).device), extra
+
+
 def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -> torch.Tensor:
     """Embeddings [1, 77, dim] of ``text``; ``clip_skip`` = k takes the output of the k-th layer from the end."""
-    tokenizer = clip.tokenizer
     with clip.applied() as encoder:
         device = next(encoder.parameters()).device
-        core = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
-        ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim)
-        if ids is None:
-            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-        if log is not None:
-            full = tokenizer(text, padding="longest", return_tensors="pt").input_ids
-            if full.shape[-1] > ids.shape[-1]:
-                log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
-        ids = ids.to(device)
+        core = getattr(encoder, "text_model", encoder)
+        ids, extra = _token_ids(clip.tokenizer, encoder, text, log)
         with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
             if not clip_skip:
                 embeds = encoder(ids)[0]
@@ -45,17 +51,9 @@ def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None
     with clip.applied() as first, clip.applied_2() as second:
         # an SDXL textual-inversion file holds one set of vectors per encoder: clip_l (first), clip_g (second)
         for tokenizer, encoder, key in ((clip.tokenizer, first, "clip_l"), (clip.tokenizer_2, second, "clip_g")):
-            device = next(encoder.parameters()).device
-            core = getattr(encoder, "text_model", encoder)
-            ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, key)
-            if ids is None:
-                ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-            if log is not None and tokenizer is clip.tokenizer:
-                if tokenizer(text, padding="longest", return_tensors="pt").input_ids.shape[-1] > ids.shape[-1]:
-                    log.warning("the prompt is longer than %d tokens; the end was cut off", tokenizer.model_max_length)
+            ids, extra = _token_ids(tokenizer, encoder, text, log if encoder is first else None, key)
             with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
-                out = encoder(ids.to(device), output_hidden_states=True)
+                out = encoder(ids, output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output comes first
                 pooled = out[0]
             parts.append(out.hidden_states[-((clip_skip or 0) + 2)])
@@ -68,7 +66,8 @@ class CLIPEncode(Node):
     their UNet also takes).
 
     clip_skip takes the output of an earlier encoder layer (0 = the last layer, as most SD1.5 models expect;
-    1 or 2 for models trained that way; SDXL counts from its penultimate layer, as diffusers does). Prompts longer than 77 tokens are cut off, with a warning.
+    1 or 2 for models trained that way; SDXL counts from its penultimate layer, as diffusers does). Prompts longer
+    than 77 tokens are cut off, with a warning.
     Textual-inversion embeddings from the models folder's embeddings/ are used by name: "<name>" or
     "embedding:name" (the file name without its extension); SDXL ones hold clip_l and clip_g vectors."""
 

@@ -524,9 +524,10 @@ class LoRAStack(Node):
 
     Each row is a LoRA with its strength on the model (UNet) and on the CLIP text encoder (both of them on SDXL);
     rows add up in order, as diffusers' set_adapters([...], adapter_weights=[...]) mixes adapters. Use it for
-    LCM-LoRA (a plain SD model then samples in 4-8 steps at guidance 1-2) mixed with style LoRAs. Reads kohya/sd-scripts files (diffusers or
-    original-SD block names) and diffusers/peft files. The checkpoint itself is never changed: the LoRAs are applied
-    only while the model runs, so other branches of the graph see the model without them."""
+    LCM-LoRA (a plain SD model then samples in 4-8 steps at guidance 1-2) mixed with style LoRAs. Reads
+    kohya/sd-scripts files (diffusers or original-SD block names) and diffusers/peft files. The checkpoint itself
+    is never changed: the LoRAs are applied only while the model runs, so other branches of the graph see the
+    model without them."""
 
     category = "loaders"
     display_name = "LoRA Stack"

@@ -119,14 +119,21 @@ def test_lcm_lora_style_sampling_matches_stable_diffusion_with_lcm_scheduler(exe
 ])
 def test_inpainting_matches_the_stable_diffusion_inpaint_pipeline(executor, pipelines, input_dir, pipe, ckpt,
                                                                   guidance, strength, negative):
+    got, expected = inpainting_pair(executor, pipelines[pipe], ckpt, input_dir, seed=5, guidance=guidance,
+                                    strength=strength, negative=negative)
+    assert max_diff(got, expected) <= TOLERANCE
+
+
+def inpainting_pair(executor, pipe, ckpt, input_dir, *, seed, guidance, strength, negative=None):
+    """(our image, the inpainting pipeline's) for "a yellow star" over picture.png with mask.png, 4 steps."""
     image = Image.open(input_dir / "picture.png").convert("RGB")
     mask = Image.open(input_dir / "mask.png")
-    expected = pipelines[pipe]("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
-                               num_inference_steps=4, guidance_scale=guidance, negative_prompt=negative,
-                               generator=generator(5), output_type="np").images
-    got = ours(executor, graph(ckpt, "a yellow star", seed=5, guidance=guidance, strength=strength,
+    expected = pipe("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
+                    num_inference_steps=4, guidance_scale=guidance, negative_prompt=negative,
+                    generator=generator(seed), output_type="np").images
+    got = ours(executor, graph(ckpt, "a yellow star", seed=seed, guidance=guidance, strength=strength,
                                negative=negative, image="picture.png", mask="mask.png"))
-    assert max_diff(got, expected) <= TOLERANCE
+    return got, expected
 
 
 def test_inpainting_keeps_the_unmasked_latents_exactly(executor):
@@ -177,10 +184,6 @@ def test_inpainting_with_a_9_channel_unet_matches_diffusers(executor, inpainting
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained(inpainting_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    image = Image.open(input_dir / "picture.png").convert("RGB")
-    mask = Image.open(input_dir / "mask.png")
-    expected = pipe("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
-                    num_inference_steps=4, guidance_scale=guidance, generator=generator(6), output_type="np").images
-    got = ours(executor, graph("tiny-sd-inpainting", "a yellow star", seed=6, guidance=guidance, strength=strength,
-                               image="picture.png", mask="mask.png"))
+    got, expected = inpainting_pair(executor, pipe, "tiny-sd-inpainting", input_dir, seed=6, guidance=guidance,
+                                    strength=strength)
     assert max_diff(got, expected) <= TOLERANCE

@@ -11,7 +11,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 
 from .conftest import generator, max_diff
-from .test_parity import graph, ours
+from .test_parity import graph, inpainting_pair, ours
 
 TOLERANCE = 1e-5
 
@@ -102,16 +102,11 @@ def test_an_lcm_lora_on_sdxl_matches_diffusers(executor, sdxl, models_root, fmt,
 @pytest.mark.parametrize("guidance, strength", [(1.0, 1.0), (2.0, 0.75)])
 def test_inpainting_matches_the_sdxl_inpaint_pipeline(executor, sdxl, input_dir, guidance, strength):
     from diffusers import StableDiffusionXLInpaintPipeline
-    from PIL import Image
 
     pipe = StableDiffusionXLInpaintPipeline(**sdxl["tiny-sdxl"].components)
     pipe.set_progress_bar_config(disable=True)
-    image = Image.open(input_dir / "picture.png").convert("RGB")
-    mask = Image.open(input_dir / "mask.png")
-    expected = pipe("a yellow star", image=image, mask_image=mask, height=64, width=64, strength=strength,
-                    num_inference_steps=4, guidance_scale=guidance, generator=generator(5), output_type="np").images
-    got = ours(executor, graph("tiny-sdxl", "a yellow star", seed=5, guidance=guidance, strength=strength,
-                               image="picture.png", mask="mask.png"))
+    got, expected = inpainting_pair(executor, pipe, "tiny-sdxl", input_dir, seed=5, guidance=guidance,
+                                    strength=strength)
     assert max_diff(got, expected) <= TOLERANCE
 
 

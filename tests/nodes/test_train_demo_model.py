@@ -46,7 +46,8 @@ def test_the_export_loads_in_diffusers_and_in_a_graph(trained, tmp_path):
 
     import nodegraph as ng
     import nodes
-    from nodegraph import Link as L
+
+    from .test_parity import graph, ours
 
     script, _, out = trained
     pipe = LatentConsistencyModelPipeline.from_pretrained(out, local_files_only=True)
@@ -59,19 +60,11 @@ def test_the_export_loads_in_diffusers_and_in_a_graph(trained, tmp_path):
     shutil.copytree(out, models / "checkpoints" / "trained")  # a symbolic link out of the folder is refused
     nodes.configure({"models_dir": models})
     try:
-        wf = ng.Workflow()
-        wf.add("ckpt", "LoadCheckpoint", ckpt="trained")
-        wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text="a red circle on a blue background")
-        wf.add("sched", "LCMScheduler", model=L("ckpt", "model"), steps=2)
-        wf.add("latent", "EmptyLatent", width=64, height=64, vae=L("ckpt", "vae"))
-        wf.add("sample", "LCMSampler", model=L("ckpt", "model"), positive=L("pos", "conditioning"),
-               latent=L("latent", "latent"), schedule=L("sched", "schedule"), guidance=3.0)
-        wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
-        result = ng.Executor(ng.build_registry()).run(wf, outputs=["decode"])
+        image = ours(ng.Executor(ng.build_registry()), graph("trained", "a red circle on a blue background",
+                                                             steps=2, guidance=3.0))
     finally:
         nodes.configure({})
-    assert result.status == "success", result.errors
-    assert result.output("decode", "image").shape == (1, 64, 64, 3)
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_the_exported_teacher_is_the_ema_of_the_trained_weights(trained):
