@@ -59,6 +59,15 @@ def test_an_sdxl_model_refuses_a_prompt_from_a_one_encoder_clip(executor, sdxl):
     assert "needs a prompt encoded by an SDXL CLIP" in result.nodes["sample"].error["message"]
 
 
+def test_an_sdxl_model_refuses_a_negative_prompt_from_a_one_encoder_clip(executor, sdxl):
+    wf = graph("tiny-sdxl", "a red circle", guidance=2.0, negative="blurry")
+    wf.add("sd1", "LoadCheckpoint", ckpt="tiny-sd")
+    wf.set("neg", "clip", L("sd1", "clip"))
+    result = executor.run(wf)
+    assert result.nodes["sample"].status == "failed"
+    assert "negative prompt of an SDXL model must come from an SDXL CLIP" in result.nodes["sample"].error["message"]
+
+
 def test_the_sdxl_prompt_carries_both_encoders_and_the_pooled_embedding(executor, sdxl):
     wf = ng.Workflow()
     wf.add("ckpt", "LoadCheckpoint", ckpt="tiny-sdxl")
