@@ -138,13 +138,11 @@ def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "c
     import tempfile
 
     import nodegraph as ng
-    import nodes
     from nodegraph import Link as L
     from nodes.images import tensor_to_pils
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(model, Path(tmp) / "checkpoints" / "candidate")  # model files must lie in the models folder
-        nodes.configure({"models_dir": Path(tmp), "device": device})
         wf = ng.Workflow()
         wf.add("ckpt", "LoadCheckpoint", ckpt="candidate")
         wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text="")
@@ -154,7 +152,8 @@ def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "c
                latent=L("latent", "latent"), schedule=L("sched", "schedule"), guidance=guidance)
         wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
         wf.outputs = ["decode"]
-        executor = ng.Executor(ng.build_registry())
+        executor = ng.Executor(ng.build_registry(), settings=ng.Settings(models_dir=Path(tmp), device=device,
+                                                                         output_dir=Path(tmp) / "out"))
         executor.run(wf)  # load the checkpoint (not timed)
         images, times = [], []
         for i, (caption, _) in enumerate(items):
@@ -164,7 +163,6 @@ def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "c
             result = executor.run(wf)
             times.append(time.perf_counter() - t)
             images.append(tensor_to_pils(result.output("decode", "image"))[0])
-        nodes.configure({})
     return images, 1000 * statistics.median(times[1:])
 
 

@@ -27,13 +27,12 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
 
 def run_graph(ckpt: Path, size: int, runs: int) -> list[dict]:
     import nodegraph as ng
-    import nodes
 
     # a models folder whose checkpoints/ is the folder holding the checkpoint (file routes refuse links out)
     root = Path(tempfile.mkdtemp())
     (root / "checkpoints").symlink_to(ckpt.resolve().parent, target_is_directory=True)
-    nodes.configure({"models_dir": root, "dtype": "float32"})
-    executor = ng.Executor(ng.build_registry(), output_dir=tempfile.mkdtemp())
+    settings = ng.Settings(models_dir=root, dtype="float32", output_dir=tempfile.mkdtemp())
+    executor = ng.Executor(ng.build_registry(), settings=settings)
     name = ckpt.name
     out = []
     for i in range(runs + 1):  # the first run loads the checkpoint and warms up

@@ -5,7 +5,8 @@ From Python:
 
 ```python
 import nodegraph
-engine = nodegraph.Executor(nodegraph.build_registry(), output_dir="out")
+settings = nodegraph.Settings.from_env(models_dir="~/models", output_dir="out")
+engine = nodegraph.Executor(nodegraph.build_registry(), settings=settings)
 wf = nodegraph.load("workflows/text-to-image.json")
 wf.set("5", "seed", 7)
 result = engine.run(wf)
@@ -14,20 +15,23 @@ image = result.output("8", "image")
 """
 
 from .cache import ResultCache, file_identity
-from .cli import build_registry
 from .events import Event, EventBus
 from .executor import Cancelled, Executor, NodeRecord, RunContext, RunResult
+from .folders import Folder
+from .library import Library, NoLibrary, load_library
 from .node import Node, NodeDefinitionError, NodeOutput
-from .registry import Registry, RegistryError
-from .spec import ANY, Boolean, Combo, Float, Int, ListOf, Output, Socket, String
+from .registry import Registry, RegistryError, build_registry
+from .settings import Settings
+from .spec import ANY, Boolean, Choices, Combo, Float, Int, ListOf, Output, Socket, String
 from .validate import Plan, ValidationError, ValidationFailed, compile_workflow
 from .workflow import Limits, Link, Workflow, WorkflowError, load, loads
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ANY", "Boolean", "Cancelled", "Combo", "Event", "EventBus", "Executor", "Float", "Int", "Limits", "Link", "ListOf", "ListOf",
-    "Node", "NodeDefinitionError", "NodeOutput", "NodeRecord", "Output", "Plan", "Registry", "RegistryError",
-    "ResultCache", "RunContext", "RunResult", "Socket", "String", "ValidationError", "ValidationFailed", "Workflow",
-    "WorkflowError", "build_registry", "compile_workflow", "file_identity", "load", "loads",
+    "ANY", "Boolean", "Cancelled", "Choices", "Combo", "Event", "EventBus", "Executor", "Float", "Folder", "Int",
+    "Library", "Limits", "Link", "ListOf", "NoLibrary", "Node", "NodeDefinitionError", "NodeOutput", "NodeRecord",
+    "Output", "Plan", "Registry", "RegistryError", "ResultCache", "RunContext", "RunResult", "Settings", "Socket",
+    "String", "ValidationError", "ValidationFailed", "Workflow", "WorkflowError", "build_registry",
+    "compile_workflow", "file_identity", "load", "load_library", "loads",
 ]

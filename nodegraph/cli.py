@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,28 +17,11 @@ from . import events as ev
 from .assets import find_workflow, shipped_workflows
 from .cache import ResultCache
 from .executor import Executor, RunResult
-from .registry import Registry, RegistryError
+from .library import BUILTIN, NoLibrary, load_library
+from .registry import Registry, RegistryError, build_registry
+from .settings import DTYPES, MEMORY_FORMATS, Settings
 from .validate import ValidationFailed
 from .workflow import WorkflowError, load
-
-BUILTIN = "nodes"
-
-
-def build_registry(node_paths: Sequence[str] = (), settings: dict | None = None, builtin: str | None = BUILTIN
-                   ) -> Registry:
-    """The built-in node library plus node packages from the given folders (and ``NODEGRAPH_NODE_PATH``)."""
-    registry = Registry()
-    if builtin:
-        registry.load_module(builtin)
-        module = sys.modules[builtin]
-        configure = getattr(module, "configure", None)
-        if configure is not None and settings is not None:
-            configure(settings)
-    env_paths = [p for p in os.environ.get("NODEGRAPH_NODE_PATH", "").split(os.pathsep) if p]
-    for folder in [*env_paths, *node_paths]:
-        registry.load_folder(folder)
-    return registry
-
 
 def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
     """``NODE.INPUT=VALUE`` overrides; VALUE is JSON when it parses as JSON, text otherwise."""
@@ -66,12 +47,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-path", metavar="DIR", action="append", default=[],
                    help="a folder of extra node packages (repeatable)")
     p.add_argument("--device", help="torch device for the diffusion nodes (default: cuda > mps > cpu)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default per device)")
-    p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"],
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default per device)")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
     p.add_argument("--cache-gb", type=float, default=8.0,
                    help="memory budget of the result cache, estimated (default 8 GB); 0 caches nothing")
+    p.add_argument("--no-builtin", action="store_true",
+                   help="leave out the built-in node library (only the --node-path packages)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the nodes do")
 
 
@@ -84,7 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("workflow", help="a workflow .json file, or the name of a shipped example "
                                       f"({', '.join(shipped_workflows()) or 'none'})")
     run.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], help="override an input")
-    run.add_argument("--output", metavar="DIR", default="output", help="where output nodes write (default: ./output)")
+    run.add_argument("--output", metavar="DIR", help="where output nodes write (default: $NODEGRAPH_OUTPUT or ./output)")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(run)
@@ -100,7 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server and the browser canvas")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8188)
-    serve.add_argument("--output", metavar="DIR", default="output", help="where output nodes write")
+    serve.add_argument("--output", metavar="DIR", help="where output nodes write (default: $NODEGRAPH_OUTPUT or "
+                                                      "./output)")
     serve.add_argument("--data", metavar="DIR", default="data", help="where the run history is kept")
     serve.add_argument("--allow-host", metavar="NAME", action="append", default=[],
                        help="an extra Host header value to accept (repeatable)")
@@ -110,35 +94,37 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The process's settings: the environment's, then what the command line gives."""
+    return Settings.from_env(models_dir=args.models, input_dir=args.input, output_dir=getattr(args, "output", None),
+                             device=args.device, dtype=args.dtype, memory_format=args.memory_format,
+                             allow_pickle=args.allow_pickle or None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    settings = {k: v for k, v in {"models_dir": args.models, "input_dir": args.input, "device": args.device,
-                                  "dtype": args.dtype, "memory_format": args.memory_format,
-                                  "allow_pickle": args.allow_pickle or None}.items()
-                if v is not None}
-    # one temporary folder for previews, shared by the node library (writer) and the server (reader)
-    settings["temp_dir"] = os.environ.get("NODEGRAPH_TEMP") or str(Path(tempfile.gettempdir()) / "nodegraph-previews")
     try:
-        registry = build_registry(args.node_path, settings)
-    except RegistryError as exc:
+        settings = settings_from_args(args)
+        library = NoLibrary() if args.no_builtin else load_library(BUILTIN)
+        library.configure(settings)
+        registry = build_registry(args.node_path, library)
+    except (RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "nodes":
-        return _cmd_nodes(registry, args)
+        return _cmd_nodes(registry, settings, args)
     if args.command == "serve":
         from .server import serve  # imported late: aiohttp is only needed for the server
-        return serve(registry, host=args.host, port=args.port, settings=settings, token=args.token,
-                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, output_dir=args.output,
-                     library=sys.modules.get(BUILTIN), cache=_cache(args))
+        return serve(registry, settings, library, host=args.host, port=args.port, token=args.token,
+                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=_cache(args))
     try:
         workflow = load(find_workflow(args.workflow))
         if args.command == "run":
             for node, name, value in parse_set(args.set):
                 workflow.set(node, name, value)
-        executor = Executor(registry, cache=_cache(args), output_dir=getattr(args, "output", "output"),
-                            settings=settings)
+        executor = Executor(registry, cache=_cache(args), settings=settings)
         plan = executor.compile(workflow)
     except (WorkflowError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -160,9 +146,9 @@ def _cache(args) -> ResultCache:
     return ResultCache(max_bytes=int(args.cache_gb * 1024**3))
 
 
-def _cmd_nodes(registry: Registry, args) -> int:
+def _cmd_nodes(registry: Registry, settings: Settings, args) -> int:
     if args.json:
-        print(json.dumps(registry.to_json(), indent=2))
+        print(json.dumps(registry.to_json(settings), indent=2))
         return 0
     for node_type in registry:
         if node_type.deprecated:

@@ -19,13 +19,14 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 from . import events as ev
 from .cache import ResultCache, node_key
 from .events import Event, EventBus
 from .node import normalise_outputs
 from .registry import Registry
+from .settings import Settings
 from .spec import Combo, Socket
 from .validate import Plan, compile_workflow
 from .workflow import Link, Workflow
@@ -38,7 +39,8 @@ class Cancelled(Exception):
 
 
 class RunContext:
-    """What a node's ``run`` receives as ``ctx``: progress, cancellation, where to write, a logger, settings."""
+    """What a node's ``run`` receives as ``ctx``: progress, cancellation, where to write, a logger, and the
+    process's ``Settings`` (folders, device, precision; ``ctx.settings.previews`` when a client shows previews)."""
 
     def __init__(self, run: "_RunState", node_id: str, node_type: str):
         self._run = run
@@ -46,7 +48,7 @@ class RunContext:
         self.node_id = node_id
         self.node_type = node_type
         self.output_dir: Path = run.output_dir
-        self.settings: Mapping[str, Any] = run.settings
+        self.settings: Settings = run.settings
         self.log = logging.LoggerAdapter(logging.getLogger(f"nodegraph.node.{node_type}"),
                                          {"run_id": run.run_id, "node_id": node_id})
 
@@ -128,7 +130,7 @@ class RunResult:
 class _RunState:
     run_id: str
     output_dir: Path
-    settings: Mapping[str, Any]
+    settings: Settings
     bus: EventBus
     workflow: Workflow | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -148,15 +150,36 @@ class Executor:
     """Validates and runs workflows against a registry, sharing one result cache across runs.
 
     One executor runs one workflow at a time (the server queues prompts); ``cancel`` may be called from any thread.
+    ``settings`` (default: from the environment) reach every node as ``ctx.settings``; output nodes write to
+    ``output_dir`` when given, else to the settings' output folder.
     """
 
     def __init__(self, registry: Registry, cache: ResultCache | None = None, events: EventBus | None = None,
-                 output_dir: str | Path = "output", settings: Mapping[str, Any] | None = None):
+                 output_dir: str | Path | None = None, settings: Settings | None = None):
         self.registry = registry
         self.cache = cache if cache is not None else ResultCache()
         self.events = events if events is not None else EventBus()
-        self.output_dir = Path(output_dir)
-        self.settings = dict(settings or {})
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        settings = settings if settings is not None else Settings.from_env()
+        self.settings = settings.replace(output_dir=output_dir)
+        self._active: dict[str, _RunState] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        # The settings that change what a node computes are part of every cache key: results computed on another
+        # device or in another precision are never reused.
+        self._settings = settings
+        self._settings_key = repr(settings.fingerprint())
+        self._plans = OrderedDict()  # choices and file identities were checked under the old settings
+
+    @property
+    def output_dir(self) -> Path:
+        return self._settings.output_dir
         self._active: dict[str, _RunState] = {}
         self._lock = threading.Lock()
         self._plans: OrderedDict[str, Plan] = OrderedDict()
@@ -169,10 +192,10 @@ class Executor:
         targets = list(outputs) if outputs is not None else None
         fingerprint = _fingerprint(workflow, targets)
         known = self._plans.get(fingerprint)
-        if known is not None and _choices_still_valid(known):
+        if known is not None and _choices_still_valid(known, self.settings):
             self._plans.move_to_end(fingerprint)
             return dataclasses.replace(known, workflow=workflow)
-        plan = compile_workflow(workflow, self.registry, targets)
+        plan = compile_workflow(workflow, self.registry, targets, self.settings)
         self._plans[fingerprint] = plan
         while len(self._plans) > 64:
             self._plans.popitem(last=False)
@@ -192,7 +215,8 @@ class Executor:
         """Validate (unless given a plan) and run. Raises ``ValidationFailed`` before running anything if the
         workflow is invalid; node failures are reported in the result, never raised."""
         plan = workflow if isinstance(workflow, Plan) else self.compile(workflow, outputs)
-        state = _RunState(run_id or uuid.uuid4().hex, Path(output_dir or self.output_dir), self.settings, self.events,
+        settings = self.settings.replace(output_dir=output_dir)
+        state = _RunState(run_id or uuid.uuid4().hex, settings.output_dir, settings, self.events,
                           plan.workflow)
         with self._lock:
             if state.run_id in self._active:
@@ -211,7 +235,8 @@ class Executor:
         values: dict[str, dict[str, Any]] = {}
         ui: dict[str, dict] = {}
         state.publish(ev.RUN_STARTED, data={"nodes": [n.id for n in plan.order]})
-        memo = plan.key_memo.get(str(state.output_dir)) if plan.fixed_keys else None
+        memo_key = (self._settings_key, str(state.output_dir))
+        memo = plan.key_memo.get(memo_key) if plan.fixed_keys else None
         for node in plan.order:
             name = node.type.name
             blocked = next((l.node for l in node.links.values() if records[l.node].status not in (RAN, CACHED)), None)
@@ -235,7 +260,7 @@ class Executor:
             records[node.id] = self._run_node(node, key, values, ui, state)
 
         if plan.fixed_keys and len(keys) == len(plan.order):
-            plan.key_memo[str(state.output_dir)] = keys
+            plan.key_memo[memo_key] = keys
         if state.cancel_event.is_set():
             status = "cancelled"
         elif any(r.status == FAILED for r in records.values()):
@@ -253,10 +278,10 @@ class Executor:
         if not node_type.cacheable:
             return uuid.uuid4().hex  # unique, so this node and everything downstream reruns
         inputs = node_type.inputs
-        dynamic = [inputs[name].identity(node.literals[name]) for name in node.dynamic]
+        dynamic = [inputs[name].identity(node.literals[name], state.settings) for name in node.dynamic]
         upstream = [(name, keys[source], output) for name, source, output in node.link_order]
         # An output node writes into the run's output folder: a different folder is a different result.
-        extra = str(state.output_dir) if node_type.output_node else None
+        extra = self._settings_key + (str(state.output_dir) if node_type.output_node else "")
         return node_key(node.static_key, dynamic, upstream, extra)
 
     def _run_node(self, node, key: str, values: dict[str, dict[str, Any]], ui: dict[str, dict], state: _RunState) -> NodeRecord:
@@ -267,7 +292,7 @@ class Executor:
             kwargs = dict(node.literals)
             for name, link in node.links.items():
                 kwargs[name] = values[link.node][link.output]
-                _check_linked_value(node_type, name, kwargs[name], link)
+                _check_linked_value(node_type, name, kwargs[name], link, state.settings)
             returned = node_type().run(RunContext(state, node.id, node_type.name), **kwargs)
             out, node_ui = normalise_outputs(node_type, returned)
         except Cancelled:
@@ -297,12 +322,12 @@ def _fingerprint(workflow: Workflow, outputs: list[str] | None) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _choices_still_valid(plan: Plan) -> bool:
+def _choices_still_valid(plan: Plan, settings: Settings) -> bool:
     for node in plan.order:
         for name, value in node.literals.items():
             spec = node.type.inputs[name]
-            computed = spec.dynamic_identity or (isinstance(spec, Combo) and callable(spec.options))
-            if computed and spec.check(value):
+            computed = spec.dynamic_identity or (isinstance(spec, Combo) and spec.computed)
+            if computed and spec.check(value, settings):
                 return False
     return True
 
@@ -311,12 +336,12 @@ def _named(node_type, out: tuple) -> dict[str, Any]:
     return {o.name: v for o, v in zip(node_type.outputs, out)}
 
 
-def _check_linked_value(node_type, name: str, value: Any, link) -> None:
+def _check_linked_value(node_type, name: str, value: Any, link, settings: Settings) -> None:
     """Widgets fed by links get their bounds checked at run time, since no literal was there to validate."""
     spec = node_type.inputs[name]
     if isinstance(spec, Socket):
         return
-    problems = spec.check(value)
+    problems = spec.check(value, settings)
     if problems:
         raise ValueError(f"input {name!r} received {value!r} from node {link.node} ({link.output}): "
                          f"{problems[0].message}")

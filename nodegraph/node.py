@@ -88,7 +88,7 @@ class Node:
                          f"(current version is {cls.version}); rebuild this node")
 
     @classmethod
-    def to_json(cls) -> dict:
+    def to_json(cls, settings: Any = None) -> dict:
         """The node type as the canvas and the API see it."""
         return {
             "name": cls.name,
@@ -98,7 +98,7 @@ class Node:
             "version": cls.version,
             "output_node": cls.output_node,
             "deprecated": cls.deprecated,
-            "inputs": [spec.to_json() for spec in cls.inputs.values()],
+            "inputs": [spec.to_json(settings) for spec in cls.inputs.values()],
             "outputs": [out.to_json() for out in cls.outputs],
         }
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from .node import Node
 
@@ -81,9 +82,26 @@ class Registry:
     def __len__(self) -> int:
         return len(self._types)
 
-    def to_json(self) -> dict:
-        """Every node type keyed by name, as ``nodegraph nodes --json`` and ``/object_info`` serve it."""
-        return {t.name: t.to_json() for t in self}
+    def to_json(self, settings: Any = None) -> dict:
+        """Every node type keyed by name, as ``nodegraph nodes --json`` and ``/object_info`` serve it; choices
+        computed from folders are listed as ``settings`` finds them."""
+        return {t.name: t.to_json(settings) for t in self}
+
+
+def build_registry(node_paths: Sequence[str] = (), library: Any = "nodes") -> Registry:
+    """The library's node types plus node packages from the given folders (and ``NODEGRAPH_NODE_PATH``).
+    ``library`` is a library, the name of one to import, or None for node packages only."""
+    from .library import load_library
+
+    registry = Registry()
+    if isinstance(library, str):
+        library = load_library(library)
+    if library is not None:
+        registry.register_all(library.NODES, origin=getattr(library, "__name__", type(library).__name__))
+    env_paths = [p for p in os.environ.get("NODEGRAPH_NODE_PATH", "").split(os.pathsep) if p]
+    for folder in [*env_paths, *node_paths]:
+        registry.load_folder(folder)
+    return registry
 
 
 def _nodes_of(module, origin: str) -> list[type[Node]]:

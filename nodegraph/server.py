@@ -36,8 +36,11 @@ from aiohttp import WSMsgType, web
 from . import events as ev
 from .assets import shipped_workflows, web_dir, workflows_dir
 from .executor import Executor
+from .folders import FILE_FOLDERS, Folder
 from .history import History
-from .paths import UnsafePath, list_files, safe_join
+from .library import Library, NoLibrary, model_folders
+from .paths import UnsafePath, safe_join
+from .settings import Settings
 from .validate import ValidationFailed
 from .workflow import Workflow, WorkflowError, from_json
 
@@ -48,19 +51,12 @@ PREVIEW_PNG = struct.pack(">II", 1, 2)  # binary websocket frame header: preview
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 
 
-@dataclass
-class Folders:
-    """Where the server reads and writes files; every file route is confined to one of these."""
-
-    input: Path
-    output: Path
-    temp: Path
-    models: Path
-
-    def by_type(self, kind: str) -> Path:
-        if kind not in ("input", "output", "temp"):
-            raise web.HTTPBadRequest(text=f"type must be input, output or temp, not {kind!r}")
-        return getattr(self, kind)
+def _file_folder(kind: str) -> Folder:
+    """The folder a file route's ``type`` names; every file route is confined to one of these."""
+    folder = FILE_FOLDERS.get(kind)
+    if folder is None:
+        raise web.HTTPBadRequest(text=f"type must be input, output or temp, not {kind!r}")
+    return folder
 
 
 @dataclass
@@ -289,17 +285,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(executor: Executor, folders: Folders, config: ServerConfig, history: History,
-               library: Any = None) -> web.Application:
-    """Build the aiohttp application (tests use it with aiohttp's test client)."""
+def create_app(executor: Executor, config: ServerConfig, history: History,
+               library: Library | None = None) -> web.Application:
+    """Build the aiohttp application (tests use it with aiohttp's test client). Its folders are the executor's
+    settings' folders: what a client uploads is what LoadImage reads."""
     hub = Hub()
     queue = PromptQueue(executor, history, hub.send_threadsafe)
     if config.previews:
-        executor.settings["previews"] = True
+        executor.settings = executor.settings.replace(previews=True)
     app = web.Application(client_max_size=config.max_upload,
                           middlewares=[_security_middleware(config), _error_middleware])
-    app["queue"], app["hub"], app["executor"], app["folders"], app["history"] = queue, hub, executor, folders, history
-    app["library"], app["config"] = library, config
+    app["queue"], app["hub"], app["executor"], app["history"] = queue, hub, executor, history
+    app["library"], app["config"] = library if library is not None else NoLibrary(), config
 
     async def on_startup(app: web.Application) -> None:
         hub.loop = asyncio.get_running_loop()
@@ -525,8 +522,8 @@ def _comfy_input(spec: dict) -> list:
     return [spec["type"], options]
 
 
-def _object_info(node_type) -> dict:
-    doc = node_type.to_json()
+def _object_info(node_type, settings: Settings) -> dict:
+    doc = node_type.to_json(settings)
     required = {i["name"]: _comfy_input(i) for i in doc["inputs"] if not i["optional"]}
     optional = {i["name"]: _comfy_input(i) for i in doc["inputs"] if i["optional"]}
     return {
@@ -544,7 +541,8 @@ async def object_info(request: web.Request) -> web.Response:
     registry = request.app["executor"].registry
     loop = asyncio.get_running_loop()
     # option lists may read folders: keep that off the event loop
-    info = await loop.run_in_executor(None, lambda: {t.name: _object_info(t) for t in registry})
+    settings = _settings(request)
+    info = await loop.run_in_executor(None, lambda: {t.name: _object_info(t, settings) for t in registry})
     return web.json_response(info)
 
 
@@ -552,15 +550,18 @@ async def object_info_one(request: web.Request) -> web.Response:
     node_type = request.app["executor"].registry.get(request.match_info["node_type"])
     if node_type is None:
         return web.json_response({})
-    return web.json_response({node_type.name: _object_info(node_type)})
+    return web.json_response({node_type.name: _object_info(node_type, _settings(request))})
+
+
+def _settings(request: web.Request) -> Settings:
+    return request.app["executor"].settings
 
 
 async def view(request: web.Request) -> web.StreamResponse:
-    folders: Folders = request.app["folders"]
     name = request.query.get("filename", "")
     subfolder = request.query.get("subfolder", "")
-    folder = folders.by_type(request.query.get("type", "output"))
-    path = safe_join(folder, f"{subfolder}/{name}" if subfolder else name)
+    folder = _file_folder(request.query.get("type", "output"))
+    path = folder.path(_settings(request), f"{subfolder}/{name}" if subfolder else name)
     if not path.is_file():
         raise web.HTTPNotFound(text=f"no file {name!r} there")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -569,7 +570,6 @@ async def view(request: web.Request) -> web.StreamResponse:
 
 
 async def upload_image(request: web.Request) -> web.Response:
-    folders: Folders = request.app["folders"]
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPUnsupportedMediaType(text="upload with multipart/form-data")
     form = await request.post()
@@ -582,8 +582,7 @@ async def upload_image(request: web.Request) -> web.Response:
     data = upload.file.read()
     _check_image(data, upload.content_type)
     name = Path(upload.filename or "upload.png").name
-    folder = folders.by_type(kind)
-    target = safe_join(folder, f"{subfolder}/{name}" if subfolder else name)
+    target = _file_folder(kind).path(_settings(request), f"{subfolder}/{name}" if subfolder else name)
     if target.exists() and not overwrite:
         stem, suffix, n = target.stem, target.suffix, 1
         while target.exists():
@@ -618,8 +617,7 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 async def system_stats(request: web.Request) -> web.Response:
-    library = request.app["library"]
-    devices = library.devices_info() if hasattr(library, "devices_info") else []
+    devices = request.app["library"].system_info(_settings(request))
     ram_total = ram_free = 0
     try:
         pages, free_pages = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
@@ -637,20 +635,15 @@ async def system_stats(request: web.Request) -> web.Response:
 
 
 async def models_index(request: web.Request) -> web.Response:
-    root: Path = request.app["folders"].models
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    return web.json_response(names)
+    """The model folders the node types read (ComfyUI's folder names), whether or not they exist yet."""
+    return web.json_response(list(model_folders(request.app["executor"].registry)))
 
 
 async def models_list(request: web.Request) -> web.Response:
-    folders: Folders = request.app["folders"]
-    folder = safe_join(folders.models, request.match_info["folder"])
-    library = request.app["library"]
-    if hasattr(library, "list_models"):
-        names = await asyncio.get_running_loop().run_in_executor(None, library.list_models,
-                                                                 request.match_info["folder"])
-    else:
-        names = list_files(folder)
+    folder = model_folders(request.app["executor"].registry).get(request.match_info["folder"])
+    if folder is None:
+        raise web.HTTPNotFound(text=f"no model folder {request.match_info['folder']!r}")
+    names = await asyncio.get_running_loop().run_in_executor(None, folder.names, _settings(request))
     return web.json_response(names)
 
 
@@ -659,9 +652,7 @@ async def free(request: web.Request) -> web.Response:
     executor: Executor = request.app["executor"]
     if not isinstance(body, dict) or body.get("unload_models") or body.get("free_memory") or not body:
         executor.cache.clear()
-        library = request.app["library"]
-        if hasattr(library, "free"):
-            library.free()
+        request.app["library"].free()
         gc.collect()
     return web.json_response({})
 
@@ -679,24 +670,19 @@ async def workflows_get(request: web.Request) -> web.Response:
 
 # --- running it ------------------------------------------------------------------------------------------------------
 
-def serve(registry, *, host: str = "127.0.0.1", port: int = 8188, settings: dict | None = None,
-          folders: Folders | None = None, token: str | None = None, allowed_hosts: tuple[str, ...] = (),
-          data_dir: str | Path = "data", library: Any = None, output_dir: str | Path = "output",
-          cache=None) -> int:
+def serve(registry, settings: Settings, library: Library | None = None, *, host: str = "127.0.0.1",
+          port: int = 8188, token: str | None = None, allowed_hosts: tuple[str, ...] = (),
+          data_dir: str | Path = "data", cache=None) -> int:
     """Run the server until interrupted (``nodegraph serve``)."""
-    settings = dict(settings or {})
-    folders = folders or Folders(input=Path(settings.get("input_dir", "input")), output=Path(output_dir),
-                                 temp=Path(settings.get("temp_dir") or "temp"),
-                                 models=Path(settings.get("models_dir", "models")))
-    for folder in (folders.input, folders.output, folders.temp):
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in FILE_FOLDERS.values():
+        folder.root(settings).mkdir(parents=True, exist_ok=True)
     config = ServerConfig(host=host, port=port, token=token or os.environ.get("NODEGRAPH_TOKEN"),
                           allowed_hosts=allowed_hosts)
     if not config.loopback and not config.token:
         config.token = secrets.token_urlsafe(24)
         print(f"bound to {host}, which is not loopback: requests need the bearer token {config.token}")
-    executor = Executor(registry, cache=cache, output_dir=folders.output, settings=settings)
-    app = create_app(executor, folders, config, History(Path(data_dir) / "history.sqlite3"), library)
+    executor = Executor(registry, cache=cache, settings=settings)
+    app = create_app(executor, config, History(Path(data_dir) / "history.sqlite3"), library)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"nodegraph: open http://{shown}:{port}/" + (f"#token={config.token}" if config.token else ""),
           flush=True)

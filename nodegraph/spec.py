@@ -12,9 +12,24 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 ANY = "*"
+
+
+@runtime_checkable
+class Choices(Protocol):
+    """Choices computed from the settings: a folder's files (``nodegraph.folders.Folder``) or anything shaped so.
+    ``identity`` says what identifies the content a name stands for (a file's path, size and time)."""
+
+    def names(self, settings: "Settings") -> Iterable[str]: ...
+
+    def identity(self, settings: "Settings", name: str) -> Hashable: ...
+
+    def hint(self, settings: "Settings") -> str: ...
 
 
 @dataclass(frozen=True)
@@ -67,11 +82,12 @@ class InputSpec:
     def has_default(self) -> bool:
         return False
 
-    def check(self, value: Any) -> list[Problem]:
-        """Problems with a literal value given for this input (empty when the value is fine)."""
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
+        """Problems with a literal value given for this input (empty when the value is fine). ``settings`` is what
+        choices computed at run time (the files in a folder) are computed from."""
         raise NotImplementedError
 
-    def identity(self, value: Any) -> Any:
+    def identity(self, value: Any, settings: "Settings") -> Any:
         """What the cache key should contain for ``value``: the value itself unless it names something mutable."""
         return value
 
@@ -84,7 +100,7 @@ class InputSpec:
         """Whether ``identity`` can change while the value stays the same (a file replaced under its name)."""
         return False
 
-    def to_json(self) -> dict:
+    def to_json(self, settings: "Settings | None" = None) -> dict:
         out = {"name": self.name, "kind": self.kind, "optional": self.optional}
         if self.tooltip:
             out["tooltip"] = self.tooltip
@@ -111,25 +127,25 @@ class Socket(InputSpec):
     def accepts(self) -> tuple[str, ...]:
         return self.types
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         return [Problem("expects_link", f"expects a link carrying {'/'.join(self.types)}, got a literal value")]
 
-    def to_json(self) -> dict:
-        return {**super().to_json(), "type": "/".join(self.types)}
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        return {**super().to_json(settings), "type": "/".join(self.types)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Widget(InputSpec):
     """An input with a literal value edited on the node; a link of the widget's type may feed it instead.
 
-    ``identity_of`` maps a value to what identifies the content it names (for a file: path, size and modification
-    time), so that replacing a file under the same name invalidates cached results that used it."""
+    ``identity_of(value, settings)`` maps a value to what identifies the content it names (for a file: path, size
+    and modification time), so that replacing a file under the same name invalidates cached results that used it."""
 
     default: Any = None
-    identity_of: Callable[[Any], Hashable] | None = None
+    identity_of: Callable[[Any, "Settings"], Hashable] | None = None
 
-    def identity(self, value: Any) -> Any:
-        return self.identity_of(value) if self.identity_of is not None else value
+    def identity(self, value: Any, settings: "Settings") -> Any:
+        return self.identity_of(value, settings) if self.identity_of is not None else value
 
     @property
     def dynamic_identity(self) -> bool:
@@ -147,8 +163,8 @@ class Widget(InputSpec):
     def has_default(self) -> bool:
         return self.default is not None
 
-    def to_json(self) -> dict:
-        out = {**super().to_json(), "type": self.type}
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        out = {**super().to_json(settings), "type": self.type}
         if self.default is not None:
             out["default"] = self.default
         return out
@@ -178,7 +194,7 @@ class Int(Widget):
     step: int | None = None
     kind: str = field(default="INT", init=False)
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)  # JSON writers may emit 5.0 for 5; accept it
@@ -186,8 +202,8 @@ class Int(Widget):
                 return [Problem("wrong_type", f"expects an integer, got {_describe(value)}")]
         return _number_problems(value, self.min, self.max, self.step, self.min, 0)
 
-    def to_json(self) -> dict:
-        return _with_optional(super().to_json(), min=self.min, max=self.max, step=self.step)
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        return _with_optional(super().to_json(settings), min=self.min, max=self.max, step=self.step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,7 +217,7 @@ class Float(Widget):
     round: float | None = None
     kind: str = field(default="FLOAT", init=False)
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return [Problem("wrong_type", f"expects a number, got {_describe(value)}")]
         if not math.isfinite(value):
@@ -209,8 +225,8 @@ class Float(Widget):
         # Steps are decimal fractions such as 0.05 that binary floats cannot hold exactly: allow a small slack.
         return _number_problems(value, self.min, self.max, self.step, self.min, 1e-6)
 
-    def to_json(self) -> dict:
-        return _with_optional(super().to_json(), min=self.min, max=self.max, step=self.step, round=self.round)
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        return _with_optional(super().to_json(settings), min=self.min, max=self.max, step=self.step, round=self.round)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,15 +238,15 @@ class String(Widget):
     max_length: int | None = None
     kind: str = field(default="STRING", init=False)
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if not isinstance(value, str):
             return [Problem("wrong_type", f"expects text, got {_describe(value)}")]
         if self.max_length is not None and len(value) > self.max_length:
             return [Problem("out_of_range", f"text of {len(value)} characters exceeds the limit {self.max_length}")]
         return []
 
-    def to_json(self) -> dict:
-        return {**super().to_json(), "multiline": self.multiline}
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        return {**super().to_json(settings), "multiline": self.multiline}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,7 +256,7 @@ class Boolean(Widget):
     default: bool = False
     kind: str = field(default="BOOLEAN", init=False)
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if not isinstance(value, bool):
             return [Problem("wrong_type", f"expects true or false, got {_describe(value)}")]
         return []
@@ -251,14 +267,28 @@ class Combo(Widget):
     """One choice among ``options``: a fixed list, or a function computing it at run time (e.g. files in a
     folder)."""
 
-    options: Sequence[str] | Callable[[], Iterable[str]] = ()
+    # A fixed list; a Choices object (a folder: its names, what identifies each, where they are read from); or a
+    # function of the settings giving the names.
+    options: Sequence[str] | Choices | Callable[["Settings"], Iterable[str]] = ()
     # Values outside the options that are still acceptable (e.g. a hub repository id), with a hint for the canvas.
-    accepts_other: Callable[[str], bool] | None = None
+    accepts_other: Callable[[str, "Settings"], bool] | None = None
     other_hint: str = ""
     upload: str | None = None  # "image": the canvas offers an upload button that adds a new option
-    # Said when a value is not among the options (e.g. which folder the file should be in); may be computed.
-    missing_hint: str | Callable[[], str] = ""
+    # Said when a value is not among the options (e.g. which folder the file should be in); a Choices says it.
+    missing_hint: str | Callable[["Settings"], str] = ""
     kind: str = field(default="COMBO", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Choices):  # a folder knows what identifies its files and where they are
+            if self.identity_of is None:
+                object.__setattr__(self, "identity_of", lambda value, settings: self.options.identity(settings, value))
+            if not self.missing_hint:
+                object.__setattr__(self, "missing_hint", self.options.hint)
+
+    @property
+    def computed(self) -> bool:
+        """Whether the options are computed at run time (and so may change between two runs)."""
+        return isinstance(self.options, Choices) or callable(self.options)
 
     @property
     def accepts(self) -> tuple[str, ...]:
@@ -268,34 +298,44 @@ class Combo(Widget):
     def has_default(self) -> bool:
         return self.default is not None
 
-    def current_options(self) -> list[str]:
-        if not callable(self.options):
+    def current_options(self, settings: "Settings | None" = None) -> list[str]:
+        """The choices now; computed ones from ``settings`` (the environment's when not given)."""
+        if not self.computed:
             return list(self.options)
+        settings = settings if settings is not None else _settings_from_env()
         try:
-            return list(self.options())
+            if isinstance(self.options, Choices):
+                return list(self.options.names(settings))
+            return list(self.options(settings))
         except Exception:  # a missing or unreadable folder must not break validation or the palette
             logging.getLogger("nodegraph.spec").exception("listing the options of %r failed", self.name)
             return []
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if not isinstance(value, str):
             return [Problem("wrong_type", f"expects one of the listed choices (text), got {_describe(value)}")]
-        options = self.current_options()
-        if value not in options and not (self.accepts_other is not None and self.accepts_other(value)):
+        settings = settings if settings is not None else _settings_from_env()
+        options = self.current_options(settings)
+        if value not in options and not (self.accepts_other is not None and self.accepts_other(value, settings)):
             shown = ", ".join(repr(o) for o in options[:20]) + (" ..." if len(options) > 20 else "")
-            hint = self.missing_hint() if callable(self.missing_hint) else self.missing_hint
+            hint = self.missing_hint(settings) if callable(self.missing_hint) else self.missing_hint
             return [Problem("not_an_option", f"{value!r} is not one of the choices: {shown or '(none available)'}"
                                              + (f" ({hint})" if hint else ""))]
         return []
 
-
-    def to_json(self) -> dict:
-        out = {**super().to_json(), "options": self.current_options(), "dynamic": callable(self.options)}
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        out = {**super().to_json(settings), "options": self.current_options(settings), "dynamic": self.computed}
         if self.accepts_other is not None:
             out["accepts_other"] = self.other_hint or True
         if self.upload:
             out["upload"] = self.upload
         return out
+
+
+def _settings_from_env() -> "Settings":
+    from .settings import Settings
+
+    return Settings.from_env()
 
 
 def _with_optional(out: dict, **values: Any) -> dict:
@@ -333,7 +373,7 @@ class ListOf(Widget):
     def has_default(self) -> bool:
         return True
 
-    def check(self, value: Any) -> list[Problem]:
+    def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if not isinstance(value, list):
             return [Problem("wrong_type", f"expects a list of rows, got {_describe(value)}")]
         if len(value) > self.max_items:
@@ -351,19 +391,22 @@ class ListOf(Widget):
                     if not spec.has_default:
                         problems.append(Problem("missing_input", f"row {i + 1} has no {spec.name!r}"))
                     continue
-                problems += [Problem(p.code, f"row {i + 1}, {spec.name}: {p.message}") for p in spec.check(row[spec.name])]
+                problems += [Problem(p.code, f"row {i + 1}, {spec.name}: {p.message}")
+                             for p in spec.check(row[spec.name], settings)]
         return problems
 
     def normalise(self, rows: list[dict]) -> list[dict]:
         """Rows with omitted fields filled in from their defaults."""
         return [{**{f.name: f.default for f in self.fields if f.has_default}, **row} for row in rows]
 
-    def identity(self, value: Any) -> Any:
-        return [{f.name: f.identity(row[f.name]) if f.name in row else None for f in self.fields} for row in value]
+    def identity(self, value: Any, settings: "Settings") -> Any:
+        return [{f.name: f.identity(row[f.name], settings) if f.name in row else None for f in self.fields}
+                for row in value]
 
     @property
     def dynamic_identity(self) -> bool:
         return any(f.dynamic_identity for f in self.fields)
 
-    def to_json(self) -> dict:
-        return {**super().to_json(), "fields": [f.to_json() for f in self.fields], "max_items": self.max_items}
+    def to_json(self, settings: "Settings | None" = None) -> dict:
+        return {**super().to_json(settings), "fields": [f.to_json(settings) for f in self.fields],
+                "max_items": self.max_items}

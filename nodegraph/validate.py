@@ -16,6 +16,7 @@ from .cache import static_key
 
 from .node import Node
 from .registry import Registry
+from .settings import Settings
 from .spec import Socket, types_compatible
 from .workflow import Link, Workflow, _id_order
 
@@ -90,9 +91,12 @@ class Plan:
         self.fixed_keys = all(n.type.cacheable and not n.dynamic for n in self.order)
 
 
-def compile_workflow(workflow: Workflow, registry: Registry, outputs: Iterable[str] | None = None) -> Plan:
+def compile_workflow(workflow: Workflow, registry: Registry, outputs: Iterable[str] | None = None,
+                     settings: Settings | None = None) -> Plan:
     """Validate ``workflow`` for the requested ``outputs`` (default: the workflow's own list, else every output
-    node) and return the plan, or raise ``ValidationFailed`` with all errors."""
+    node) and return the plan, or raise ``ValidationFailed`` with all errors. Choices computed from folders are
+    checked against ``settings`` (the environment's when not given)."""
+    settings = settings if settings is not None else Settings.from_env()
     errors: list[ValidationError] = []
     nodes = workflow.nodes
     types: dict[str, type[Node]] = {}
@@ -116,7 +120,7 @@ def compile_workflow(workflow: Workflow, registry: Registry, outputs: Iterable[s
     planned: dict[str, PlannedNode] = {}
     for nid, entry in nodes.items():
         if nid in types:
-            node = _check_node(nid, entry, types[nid], workflow, types, errors)
+            node = _check_node(nid, entry, types[nid], workflow, types, errors, settings)
             if node is not None:
                 planned[nid] = node
 
@@ -169,7 +173,7 @@ def _targets(workflow: Workflow, types: dict[str, type[Node]], outputs: Iterable
 
 
 def _check_node(nid: str, entry, node_type: type[Node], workflow: Workflow, types: dict[str, type[Node]],
-                errors: list[ValidationError]) -> PlannedNode | None:
+                errors: list[ValidationError], settings: Settings) -> PlannedNode | None:
     start = len(errors)
 
     def error(code: str, message: str, input_name: str | None = None) -> None:
@@ -224,7 +228,7 @@ def _check_node(nid: str, entry, node_type: type[Node], workflow: Workflow, type
             else:
                 links[name] = value
         else:
-            problems = spec.check(value)
+            problems = spec.check(value, settings)
             for problem in problems:
                 error(problem.code, problem.message, name)
             if not problems:

@@ -1,20 +1,29 @@
 """The node library: every node type nodegraph ships. Diffusion knowledge lives here, one module per family.
 
-``NODES`` lists the node classes; ``configure(settings)`` receives the command line's settings (models folder,
-device, dtype) before anything runs. diffusers and transformers are imported only when a model is loaded, so
-listing the nodes costs little more than importing torch.
+It implements ``nodegraph.library.Library``: ``NODES`` lists the node classes; ``configure(settings)`` checks the
+settings once at start-up; ``free()`` and ``system_info(settings)`` serve the server's ``/free`` and
+``/system_stats``. Settings reach the nodes through ``ctx.settings``, never through a global here. diffusers and
+transformers are imported only when a model is loaded, so listing the nodes costs little more than importing torch.
 """
 
 from __future__ import annotations
 
+from nodegraph import Settings
+
 from . import conditioning, control, freeu, images, ipadapter, latent, loaders, lora, primitives, sampling
-from .settings import configure
 
 NODES = [*loaders.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
          *control.NODES, *ipadapter.NODES, *freeu.NODES,
          *primitives.NODES]
 
-__all__ = ["NODES", "configure"]
+__all__ = ["NODES", "configure", "free", "system_info"]
+
+
+def configure(settings: Settings) -> None:
+    """Refuse, before anything runs, a device this machine does not have."""
+    from . import devices
+
+    devices.check(settings)
 
 
 def free() -> None:
@@ -25,13 +34,13 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def devices_info() -> list[dict]:
+def system_info(settings: Settings) -> list[dict]:
     """The compute devices, in the shape of ComfyUI's /system_stats."""
     import torch
 
     from . import devices
 
-    chosen = devices.device()
+    chosen = devices.device(settings)
     info = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -42,14 +51,3 @@ def devices_info() -> list[dict]:
         info.append({"name": str(chosen), "type": chosen.type, "index": None, "vram_total": 0, "vram_free": 0,
                      "torch_vram_total": 0, "torch_vram_free": 0})
     return info
-
-
-def list_models(folder: str) -> list[str]:
-    """What a models subfolder holds, as the loader nodes list it (GET /models/{folder})."""
-    from nodegraph.paths import list_files, safe_join
-
-    from .settings import current
-
-    if folder == "checkpoints":
-        return loaders._checkpoint_names()
-    return list_files(safe_join(current().models_dir, folder))

@@ -10,14 +10,16 @@ import torch
 from nodegraph import Int, Node, Output, Socket, String
 
 from . import embeddings
+from .embeddings import Vocabulary
 from .values import CLIP, CONDITIONING, Clip, Conditioning
 
 
-def _token_ids(tokenizer, encoder, text: str, log=None, encoder_key: str | None = None):
+def _token_ids(tokenizer, encoder, text: str, vocabulary: Vocabulary, log=None, encoder_key: str | None = None):
     """(ids [1, 77] on the encoder's device, vectors of the embeddings the text names or None), as diffusers
     tokenises: padded and truncated to the tokenizer's length, with a warning when the end is cut off."""
     core = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
-    ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, encoder_key)
+    ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, vocabulary,
+                                      encoder_key)
     if ids is None:
         ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
@@ -28,12 +30,14 @@ def _token_ids(tokenizer, encoder, text: str, log=None, encoder_key: str | None 
     return ids.to(next(encoder.parameters()).device), extra
 
 
-def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -> torch.Tensor:
-    """Embeddings [1, 77, dim] of ``text``; ``clip_skip`` = k takes the output of the k-th layer from the end."""
+def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None,
+                vocabulary: Vocabulary = Vocabulary()) -> torch.Tensor:
+    """Embeddings [1, 77, dim] of ``text``; ``clip_skip`` = k takes the output of the k-th layer from the end;
+    ``vocabulary``: the textual-inversion embeddings the text may name."""
     with clip.applied() as encoder:
         device = next(encoder.parameters()).device
         core = getattr(encoder, "text_model", encoder)
-        ids, extra = _token_ids(clip.tokenizer, encoder, text, log)
+        ids, extra = _token_ids(clip.tokenizer, encoder, text, vocabulary, log)
         with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
             if not clip_skip:
                 embeds = encoder(ids)[0]
@@ -43,15 +47,15 @@ def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None) -
         return embeds.to(dtype=encoder.dtype, device=device)
 
 
-def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None) -> tuple[torch.Tensor,
-                                                                                          torch.Tensor]:
+def encode_text_xl(clip: Clip, text: str, clip_skip: int | None = None, log=None,
+                   vocabulary: Vocabulary = Vocabulary()) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's embeddings [1, 77, dim1 + dim2] and pooled embedding [1, dim] of ``text`` (clip_skip = k: k layers
     before the penultimate, as diffusers counts for SDXL)."""
     parts, pooled = [], None
     with clip.applied() as first, clip.applied_2() as second:
         # an SDXL textual-inversion file holds one set of vectors per encoder: clip_l (first), clip_g (second)
         for tokenizer, encoder, key in ((clip.tokenizer, first, "clip_l"), (clip.tokenizer_2, second, "clip_g")):
-            ids, extra = _token_ids(tokenizer, encoder, text, log if encoder is first else None, key)
+            ids, extra = _token_ids(tokenizer, encoder, text, vocabulary, log if encoder is first else None, key)
             with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
                 out = encoder(ids, output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output comes first
@@ -78,10 +82,11 @@ class CLIPEncode(Node):
     outputs = (Output("conditioning", CONDITIONING),)
 
     def run(self, ctx, clip, text, clip_skip):
+        vocabulary = Vocabulary.for_prompt(ctx.settings, text)
         if clip.text_encoder_2 is not None:
-            embeds, pooled = encode_text_xl(clip, text, clip_skip or None, ctx.log)
+            embeds, pooled = encode_text_xl(clip, text, clip_skip or None, ctx.log, vocabulary)
             return Conditioning(embeds, (text,), clip, pooled=pooled)
-        return Conditioning(encode_text(clip, text, clip_skip or None, ctx.log), (text,), clip)
+        return Conditioning(encode_text(clip, text, clip_skip or None, ctx.log, vocabulary), (text,), clip)
 
 
 NODES = [CLIPEncode]

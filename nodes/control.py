@@ -38,10 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nodegraph import Combo, Float, Int, Node, Output, Socket, file_identity
-from nodegraph.paths import safe_join
+from nodegraph import Combo, Float, Folder, Int, Node, Output, Settings, Socket
 
-from . import devices, settings
+from . import devices
 from .images import pil_to_tensor, tensor_to_pils
 from .values import CONDITIONING, IMAGE, param_bytes
 
@@ -122,10 +121,6 @@ class AdapterControl:
 # --------------------------------------------------------------------------------------------
 
 
-def controlnet_dir() -> Path:
-    return settings.current().models_dir / "controlnet"
-
-
 def _folder_class(folder: Path) -> str | None:
     try:
         return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
@@ -133,51 +128,28 @@ def _folder_class(folder: Path) -> str | None:
         return None
 
 
-def _scan() -> tuple[list[str], list[str]]:
-    """(ControlNets: folders and weight files, T2I-Adapter folders) under the controlnet folder."""
-    root = controlnet_dir()
-    nets: list[str] = []
-    adapters: list[str] = []
-    if not root.is_dir():
-        return nets, adapters
-    stack = [root]
-    while stack:
-        here = stack.pop()
-        for entry in sorted(here.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            name = entry.relative_to(root).as_posix()
-            if entry.is_dir():
-                kind = _folder_class(entry)
-                if kind == "T2IAdapter":
-                    adapters.append(name)
-                elif kind == "ControlNetModel":
-                    nets.append(name)
-                elif kind is None and len(entry.relative_to(root).parts) < 4:  # a folder of models
-                    stack.append(entry)
-            elif entry.suffix.lower() in WEIGHT_SUFFIXES:
-                nets.append(name)
-    return sorted(nets), sorted(adapters)
+def _class_is(wanted: str):
+    """``Folder.entry_dir`` for diffusers folders of class ``wanted``: other models' folders are skipped, folders
+    without a config are searched (folders of models)."""
+    def kind(path: Path) -> bool | None:
+        found = _folder_class(path)
+        return None if found is None else found == wanted
+    return kind
 
 
-def _controlnet_names() -> list[str]:
-    return _scan()[0]
+# ControlNets and T2I-Adapters share the controlnet/ folder, as in ComfyUI: one declaration each.
+CONTROLNETS = Folder("controlnet", what="ControlNets (diffusers folders or single weight files)",
+                     suffixes=WEIGHT_SUFFIXES, entry_dir=_class_is("ControlNetModel"), flag="--models")
+T2I_ADAPTERS = Folder("t2i_adapter", subdir="controlnet", what="T2I-Adapter folders", suffixes=None,
+                      entry_dir=_class_is("T2IAdapter"), flag="--models")
 
 
-def _adapter_names() -> list[str]:
-    return _scan()[1]
-
-
-def _identity(name: str):
-    return file_identity(safe_join(controlnet_dir(), name))
-
-
-def _ready(model: torch.nn.Module) -> torch.nn.Module:
+def _ready(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """On the run-time device and dtype, eval mode, no gradients, weights in memory of their own (not the file's
     memory map: see nodes/loading.py)."""
-    device = devices.device()
+    device = devices.device(settings)
     mapped = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
-    torch.nn.Module.to(model, device=device, dtype=devices.dtype(device))
+    torch.nn.Module.to(model, device=device, dtype=devices.dtype(settings, device))
     for name, t in model.state_dict(keep_vars=True).items():
         if t.data_ptr() == mapped.get(name):
             t.data = t.data.clone()
@@ -186,15 +158,7 @@ def _ready(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _locate(name: str, what: str) -> Path:
-    path = safe_join(controlnet_dir(), name)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {name!r} is not in {controlnet_dir()}: put a diffusers folder (config.json + "
-                                f"weights) or a single weights file there")
-    return path
-
-
-def load_controlnet(path: Path) -> torch.nn.Module:
+def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
     """A ControlNetModel from a diffusers folder or a single file (original or diffusers key layout)."""
     from .loading import CheckpointError
 
@@ -209,18 +173,18 @@ def load_controlnet(path: Path) -> torch.nn.Module:
             model = ControlNetModel.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot load the ControlNet: {str(e).splitlines()[0]}") from e
-        return _ready(model)
-    return _ready(_controlnet_from_file(path))
+        return _ready(model, settings)
+    return _ready(_controlnet_from_file(path, settings.allow_pickle), settings)
 
 
-def _controlnet_from_file(path: Path) -> torch.nn.Module:
+def _controlnet_from_file(path: Path, allow_pickle: bool) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     from .loading import CheckpointError, _few, read_weights
 
-    tensors = read_weights(path)
+    tensors = read_weights(path, allow_pickle=allow_pickle)
     if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
         tensors = {k[len(_ORIGINAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ORIGINAL_PREFIX)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -329,12 +293,11 @@ class LoadControlNet(Node):
     unless nodegraph runs with --allow-pickle."""
 
     category = "loaders"
-    control_net = Combo(options=_controlnet_names, identity_of=_identity,
-                        missing_hint=lambda: f"ControlNets are read from {controlnet_dir()}")
+    control_net = Combo(options=CONTROLNETS)
     outputs = (Output("control_net", CONTROL_NET),)
 
     def run(self, ctx, control_net):
-        return ControlNet(load_controlnet(_locate(control_net, "ControlNet")), control_net)
+        return ControlNet(load_controlnet(CONTROLNETS.locate(ctx.settings, control_net), ctx.settings), control_net)
 
 
 class LoadT2IAdapter(Node):
@@ -342,8 +305,7 @@ class LoadT2IAdapter(Node):
     controlnet/ subfolder."""
 
     category = "loaders"
-    adapter = Combo(options=_adapter_names, identity_of=_identity,
-                    missing_hint=lambda: f"T2I-Adapter folders are read from {controlnet_dir()}")
+    adapter = Combo(options=T2I_ADAPTERS)
     outputs = (Output("adapter", T2I_ADAPTER),)
 
     def run(self, ctx, adapter):
@@ -351,14 +313,14 @@ class LoadT2IAdapter(Node):
 
         from .loading import CheckpointError
 
-        path = _locate(adapter, "T2I-Adapter")
+        path = T2I_ADAPTERS.locate(ctx.settings, adapter)
         if not path.is_dir() or _folder_class(path) != "T2IAdapter":
             raise CheckpointError(f"{path}: not a T2I-Adapter folder (config.json of a T2IAdapter + weights)")
         try:
             model = T2IAdapter.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot load the T2I-Adapter: {str(e).splitlines()[0]}") from e
-        return Adapter(_ready(model), adapter)
+        return Adapter(_ready(model, ctx.settings), adapter)
 
 
 # --------------------------------------------------------------------------------------------

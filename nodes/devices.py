@@ -1,5 +1,5 @@
-"""Device and dtype, chosen at run time: CUDA (float16) > MPS (float16) > CPU (float32), unless the user overrides
-them with ``--device`` / ``--dtype``. Nothing else in the library names a device.
+"""Device and dtype, chosen at run time from the settings: CUDA (float16) > MPS (float16) > CPU (float32), unless
+the user overrides them with ``--device`` / ``--dtype``. Nothing else in the library names a device.
 
 Random draws always come from a CPU generator (see ``cpu_generator``), so a seed gives the same image on every
 device, as diffusers does when handed a CPU generator.
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from . import settings
+from nodegraph import Settings
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def device() -> torch.device:
-    chosen = settings.current().device
+def device(settings: Settings) -> torch.device:
+    chosen = settings.device
     if chosen:
         return torch.device(chosen)
     if torch.cuda.is_available():
@@ -26,25 +26,31 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def dtype(for_device: torch.device | None = None) -> torch.dtype:
-    chosen = settings.current().dtype
-    if chosen:
-        if chosen not in _DTYPES:
-            raise ValueError(f"unknown dtype {chosen!r}; choose one of {', '.join(_DTYPES)}")
-        return _DTYPES[chosen]
-    kind = (for_device or device()).type
+def dtype(settings: Settings, for_device: torch.device | None = None) -> torch.dtype:
+    if settings.dtype:
+        return _DTYPES[settings.dtype]  # Settings checked the name
+    kind = (for_device or device(settings)).type
     return torch.float16 if kind in ("cuda", "mps") else torch.float32
 
 
-_FORMATS = ("auto", "channels_last", "contiguous")
-
-
-def channels_last(for_device: torch.device) -> bool:
+def channels_last(settings: Settings, for_device: torch.device) -> bool:
     """Whether convolution weights on ``for_device`` use the channels_last layout (see Settings.memory_format)."""
-    chosen = settings.current().memory_format
-    if chosen not in _FORMATS:
-        raise ValueError(f"unknown memory format {chosen!r}; choose one of {', '.join(_FORMATS)}")
+    chosen = settings.memory_format
     return chosen == "channels_last" or (chosen == "auto" and for_device.type == "cpu")
+
+
+def check(settings: Settings) -> None:
+    """A clear error at start-up for a device torch does not know or this machine does not have."""
+    if not settings.device:
+        return
+    try:
+        chosen = torch.device(settings.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {settings.device!r} is not a torch device ({exc})") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {settings.device!r}: this machine has no CUDA device torch can use")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {settings.device!r}: MPS is not available here")
 
 
 def prefers_channels_last(module: torch.nn.Module) -> bool:

@@ -15,28 +15,36 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
-from nodegraph import file_identity
-from nodegraph.paths import list_files, safe_join
+from dataclasses import dataclass, field
 
-from . import settings
+from nodegraph import Folder, Settings, file_identity
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
+EMBEDDINGS = Folder("embeddings", what="textual-inversion embeddings", suffixes=SUFFIXES, flag="--models")
 _MENTION = re.compile(r"embedding:([\w.\-/]+)|<([\w.\-/]+)>")
 
 
-def embeddings_dir() -> Path:
-    return settings.current().models_dir / "embeddings"
+@dataclass(frozen=True)
+class Vocabulary:
+    """The embeddings a prompt may name (name -> file), and whether pickled ones may be read."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    allow_pickle: bool = False
+
+    @classmethod
+    def for_prompt(cls, settings: Settings, text: str) -> "Vocabulary":
+        """The embeddings folder's files, read only when the text could name one."""
+        if "embedding:" not in text and "<" not in text:
+            return cls(allow_pickle=settings.allow_pickle)
+        files = {name.rsplit(".", 1)[0]: EMBEDDINGS.path(settings, name) for name in EMBEDDINGS.names(settings)}
+        return cls(files, settings.allow_pickle)
 
 
-def available() -> dict[str, str]:
-    """Embedding names -> file names in the embeddings folder."""
-    return {name.rsplit(".", 1)[0]: name for name in list_files(embeddings_dir(), SUFFIXES)}
-
-
-def mentions(text: str, names: dict[str, str]) -> list[tuple[int, int, str]]:
+def mentions(text: str, names: Mapping[str, object]) -> list[tuple[int, int, str]]:
     """(start, end, name) of each embedding the text names, in order."""
     found = []
     for match in _MENTION.finditer(text):
@@ -46,24 +54,32 @@ def mentions(text: str, names: dict[str, str]) -> list[tuple[int, int, str]]:
     return found
 
 
-def prompt_identity(text: str):
-    """What identifies a prompt's result for the cache: the text and the files of the embeddings it names."""
-    names = available() if "embedding:" in text or "<" in text else {}
-    used = sorted({name for _, _, name in mentions(text, names)})
-    return text if not used else (text, [file_identity(safe_join(embeddings_dir(), names[n])) for n in used])
+class PromptIdentity:
+    """What identifies a prompt's result for the cache: the text and the files of the embeddings it names (a
+    String's ``identity_of``; ``folder`` lists the embeddings folder among the library's model folders)."""
+
+    folder = EMBEDDINGS
+
+    def __call__(self, text: str, settings: Settings):
+        vocabulary = Vocabulary.for_prompt(settings, text)
+        used = sorted({name for _, _, name in mentions(text, vocabulary.files)})
+        return text if not used else (text, [file_identity(vocabulary.files[n]) for n in used])
 
 
-def load_vectors(name: str, file_name: str, width: int, encoder_key: str | None = None) -> torch.Tensor:
+prompt_identity = PromptIdentity()
+
+
+def load_vectors(name: str, path: Path, width: int, encoder_key: str | None = None,
+                 allow_pickle: bool = False) -> torch.Tensor:
     """The [n, width] vectors of embedding ``name``; a clear error for another text encoder's embedding.
     ``encoder_key`` picks one text encoder's vectors from an SDXL embedding ("clip_l" or "clip_g")."""
-    path = safe_join(embeddings_dir(), file_name)
     if _is_safetensors(path):  # by content: a pickle renamed .safetensors is still a pickle
         from safetensors.torch import load_file
 
         data = load_file(str(path))
     else:
-        if not settings.current().allow_pickle:
-            raise ValueError(f"embedding {name!r} is a pickle ({file_name}); convert it to .safetensors, or run "
+        if not allow_pickle:
+            raise ValueError(f"embedding {name!r} is a pickle ({path.name}); convert it to .safetensors, or run "
                              f"nodegraph with --allow-pickle to load it (with weights_only=True)")
         data = torch.load(path, map_location="cpu", weights_only=True)
     if "string_to_param" in data:  # A1111 .pt
@@ -94,11 +110,11 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{"
 
 
-def token_ids(tokenizer, text: str, width: int,
+def token_ids(tokenizer, text: str, width: int, vocabulary: Vocabulary,
               encoder_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Input ids [1, 77] for ``text`` with embeddings expanded to placeholder ids past the vocabulary, and the
     vectors those ids stand for (None when the text names no embedding)."""
-    names = available() if "embedding:" in text or "<" in text else {}
+    names = vocabulary.files
     found = mentions(text, names)
     if not found:
         return None, None
@@ -108,7 +124,7 @@ def token_ids(tokenizer, text: str, width: int,
     cursor = 0
     for start, end, name in found:
         ids += tokenizer(text[cursor:start], add_special_tokens=False).input_ids
-        v = load_vectors(name, names[name], width, encoder_key)
+        v = load_vectors(name, names[name], width, encoder_key, vocabulary.allow_pickle)
         ids += list(range(vocab + sum(len(x) for x in vectors), vocab + sum(len(x) for x in vectors) + len(v)))
         vectors.append(v)
         cursor = end

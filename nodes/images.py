@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from nodegraph import Combo, Int, Node, NodeOutput, Output, Socket, String, file_identity
-from nodegraph.paths import list_files, safe_join
+from nodegraph import Combo, Int, Node, NodeOutput, Output, Socket, String
+from nodegraph.folders import INPUT
+from nodegraph.paths import safe_join
 from nodegraph.workflow import PNG_KEY
 
-from . import settings
 from .values import IMAGE, MASK
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGES = INPUT.with_suffixes(IMAGE_SUFFIXES, what="images")  # the input folder, as LoadImage lists it
 WORKFLOW_KEY = PNG_KEY  # the PNG text chunk holding the workflow JSON
 
 
@@ -51,28 +51,16 @@ def resize_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([pil_to_tensor(p) for p in resized])
 
 
-def _input_files() -> list[str]:
-    return list_files(settings.current().input_dir, IMAGE_SUFFIXES)
-
-
-def _input_identity(name: str):
-    return file_identity(safe_join(settings.current().input_dir, name))
-
-
 class LoadImage(Node):
     """Load an image from the input folder. Transparency becomes the mask: transparent pixels are the ones to
     redraw (an opaque image gives an empty mask). Rotation stored in EXIF is applied."""
 
     category = "image"
-    image = Combo(options=_input_files, identity_of=_input_identity, upload="image",
-                  missing_hint=lambda: f"images are read from {settings.current().input_dir}; upload one or use "
-                                      f"--input")
+    image = Combo(options=IMAGES, upload="image")
     outputs = (Output("image", IMAGE), Output("mask", MASK))
 
     def run(self, ctx, image):
-        path = safe_join(settings.current().input_dir, image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{image!r} is not in the input folder {settings.current().input_dir}")
+        path = IMAGES.locate(ctx.settings, image)
         try:
             with Image.open(path) as pil:
                 pil = ImageOps.exif_transpose(pil)
@@ -182,10 +170,6 @@ class SaveImage(Node):
         return NodeOutput((), {"images": [{**e, "type": "output"} for e in entries]})
 
 
-def temp_dir() -> Path:
-    return settings.current().temp_dir or Path(tempfile.gettempdir()) / "nodegraph-previews"
-
-
 class PreviewImage(Node):
     """Show images on the canvas without keeping them (they go to a temporary folder)."""
 
@@ -194,7 +178,7 @@ class PreviewImage(Node):
     images = Socket(IMAGE)
 
     def run(self, ctx, images):
-        entries = save_pngs(images, temp_dir(), f"preview_{ctx.run_id[:8]}", ctx)
+        entries = save_pngs(images, ctx.settings.temp_dir, f"preview_{ctx.run_id[:8]}", ctx)
         return NodeOutput((), {"images": [{**e, "type": "temp"} for e in entries]})
 
 

@@ -28,10 +28,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from nodegraph import Combo, Float, Node, Output, Socket, file_identity
-from nodegraph.paths import list_files, safe_join
-
-from . import settings
+from nodegraph import Combo, Float, Folder, Node, Output, Socket
 from .images import tensor_to_pils
 from .loading import _few, read_weights
 from .values import IMAGE, MODEL, UNET_BATCH, Model, param_bytes
@@ -186,39 +183,10 @@ class IPAdapterPatch:
 # --------------------------------------------------------------------------------------------
 
 
-def ipadapter_dir() -> Path:
-    return settings.current().models_dir / "ipadapter"
-
-
-def clip_vision_dir() -> Path:
-    return settings.current().models_dir / "clip_vision"
-
-
-def _adapter_names() -> list[str]:
-    return list_files(ipadapter_dir(), WEIGHT_SUFFIXES)
-
-
-def _encoder_names() -> list[str]:
-    root = clip_vision_dir()
-    names = list_files(root, (".safetensors",))
-    if root.is_dir():
-        names += sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
-    return sorted(names)
-
-
-def _adapter_identity(name: str):
-    return file_identity(safe_join(ipadapter_dir(), name))
-
-
-def _encoder_identity(name: str):
-    return file_identity(safe_join(clip_vision_dir(), name))
-
-
-def _locate(root: Path, name: str, what: str) -> Path:
-    path = safe_join(root, name)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {name!r} is not in {root}")
-    return path
+IPADAPTERS = Folder("ipadapter", what="IP-Adapters", suffixes=WEIGHT_SUFFIXES, flag="--models")
+# CLIP vision encoders: transformers folders (with config.json) or single .safetensors files
+CLIP_VISION = Folder("clip_vision", what="image encoders", suffixes=(".safetensors",),
+                     entry_dir=lambda path: True if (path / "config.json").is_file() else None, flag="--models")
 
 
 def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
@@ -243,11 +211,11 @@ def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict, dict[
     return proj, layers
 
 
-def load_adapter_weights(path: Path):
+def load_adapter_weights(path: Path, allow_pickle: bool = False):
     """(ImageProjection, to_k Linears, to_v Linears) of an adapter file, on the CPU in float32."""
     from diffusers.models.embeddings import ImageProjection
 
-    proj, layers = _split(read_weights(path), path)
+    proj, layers = _split(read_weights(path, allow_pickle=allow_pickle), path)
     dim = proj["norm.weight"].shape[0]
     out_features, embed_dim = proj["proj.weight"].shape
     if out_features % dim:
@@ -288,7 +256,7 @@ def derive_vision_config(shapes: Mapping[str, Sequence[int]], where: str) -> dic
             "hidden_act": "quick_gelu" if hidden in _QUICK_GELU_WIDTHS else "gelu"}
 
 
-def load_image_encoder(path: Path):
+def load_image_encoder(path: Path, allow_pickle: bool = False):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a transformers folder or a single safetensors
     file. Without a preprocessor_config.json the preprocessing is diffusers' default for IP-Adapters: resize and
     centre-crop to the encoder's image size, CLIP's mean and std."""
@@ -305,7 +273,7 @@ def load_image_encoder(path: Path):
         if (path / "preprocessor_config.json").is_file():
             return encoder, CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     else:
-        tensors = read_weights(path)
+        tensors = read_weights(path, allow_pickle=allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         config = CLIPVisionConfig(**derive_vision_config(shapes, path.name))
         encoder = CLIPVisionModelWithProjection(config)
@@ -331,24 +299,24 @@ class LoadIPAdapter(Node):
     load only when nodegraph runs with --allow-pickle."""
 
     category = "loaders"
-    ip_adapter = Combo(options=_adapter_names, identity_of=_adapter_identity,
-                       missing_hint=lambda: f"IP-Adapters are read from {ipadapter_dir()}")
-    image_encoder = Combo(options=_encoder_names, identity_of=_encoder_identity,
-                          missing_hint=lambda: f"image encoders are read from {clip_vision_dir()}")
+    ip_adapter = Combo(options=IPADAPTERS)
+    image_encoder = Combo(options=CLIP_VISION)
     outputs = (Output("ip_adapter", IP_ADAPTER),)
 
     def run(self, ctx, ip_adapter, image_encoder):
         from .control import _ready
 
-        projection, to_k, to_v = load_adapter_weights(_locate(ipadapter_dir(), ip_adapter, "IP-Adapter"))
-        encoder, processor = load_image_encoder(_locate(clip_vision_dir(), image_encoder, "image encoder"))
+        settings = ctx.settings
+        projection, to_k, to_v = load_adapter_weights(IPADAPTERS.locate(settings, ip_adapter), settings.allow_pickle)
+        encoder, processor = load_image_encoder(CLIP_VISION.locate(settings, image_encoder), settings.allow_pickle)
         width = encoder.config.projection_dim
         if projection.image_embeds.in_features != width:
             raise IPAdapterError(f"the IP-Adapter {ip_adapter!r} takes {projection.image_embeds.in_features}-wide "
                                  f"image embeddings but the encoder {image_encoder!r} gives {width}: use the "
                                  f"image encoder the adapter was trained with")
-        return IPAdapter(ip_adapter, _ready(projection), tuple(_ready(m) for m in to_k),
-                         tuple(_ready(m) for m in to_v), _ready(encoder), processor)
+        ready = lambda module: _ready(module, settings)  # noqa: E731
+        return IPAdapter(ip_adapter, ready(projection), tuple(ready(m) for m in to_k), tuple(ready(m) for m in to_v),
+                         ready(encoder), processor)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[str]:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from nodegraph import Boolean, Int, Node, Output, Socket
 
-from . import settings
 from .devices import prefers_channels_last
 from .images import resize_to_multiple
 from .values import IMAGE, LATENT, MASK, VAE, Latent, Posterior, Vae
@@ -38,7 +37,7 @@ class EmptyLatent(Node):
     outputs = (Output("latent", LATENT),)
 
     def run(self, ctx, width, height, batch, vae=None):
-        check_size(width, height)
+        check_size(width, height, ctx.settings.max_image_size)
         channels, factor = (vae.latent_channels, vae.scale_factor) if vae else (DEFAULT_LATENT_CHANNELS,
                                                                                 DEFAULT_SCALE_FACTOR)
         if width % factor or height % factor:
@@ -46,17 +45,17 @@ class EmptyLatent(Node):
         return Latent(samples=torch.zeros(batch, channels, height // factor, width // factor), empty=True)
 
 
-def check_size(width: int, height: int) -> None:
-    limit = settings.current().max_image_size
+def check_size(width: int, height: int, limit: int) -> None:
     if width > limit or height > limit:
         raise ValueError(f"{width}x{height} exceeds the size limit of {limit} pixels per side "
                          f"(raise it with NODEGRAPH_MAX_SIZE)")
 
 
-def to_vae_input(images: torch.Tensor, vae: Vae) -> torch.Tensor:
-    """IMAGE [B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1] on the VAE's device, as diffusers preprocesses."""
+def to_vae_input(images: torch.Tensor, vae: Vae, limit: int) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1] on the VAE's device, as diffusers preprocesses;
+    ``limit`` is the largest side allowed (Settings.max_image_size)."""
     images = resize_to_multiple(images, vae.scale_factor)
-    check_size(images.shape[2], images.shape[1])
+    check_size(images.shape[2], images.shape[1], limit)
     x = images.permute(0, 3, 1, 2)
     x = 2.0 * x - 1.0
     param = next(vae.vae.parameters())
@@ -98,7 +97,8 @@ class VAEEncode(Node):
     outputs = (Output("latent", LATENT),)
 
     def run(self, ctx, vae, image, tiled, sliced):
-        return Latent(posterior=encode(vae, to_vae_input(image, vae), tiled, sliced))
+        x = to_vae_input(image, vae, ctx.settings.max_image_size)
+        return Latent(posterior=encode(vae, x, tiled, sliced))
 
 
 class InpaintEncode(Node):
@@ -118,7 +118,7 @@ class InpaintEncode(Node):
                              f"{image.shape[2]}x{image.shape[1]}: they must be the same size")
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{mask.shape[0]} masks for {image.shape[0]} images: give one, or one per image")
-        x = to_vae_input(image, vae)
+        x = to_vae_input(image, vae, ctx.settings.max_image_size)
         # the mask follows the image through the same resize, then is binarised as diffusers' mask processor does
         m = resize_to_multiple(mask[..., None].expand(*mask.shape, 3), vae.scale_factor)[..., :1]
         m = (m.permute(0, 3, 1, 2) >= 0.5).to(x.dtype)

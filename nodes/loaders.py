@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nodegraph import Combo, Node, Output, file_identity
-from nodegraph.paths import safe_join
+from nodegraph import Combo, Folder, Node, Output, Settings, file_identity
 
-from . import devices, settings
+from . import devices
 from .values import CLIP, MODEL, VAE, Clip, Model, Vae
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,53 +24,64 @@ DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 EMBEDDED = {"demo-lcm": (DEMO_DIR, None), "demo-teacher": (DEMO_DIR / "teacher_unet", DEMO_DIR)}
 
 
-def checkpoints_dir() -> Path:
-    return settings.current().models_dir / "checkpoints"
+def _checkpoint_folder_kind(path: Path) -> bool | None:
+    from .loading import is_checkpoint_folder
+
+    return is_checkpoint_folder(path)
 
 
-def _embedded_names() -> list[str]:
-    return [name for name, (path, _) in EMBEDDED.items() if path.is_dir()]
+CHECKPOINTS = Folder("checkpoints", what="checkpoints", suffixes=(".safetensors", ".ckpt", ".pt", ".pth"),
+                     entry_dir=_checkpoint_folder_kind, flag="--models")
 
 
-def _checkpoint_names() -> list[str]:
-    from .loading import list_checkpoints
+class Checkpoints:
+    """The checkpoints a LoadCheckpoint offers: the embedded demo models, then the checkpoints folder's (the
+    ``Choices`` of its combo). ``with_none`` adds "none" first, for an optional base."""
 
-    return _embedded_names() + list_checkpoints(checkpoints_dir())
+    folder = CHECKPOINTS
+
+    def __init__(self, with_none: bool = False):
+        self.with_none = with_none
+
+    def names(self, settings: Settings) -> list[str]:
+        embedded = [name for name, (path, _) in EMBEDDED.items() if path.is_dir()]
+        return [NO_BASE] * self.with_none + embedded + CHECKPOINTS.names(settings)
+
+    def identity(self, settings: Settings, name: str):
+        if name == NO_BASE:
+            return name
+        path, base = locate(settings, name)
+        return name if isinstance(path, str) else (file_identity(path), base and file_identity(base))
+
+    def hint(self, settings: Settings) -> str:
+        return CHECKPOINTS.hint(settings)
 
 
-def _base_names() -> list[str]:
-    return [NO_BASE, *_checkpoint_names()]
+def is_hub_id(name: str, settings: Settings) -> bool:
+    return (bool(HUB_ID.match(name)) and name not in EMBEDDED
+            and not (CHECKPOINTS.root(settings) / name).exists())
 
 
-def _is_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and name not in EMBEDDED and not (checkpoints_dir() / name).exists()
-
-
-def _locate(name: str) -> tuple[Path | str, Path | None]:
+def locate(settings: Settings, name: str) -> tuple[Path | str, Path | None]:
     """Where checkpoint ``name`` is, and the base it needs (embedded models know theirs)."""
     if name in EMBEDDED:
         return EMBEDDED[name]
-    if _is_hub_id(name):
+    if is_hub_id(name, settings):
         return name, None
-    return safe_join(checkpoints_dir(), name), None
+    return CHECKPOINTS.path(settings, name), None
 
 
-def _identity(name: str):
-    path, base = _locate(name)
-    return name if isinstance(path, str) else (file_identity(path), base and file_identity(base))
-
-
-def load(name: str, base: str = NO_BASE):
+def load(settings: Settings, name: str, base: str = NO_BASE):
     """The components of checkpoint ``name`` (embedded, in the checkpoints folder, or a hub id), with the UNet-only
     folders loaded over ``base``."""
     from .loading import load_components
 
-    path, own_base = _locate(name)
+    path, own_base = locate(settings, name)
     if base != NO_BASE:
-        own_base = _locate(base)[0]
-    device = devices.device()
-    components = load_components(path, device=device, dtype=devices.dtype(device), base=own_base,
-                                 allow_pickle=settings.current().allow_pickle)
+        own_base = locate(settings, base)[0]
+    device = devices.device(settings)
+    components = load_components(path, device=device, dtype=devices.dtype(settings, device), base=own_base,
+                                 allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings))
     import torch
 
     if (components.family in ("sdxl", "ssd1b") and components.vae.dtype == torch.float16
@@ -79,7 +89,7 @@ def load(name: str, base: str = NO_BASE):
         # SDXL's VAE overflows in float16 (black or NaN images); its pipelines upcast it to decode, so it stays in
         # float32 here (VAEs that are fine in float16, such as sdxl-vae-fp16-fix, say force_upcast: false)
         components.vae.to(torch.float32)
-    if devices.channels_last(device):
+    if devices.channels_last(settings, device):
         for module in (components.unet, components.vae):
             module.to(memory_format=torch.channels_last)
     return components
@@ -93,15 +103,13 @@ class LoadCheckpoint(Node):
     text encoder and the VAE. .ckpt pickles are refused unless nodegraph runs with --allow-pickle."""
 
     category = "loaders"
-    ckpt = Combo(options=_checkpoint_names, identity_of=_identity, accepts_other=_is_hub_id, default="demo-lcm",
-                 other_hint="a hub repository id (owner/name)",
-                 missing_hint=lambda: f"checkpoints are read from {checkpoints_dir()}")
-    base = Combo(options=_base_names, identity_of=lambda name: name if name == NO_BASE else _identity(name),
-                 default=NO_BASE)
+    ckpt = Combo(options=Checkpoints(), accepts_other=is_hub_id, default="demo-lcm",
+                 other_hint="a hub repository id (owner/name)")
+    base = Combo(options=Checkpoints(with_none=True), default=NO_BASE)
     outputs = (Output("model", MODEL), Output("clip", CLIP), Output("vae", VAE))
 
     def run(self, ctx, ckpt, base):
-        c = load(ckpt, base)
+        c = load(ctx.settings, ckpt, base)
         vae = Vae(c.vae, ckpt)
         return (Model(c.unet, c.scheduler_config, c.family, ckpt, latent_scale=vae.scale_factor),
                 Clip(c.tokenizer, c.text_encoder, c.family, ckpt, tokenizer_2=c.tokenizer_2,

@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from nodegraph.folders import list_entries
+
 FAMILIES = ("sd1", "sd2", "sdxl", "ssd1b")
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 CLIP_BPE_DIR = Path(__file__).resolve().parent / "data" / "clip_tokenizer"
@@ -572,32 +574,16 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], family: str | None = Non
 # --------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(folder: Path | str) -> list[str]:
-    """Names, relative to ``folder`` and with "/" separators, of what :func:`load_components` may load there.
+def is_checkpoint_folder(path: Path) -> bool | None:
+    """True for a folder :func:`load_components` loads whole (a diffusers pipeline or a UNet folder); None for
+    any other folder, which may hold checkpoints (``Folder.entry_dir``)."""
+    return True if (path / "model_index.json").is_file() or _is_unet_folder(path) else None
 
-    Diffusers folders and UNet folders are listed as folders (and not searched further); other files by
-    extension (.safetensors, .ckpt, .pt, .pth). Hidden files and folders are skipped.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found: list[str] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        real = os.path.realpath(here)
-        if real in seen:  # a symlink loop
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if here != root and ("model_index.json" in filenames or _is_unet_folder(here)):
-            found.append(here.relative_to(root).as_posix())
-            dirnames[:] = []
-            continue
-        found += [(here / f).relative_to(root).as_posix() for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(CHECKPOINT_SUFFIXES)]
-    return sorted(found)
+
+def list_checkpoints(folder: Path | str) -> list[str]:
+    """Names, relative to ``folder`` and with "/" separators, of what :func:`load_components` may load there:
+    diffusers and UNet folders as folders, other files by extension (.safetensors, .ckpt, .pt, .pth)."""
+    return list_entries(Path(folder), CHECKPOINT_SUFFIXES, is_checkpoint_folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +620,7 @@ def load_components(
     device: torch.device | str,
     dtype: torch.dtype,
     allow_pickle: bool = False,
+    checkpoints_dir: Path | None = None,
     base: Path | str | None = None,
     config: Path | str | None = None,
     clone_weights: bool = True,
@@ -646,6 +633,7 @@ def load_components(
       family's shipped ones, as diffusers' ``from_single_file(config=...)``. Needed only for non-standard models whose
       head counts or norm groups the defaults do not fit.
     * ``clone_weights``: copy memory-mapped weights into memory of their own (see the module docstring).
+    * ``checkpoints_dir``: where local checkpoints are read from, named when a hub id cannot be had.
 
     Never touches the network except for a hub repository id while the hub is online. Every failure is a
     :class:`CheckpointError` that names the file and the reason.
@@ -654,13 +642,13 @@ def load_components(
     config_dir = Path(config) if config is not None else None
     if config_dir is not None and detect(config_dir) != "diffusers":
         raise CheckpointError(f"{config_dir}: config= must be a diffusers folder (with model_index.json)")
-    source_path, kind = _resolve(path)
+    source_path, kind = _resolve(path, checkpoints_dir)
     if kind == "unet_folder":
         if base is None:
             raise CheckpointError(
                 f"{source_path}: a UNet-only folder (e.g. an LCM-distilled unet/); it needs a base checkpoint (base=) "
                 f"for the VAE, the text encoder and the tokenizer, such as the SD 1.5 model it was distilled from.")
-        base_path, base_kind = _resolve(base)
+        base_path, base_kind = _resolve(base, checkpoints_dir)
         if base_kind == "unet_folder":
             raise CheckpointError(f"{base_path}: the base must be a full checkpoint, not another UNet folder")
         parts = _load_full(base_path, base_kind, opts, config_dir, with_unet=False)
@@ -675,12 +663,12 @@ def load_components(
                       text_encoder_2=parts.extra.get("text_encoder_2"), tokenizer_2=parts.extra.get("tokenizer_2"))
 
 
-def _resolve(path: Path | str) -> tuple[Path, str]:
+def _resolve(path: Path | str, checkpoints_dir: Path | None) -> tuple[Path, str]:
     """A local path and its kind; hub ids are fetched (or refused offline) first."""
     kind = detect(path)
     if kind != "hub":
         return Path(path), kind
-    local = _fetch_from_hub(str(path))
+    local = _fetch_from_hub(str(path), checkpoints_dir or Path("models") / "checkpoints")
     return local, detect(local)
 
 
@@ -932,14 +920,12 @@ def _flat_tensors(data: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a single weights file, recognised by content: safetensors, or a pickle only when pickles are
     allowed (then with ``weights_only=True``)."""
-    from . import settings
-
     kind = detect(path)  # raises CheckpointError saying what the file is when it holds no weights
     if kind == "pickle":
-        return _read_pickle(path, settings.current().allow_pickle)
+        return _read_pickle(path, allow_pickle)
     return _read_safetensors(path)
 
 
@@ -1053,15 +1039,13 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _fetch_from_hub(repo_id: str) -> Path:
-    """The local snapshot of hub repository ``repo_id``: from the hub cache, or downloaded when the hub is online."""
+def _fetch_from_hub(repo_id: str, where: Path) -> Path:
+    """The local snapshot of hub repository ``repo_id``: from the hub cache, or downloaded when the hub is online;
+    ``where``: the checkpoints folder, named in the error when neither can be had."""
     from huggingface_hub import snapshot_download
 
-    from . import settings
-
-    where = settings.current().models_dir / "checkpoints"
-    hint = (f"Put the model in {where / repo_id.split('/')[-1]}/ as a diffusers folder (model_index.json, unet/, vae/, "
-            f"text_encoder/, tokenizer/, scheduler/), or as a single .safetensors file in {where}/.")
+    hint = (f"Put the model in {where / repo_id.split('/')[-1]}/ as a diffusers folder (model_index.json, unet/, "
+            f"vae/, text_encoder/, tokenizer/, scheduler/), or as a single .safetensors file in {where}/.")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache: download below, if allowed

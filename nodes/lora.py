@@ -38,10 +38,8 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from nodegraph import Combo, Float, ListOf, Node, Output, Socket, file_identity
-from nodegraph.paths import list_files, safe_join
+from nodegraph import Combo, Float, Folder, ListOf, Node, Output, Settings, Socket, file_identity
 
-from . import settings
 from .values import CLIP, MODEL, Clip, Model
 
 
@@ -64,16 +62,7 @@ class LoraError(ValueError):
     """A LoRA file that cannot be used with this model; the message names the file and says why."""
 
 
-def loras_dir() -> Path:
-    return settings.current().models_dir / "loras"
-
-
-def _lora_names() -> list[str]:
-    return list_files(loras_dir(), LORA_SUFFIXES)
-
-
-def _lora_identity(name: str):
-    return file_identity(safe_join(loras_dir(), name))
+LORAS = Folder("loras", what="LoRAs", suffixes=LORA_SUFFIXES, flag="--models")
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,12 +383,12 @@ _LOADED: "weakref.WeakValueDictionary[Any, LoraFile]" = weakref.WeakValueDiction
 _LOADED_LOCK = threading.Lock()
 
 
-def load_lora(name: str, model: Model, clip: Clip | None) -> LoraFile:
+def load_lora(settings: Settings, name: str, model: Model, clip: Clip | None) -> LoraFile:
     """LoRA file ``name`` from the loras folder, converted and matched to ``model``'s UNet and ``clip``'s encoder."""
     global FILE_READS
-    path = safe_join(loras_dir(), name)
+    path = LORAS.locate(settings, name)
     if not path.is_file():
-        raise LoraError(f"LoRA {name!r} not found in {loras_dir()}")
+        raise LoraError(f"LoRA {name!r} is a folder, not a file ({LORAS.hint(settings)})")
     text_encoder = clip.text_encoder if clip is not None else None
     text_encoder_2 = clip.text_encoder_2 if clip is not None else None
     te_param = next(text_encoder.parameters()) if text_encoder is not None else None
@@ -409,7 +398,7 @@ def load_lora(name: str, model: Model, clip: Clip | None) -> LoraFile:
         cached = _LOADED.get(key)
     if cached is not None and cached.matches(model.unet, text_encoder, text_encoder_2):  # ids can be reused
         return cached
-    tensors, metadata = read_lora_file(path, allow_pickle=settings.current().allow_pickle)
+    tensors, metadata = read_lora_file(path, allow_pickle=settings.allow_pickle)
     FILE_READS += 1
     raw_shapes = _shapes(tensors)
     converted = convert_lora(tensors, metadata, model.unet.config, name)
@@ -534,8 +523,7 @@ class LoRAStack(Node):
     model = Socket(MODEL)
     clip = Socket(CLIP)
     loras = ListOf(
-        lora=Combo(options=_lora_names, identity_of=_lora_identity,
-                   missing_hint=lambda: f"LoRAs are read from {loras_dir()}"),
+        lora=Combo(options=LORAS),
         strength_model=Float(default=1.0, min=-4.0, max=4.0, step=0.01),
         strength_clip=Float(default=1.0, min=-4.0, max=4.0, step=0.01),
         max_items=16,
@@ -546,7 +534,7 @@ class LoRAStack(Node):
         global PATCH_BUILDS
         rows = []
         for row in loras:
-            lora = load_lora(row["lora"], model, clip)
+            lora = load_lora(ctx.settings, row["lora"], model, clip)
             rows.append((lora, float(row.get("strength_model", 1.0)), float(row.get("strength_clip", 1.0))))
         unet_patch = build_patch([(lora, sm) for lora, sm, _ in rows], "unet")
         text_patch = build_patch([(lora, sc) for lora, _, sc in rows], "text_encoder")

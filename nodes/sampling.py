@@ -88,7 +88,7 @@ class LCMSampler(Node):
     def run(self, ctx, model, positive, latent, schedule, seed, guidance, strength, negative=None):
         if negative is not None and model.lcm_distilled:
             ctx.log.warning("an LCM-distilled model takes no negative prompt: the negative input is ignored")
-        previews = bool(ctx.settings.get("previews"))
+        previews = ctx.settings.previews
 
         def on_step(i: int, total: int, denoised: torch.Tensor) -> None:
             ctx.progress(i + 1, total, latent_preview(denoised) if previews else None)

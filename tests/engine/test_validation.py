@@ -189,7 +189,8 @@ def test_node_declarations_are_checked_when_the_class_is_made():
 
 def test_a_choice_outside_the_options_says_where_choices_come_from():
     folder = ["a.txt"]
-    combo = ng.Combo(options=lambda: list(folder), missing_hint=lambda: f"files are read from {len(folder)} place")
+    combo = ng.Combo(options=lambda settings: list(folder),
+                     missing_hint=lambda settings: f"files are read from {len(folder)} place")
     [problem] = combo.check("b.txt")
     assert problem.code == "not_an_option"
     assert problem.message == "'b.txt' is not one of the choices: 'a.txt' (files are read from 1 place)"

@@ -157,17 +157,44 @@ def test_cli_nodes_json_lists_the_builtin_library():
 def test_cli_hands_device_dtype_and_memory_format_to_the_node_library(monkeypatch, capsys):
     handed = {}
 
-    def build_registry(node_path, settings):
-        handed.update(settings)
+    def build_registry(node_path, library):
+        handed["library"] = library
         raise ng.RegistryError("stop here")
 
+    class Library(ng.NoLibrary):
+        def configure(self, settings):
+            handed["settings"] = settings
+
     monkeypatch.setattr(cli, "build_registry", build_registry)
+    monkeypatch.setattr(cli, "load_library", lambda name: Library())
     argv = ["run", "text-to-image", "--device", "cpu", "--dtype", "bfloat16", "--memory-format", "contiguous"]
     assert cli.main(argv) == 2 and "stop here" in capsys.readouterr().err
-    assert (handed["device"], handed["dtype"], handed["memory_format"]) == ("cpu", "bfloat16", "contiguous")
+    settings = handed["settings"]
+    assert (settings.device, settings.dtype, settings.memory_format) == ("cpu", "bfloat16", "contiguous")
+    assert isinstance(handed["library"], Library)  # the library that was configured is the one registered
     handed.clear()
     assert cli.main(["run", "text-to-image"]) == 2
-    assert not {"device", "dtype", "memory_format"} & set(handed)  # unset flags leave the library's defaults
+    settings = handed["settings"]
+    # unset flags leave the library's defaults
+    assert (settings.device, settings.dtype, settings.memory_format) == (None, None, "auto")
     with pytest.raises(SystemExit):
         cli.main(["run", "text-to-image", "--memory-format", "nhwc"])
     assert "invalid choice: 'nhwc'" in capsys.readouterr().err
+
+
+def test_settings_come_from_the_environment_then_the_command_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("NODEGRAPH_MODELS", str(tmp_path / "env-models"))
+    monkeypatch.setenv("NODEGRAPH_INPUT", str(tmp_path / "env-input"))
+    monkeypatch.setenv("NODEGRAPH_DTYPE", "bfloat16")
+    args = cli.make_parser().parse_args(["run", "x.json", "--models", str(tmp_path / "cli-models")])
+    settings = cli.settings_from_args(args)
+    assert settings.models_dir == tmp_path / "cli-models"  # the command line wins
+    assert settings.input_dir == tmp_path / "env-input" and settings.dtype == "bfloat16"  # the environment fills in
+    monkeypatch.setenv("NODEGRAPH_DTYPE", "float8")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        ng.Settings.from_env()
+
+
+def test_an_unknown_device_is_refused_at_start_up(capsys):
+    assert cli.main(["validate", "text-to-image", "--device", "tpu9"]) == 2
+    assert "--device 'tpu9'" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from nodegraph import Boolean, Combo, Float, Int, Node, NodeOutput, Output, Registry, Socket, String, file_identity
+from nodegraph import (Boolean, Combo, Float, Folder, Int, Node, NodeOutput, Output, Registry, Socket, String,
+                       file_identity)
 
 RUNS: Counter = Counter()
 FILES_DIR = Path(".")
@@ -76,8 +77,8 @@ class Words(Node):
 class ReadFile(Node):
     """Reads a file from FILES_DIR; the file's identity is part of the cache key."""
     category = "toy"
-    filename = Combo(options=lambda: sorted(p.name for p in FILES_DIR.iterdir()),
-                     identity_of=lambda n: file_identity(FILES_DIR / n))
+    filename = Combo(options=lambda settings: sorted(p.name for p in FILES_DIR.iterdir()),
+                     identity_of=lambda n, settings: file_identity(FILES_DIR / n))
     outputs = (Output("text", "STRING"),)
 
     def run(self, ctx, filename):
@@ -135,7 +136,20 @@ class Show(Node):
         return NodeOutput((), {"text": [repr(value)]})
 
 
-ALL = [Const, Add, Scale, Pair, Words, ReadFile, Fail, Steps, Random, Show]
+STYLES = Folder("loras", what="styles", suffixes=(".safetensors",))
+
+
+class Style(Node):
+    """Names a file of the models folder's loras/ (a model folder declared by a node, as loaders do)."""
+    category = "toy"
+    style = Combo(options=STYLES)
+    outputs = (Output("size", "INT"),)
+
+    def run(self, ctx, style):
+        return STYLES.locate(ctx.settings, style).stat().st_size
+
+
+ALL = [Const, Add, Scale, Pair, Words, ReadFile, Fail, Steps, Random, Show, Style]
 
 
 def registry() -> Registry:

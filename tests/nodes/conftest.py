@@ -1,4 +1,4 @@
-"""Tiny random-weight models, built once per test run, in a models folder the node library is pointed at."""
+"""Tiny random-weight models, built once per test run, in a models folder the test's settings point at."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import nodegraph as ng
-import nodes
 from nodes.testing.tiny import build_tiny_sd, build_tiny_sdxl, write_single_file
 
 
@@ -52,17 +51,16 @@ if EXACT["device"].startswith("cuda"):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 (test_cuda)
 
 
-@pytest.fixture(autouse=True)
-def configured(models_root, input_dir, tmp_path):
-    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": input_dir,
-                     "temp_dir": tmp_path / "temp"})
-    yield
-    nodes.configure({})
+@pytest.fixture
+def settings(models_root, input_dir, tmp_path):
+    """The settings of a test's executor (a module may narrow them by overriding this fixture)."""
+    return ng.Settings(**EXACT, models_dir=models_root, input_dir=input_dir, temp_dir=tmp_path / "temp",
+                       output_dir=tmp_path / "out")
 
 
 @pytest.fixture
-def executor(tmp_path):
-    return ng.Executor(ng.build_registry(), output_dir=tmp_path / "out")
+def executor(settings):
+    return ng.Executor(ng.build_registry(), settings=settings)
 
 
 def max_diff(a, b) -> float:

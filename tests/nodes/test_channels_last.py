@@ -6,15 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nodes
+import nodegraph as ng
+
 
 from .conftest import max_diff
 from .test_parity import graph
 
 
 def _run(executor, memory_format, models_root, input_dir, tmp_path, **kwargs):
-    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "dtype": "float32", "device": "cpu",
-                     "memory_format": memory_format, "temp_dir": tmp_path / "temp"})
+    executor.settings = ng.Settings(models_dir=models_root, input_dir=input_dir, dtype="float32", device="cpu",
+                                    memory_format=memory_format, temp_dir=tmp_path / "temp",
+                                    output_dir=tmp_path / "out")
     executor.cache.clear()
     wf = graph("tiny-lcm", "a red cube", **kwargs)
     wf.outputs = ["decode", "ckpt"]
@@ -37,8 +39,6 @@ def test_channels_last_is_the_cpu_default_and_within_rounding_of_contiguous(exec
     assert 0 < diff <= 1e-4
 
 
-def test_an_unknown_memory_format_is_a_clear_error(executor, models_root, input_dir, tmp_path):
-    nodes.configure({"models_dir": models_root, "input_dir": input_dir, "memory_format": "nhwc"})
-    result = executor.run(graph("tiny-lcm", "a red cube"))
-    assert result.nodes["ckpt"].status == "failed"
-    assert "unknown memory format 'nhwc'" in result.nodes["ckpt"].error["message"]
+def test_an_unknown_memory_format_is_a_clear_error_before_anything_runs():
+    with pytest.raises(ValueError, match="unknown memory format 'nhwc'"):
+        ng.Settings(memory_format="nhwc")

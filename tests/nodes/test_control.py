@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 import nodegraph as ng
-import nodes
 from nodegraph import Link as L
 from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file)
 
-from .conftest import EXACT, generator, max_diff
+from .conftest import generator, max_diff
 from .test_parity import graph as parity_graph, ours
 
 TOLERANCE = 1e-5
@@ -60,9 +59,9 @@ def control_inputs(input_dir, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def with_control(configured, control_models, control_inputs, models_root, tmp_path):
-    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": control_inputs, "temp_dir": tmp_path / "temp"})
+@pytest.fixture
+def settings(settings, control_models, control_inputs):
+    return settings.replace(input_dir=control_inputs)
 
 
 def graph(ckpt, prompt, *, controls=(), adapters=(), size=64, guidance=2.0, **kwargs) -> ng.Workflow:
@@ -281,8 +280,7 @@ def test_a_pickled_controlnet_is_refused_unless_pickles_are_allowed(executor, co
     wf.add("cn", "LoadControlNet", control_net="tiny-cn.pth")
     result = executor.run(wf, outputs=["cn"])
     assert result.status != "success" and "pickle" in str(result.nodes["cn"].error)
-    nodes.configure({**EXACT, "models_dir": models_root, "input_dir": control_inputs, "allow_pickle": True,
-                     "temp_dir": tmp_path / "temp"})
+    executor.settings = executor.settings.replace(allow_pickle=True)
     result = executor.run(wf, outputs=["cn"])
     assert result.status == "success", result.errors
     net = result.output("cn", "control_net").net

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import nodegraph as ng
-import nodes
 from nodegraph.assets import shipped_workflows, workflows_dir
 
 from .conftest import EXACT, generator, max_diff
@@ -28,12 +27,12 @@ def on(models_root, input_dir, tmp_path):
     """on(device, dtype) -> a fresh executor whose nodes run there."""
 
     def make(device: str, dtype: str | None) -> ng.Executor:
-        nodes.configure({**EXACT, "device": device, "dtype": dtype, "models_dir": models_root,
-                         "input_dir": input_dir, "temp_dir": tmp_path / "temp"})
-        return ng.Executor(ng.build_registry(), output_dir=tmp_path / f"out-{device}-{dtype}")
+        settings = ng.Settings(**{**EXACT, "device": device, "dtype": dtype}, models_dir=models_root,
+                               input_dir=input_dir, temp_dir=tmp_path / "temp",
+                               output_dir=tmp_path / f"out-{device}-{dtype}")
+        return ng.Executor(ng.build_registry(), settings=settings)
 
-    yield make
-    nodes.configure({})
+    return make
 
 
 @pytest.fixture

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 
 import nodegraph as ng
-import nodes
 from nodegraph import Link as L
 from nodes.testing.tiny import build_tiny_image_encoder, write_image_encoder_single_file, write_tiny_ip_adapter
 
-from .conftest import EXACT, generator, max_diff
+from .conftest import generator, max_diff
 from .test_parity import graph as parity_graph, ours
 
 TOLERANCE = 1e-5
@@ -199,8 +198,7 @@ def test_a_pickled_adapter_needs_the_flag(executor, ip_models, input_dir, tmp_pa
     torch.save(nested, ip_models / "ipadapter" / "tiny-ip.bin")  # h94's .bin layout
     wf = with_ip(parity_graph("tiny-lcm", PROMPT), adapters=(("tiny-ip.bin", "tiny-vision", 0.7),))
     assert "pickle" in _error(executor, wf)
-    nodes.configure({**EXACT, "models_dir": ip_models, "input_dir": input_dir, "allow_pickle": True,
-                     "temp_dir": tmp_path / "temp"})
+    executor.settings = executor.settings.replace(allow_pickle=True)
     from_pickle = ours(executor, wf)
     from_safetensors = ours(executor, with_ip(parity_graph("tiny-lcm", PROMPT)))
     assert max_diff(from_pickle, from_safetensors) == 0

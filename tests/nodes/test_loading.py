@@ -579,14 +579,8 @@ def test_weights_that_do_not_fit_are_reported(tiny, tmp_path):
 
 
 def test_hub_ids_offline_say_where_to_put_the_files(tmp_path):
-    import nodes
-
-    nodes.configure({"models_dir": tmp_path / "models"})
-    try:
-        with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE") as info:
-            load("someone/some-model")
-    finally:
-        nodes.configure({})
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE") as info:
+        load("someone/some-model", checkpoints_dir=tmp_path / "models" / "checkpoints")
     assert str(tmp_path / "models" / "checkpoints" / "some-model") in str(info.value)
 
 
@@ -607,8 +601,11 @@ def test_list_checkpoints(tiny, tmp_path):
     for name in ("a.safetensors", "b.ckpt", "nested/c.pt", "nested/d.pth", "notes.txt", ".e.safetensors",
                  "nested/.hidden/f.safetensors"):
         (root / name).write_bytes(b"x")
-    (root / "pipeline").symlink_to(tiny.sd, target_is_directory=True)
-    (root / "lcm-unet").symlink_to(tiny.lcm / "unet", target_is_directory=True)
+    shutil.copytree(tiny.sd, root / ".store" / "sd")
+    shutil.copytree(tiny.lcm / "unet", root / ".store" / "lcm-unet")
+    (root / "pipeline").symlink_to(root / ".store" / "sd", target_is_directory=True)
+    (root / "lcm-unet").symlink_to(root / ".store" / "lcm-unet", target_is_directory=True)
+    (root / "elsewhere").symlink_to(tiny.sd, target_is_directory=True)  # leads out of the folder: never offered
     (root / "empty-folder").mkdir()
     assert list_checkpoints(root) == ["a.safetensors", "b.ckpt", "lcm-unet", "nested/c.pt", "nested/d.pth", "pipeline"]
     assert list_checkpoints(tmp_path / "nowhere") == []
@@ -620,13 +617,14 @@ def test_sdxl_and_ssd1b_single_files_generate_as_diffusers_does(tiny, family, tm
     gives diffusers' StableDiffusionXLPipeline image for the same loaded components."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    import nodes
+    import nodegraph as ng
+
     from .conftest import EXACT, generator, max_diff
     from .test_parity import graph, ours
 
     (tmp_path / "checkpoints").mkdir()
     shutil.copyfile(tiny.families[family].path, tmp_path / "checkpoints" / f"{family}.safetensors")
-    nodes.configure({**EXACT, "models_dir": tmp_path})
+    executor.settings = ng.Settings(**EXACT, models_dir=tmp_path, output_dir=tmp_path / "out")
     got = ours(executor, graph(f"{family}.safetensors", "a red circle", seed=3, steps=2, guidance=2.0))
 
     c = load(tiny.families[family].path)

@@ -218,11 +218,9 @@ def test_a_lora_on_both_sdxl_text_encoders_matches_diffusers(executor, sdxl, mod
 def test_the_sdxl_vae_stays_in_float32_when_the_rest_runs_in_float16(executor, models_root, input_dir):
     """SDXL's VAE overflows in float16; its config says force_upcast, and diffusers' SDXL pipelines decode in
     float32. SD1 models keep a float16 VAE."""
-    import nodes
 
-    from .conftest import EXACT
 
-    nodes.configure({**EXACT, "dtype": "float16", "models_dir": models_root, "input_dir": input_dir})
+    executor.settings = executor.settings.replace(dtype="float16")
     wf = ng.Workflow()
     wf.add("xl", "LoadCheckpoint", ckpt="tiny-sdxl")
     wf.add("sd", "LoadCheckpoint", ckpt="tiny-sd")

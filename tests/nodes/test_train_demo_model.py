@@ -45,7 +45,6 @@ def test_the_export_loads_in_diffusers_and_in_a_graph(trained, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
     import nodegraph as ng
-    import nodes
 
     from .test_parity import graph, ours
 
@@ -58,12 +57,8 @@ def test_the_export_loads_in_diffusers_and_in_a_graph(trained, tmp_path):
 
     models = tmp_path / "models"
     shutil.copytree(out, models / "checkpoints" / "trained")  # a symbolic link out of the folder is refused
-    nodes.configure({"models_dir": models})
-    try:
-        image = ours(ng.Executor(ng.build_registry()), graph("trained", "a red circle on a blue background",
-                                                             steps=2, guidance=3.0))
-    finally:
-        nodes.configure({})
+    executor = ng.Executor(ng.build_registry(), settings=ng.Settings(models_dir=models, output_dir=tmp_path / "out"))
+    image = ours(executor, graph("trained", "a red circle on a blue background", steps=2, guidance=3.0))
     assert image.shape == (1, 64, 64, 3)
 
 

@@ -11,23 +11,31 @@ from PIL import Image
 
 import nodegraph as ng
 from nodegraph.history import History
-from nodegraph.server import Folders, ServerConfig, create_app
+from nodegraph.server import ServerConfig, create_app
 
 from ..engine import toy
 
 
+class Folders:
+    """The test's folders, as paths (the server reads them from its settings)."""
+
+    def __init__(self, root):
+        self.input, self.output, self.temp, self.models = (root / n for n in ("input", "output", "temp", "models"))
+        self.settings = ng.Settings(models_dir=self.models, input_dir=self.input, output_dir=self.output,
+                                    temp_dir=self.temp)
+
+
 @pytest.fixture
 def folders(tmp_path):
-    f = Folders(input=tmp_path / "input", output=tmp_path / "output", temp=tmp_path / "temp",
-                models=tmp_path / "models")
+    f = Folders(tmp_path)
     for d in (f.input, f.output, f.temp, f.models / "loras"):
         d.mkdir(parents=True)
     return f
 
 
 def make_app(folders, tmp_path, **config):
-    executor = ng.Executor(toy.registry(), output_dir=folders.output)
-    return create_app(executor, folders, ServerConfig(**config), History(tmp_path / "data" / "history.sqlite3"))
+    executor = ng.Executor(toy.registry(), settings=folders.settings)
+    return create_app(executor, ServerConfig(**config), History(tmp_path / "data" / "history.sqlite3"))
 
 
 @pytest.fixture
