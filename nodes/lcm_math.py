@@ -1,11 +1,14 @@
 """Latent Consistency Model (LCM) maths as small pure functions on torch tensors.
 
-This module is the numerical core of the LCM sampler nodes. Each function is a
-direct transcription of one primitive of LCM_ALGORITHM.md in the shared notes
-(§0, Primitives A-D), which describes what diffusers' ``LCMScheduler`` and
-``LatentConsistencyModelPipeline`` compute; the names follow the LCM paper
-(Luo et al. 2023, "Latent Consistency Models"): ``c_skip``, ``c_out``,
-``denoised``. Given the same inputs, the results are bit-identical to
+This module is the numerical core of the LCM sampler nodes. Each function
+transcribes one piece of what diffusers' ``LCMScheduler``
+(``schedulers/scheduling_lcm.py``) and ``LatentConsistencyModelPipeline``
+compute, and a reader can check it line by line against them: the noise
+schedule, the timestep selection (B), the guidance embedding (A), one
+consistency step (C) and the forward diffusion of image-to-image (D); the
+letters name the sections below. The
+names follow the LCM paper (Luo et al. 2023, "Latent Consistency Models"):
+``c_skip``, ``c_out``, ``denoised``. Given the same inputs, the results are bit-identical to
 diffusers in float32, so the floating-point operations are written in
 exactly the same order as there; please keep it that way when editing.
 
@@ -14,9 +17,9 @@ tables such as ``alphas_cumprod`` are built on torch's default device, as
 diffusers builds them. Scheduler tables and coefficients are float32.
 
 Overview:
-    alphas_cumprod        noise schedule  (§0)
+    alphas_cumprod        noise schedule
     LCMSchedulerConfig    the scheduler_config.json fields LCM uses
-    lcm_timesteps         timestep selection  (Primitive B) -> Schedule
+    lcm_timesteps         timestep selection  (Primitive B) -> Timesteps
     guidance_embedding    w-conditioning for LCM-distilled UNets  (Primitive A)
     lcm_step              one consistency step  (Primitive C)
     add_noise             forward diffusion for img2img  (Primitive D)
@@ -39,7 +42,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "SIGMA_DATA",
     "LCMSchedulerConfig",
-    "Schedule",
+    "Timesteps",
     "add_noise",
     "alphas_cumprod",
     "boundary_condition_scalings",
@@ -242,7 +245,7 @@ _FLOAT_FIELDS = (
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Timesteps:
     """The timesteps an LCM sampler visits, in order, and diffusers' ``num_inference_steps``.
 
     ``num_inference_steps`` is ``len(timesteps)`` except for custom timesteps sliced by
@@ -278,7 +281,7 @@ def _lcm_origin_timesteps(config: LCMSchedulerConfig, original_inference_steps: 
 
 def _custom_schedule(
     config: LCMSchedulerConfig, timesteps: Sequence[int], origin: list[int], original_steps: int, strength: float
-) -> Schedule:
+) -> Timesteps:
     ts = [_as_int(t, f"timesteps[{i}]") for i, t in enumerate(timesteps)]
     if not ts:
         raise ValueError("timesteps must not be empty")
@@ -310,7 +313,7 @@ def _custom_schedule(
     if t_start >= n_full:
         raise ValueError(f"strength={strength} leaves none of the {n_full} custom timesteps")
     # num_inference_steps stays n_full even after slicing (diffusers' behaviour).
-    return Schedule(tuple(ts[t_start:]), n_full)
+    return Timesteps(tuple(ts[t_start:]), n_full)
 
 
 def lcm_timesteps(
@@ -320,7 +323,7 @@ def lcm_timesteps(
     original_inference_steps: int | None = None,
     timesteps: Sequence[int] | None = None,
     strength: float = 1.0,
-) -> Schedule:
+) -> Timesteps:
     """The LCM timestep schedule, as ``LCMScheduler.set_timesteps`` builds it (Primitive B).
 
     Give exactly one of ``steps`` (pick that many timesteps evenly, by index, from the
@@ -361,7 +364,7 @@ def lcm_timesteps(
     span = len(origin)
     # Float floor(i * (L / n)) == numpy.floor(linspace(0, L, n, endpoint=False)); integer
     # i * L // n differs for many (L, n), e.g. L=30, n=22.
-    return Schedule(tuple(origin[math.floor(i * (span / n))] for i in range(n)), n)
+    return Timesteps(tuple(origin[math.floor(i * (span / n))] for i in range(n)), n)
 
 
 # ---------------------------------------------------------------------------
@@ -486,7 +489,7 @@ def lcm_step(
     sample: torch.Tensor,
     *,
     step_index: int,
-    schedule: Schedule,
+    schedule: Timesteps,
     alphas_cumprod: torch.Tensor,
     config: LCMSchedulerConfig,
     generator: Generators = None,

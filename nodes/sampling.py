@@ -255,7 +255,7 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
     t_start = n - min(int(n * strength), n)  # strength slices the full schedule, as SD img2img/inpaint do
     if t_start >= len(full.timesteps):
         raise ValueError(f"strength {strength} leaves no step of {len(full.timesteps)}: raise strength or steps")
-    plan = lcm_math.Schedule(full.timesteps[t_start:], n - t_start)
+    plan = lcm_math.Timesteps(full.timesteps[t_start:], n - t_start)
 
     image_latents = None
     if blend or strength < 1.0:  # DRAW: the image's posterior sample

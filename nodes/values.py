@@ -243,7 +243,7 @@ class Schedule:
     original_inference_steps: int | None = None
     custom: tuple[int, ...] | None = None
 
-    def resolve(self, strength: float = 1.0) -> lcm_math.Schedule:
+    def resolve(self, strength: float = 1.0) -> lcm_math.Timesteps:
         return lcm_math.lcm_timesteps(self.config, None if self.custom else self.steps,
                                       original_inference_steps=self.original_inference_steps,
                                       timesteps=self.custom, strength=strength)

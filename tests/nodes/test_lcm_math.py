@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from nodes.lcm_math import (
     LCMSchedulerConfig,
-    Schedule,
+    Timesteps,
     add_noise,
     alphas_cumprod,
     guidance_embedding,
@@ -43,9 +43,9 @@ def quiet_diffusers():
     diffusers_logging.set_verbosity(level)
 
 
-def diffusers_schedule(scheduler: LCMScheduler = DIFFUSERS_DEFAULT, steps=None, **kwargs) -> Schedule:
+def diffusers_schedule(scheduler: LCMScheduler = DIFFUSERS_DEFAULT, steps=None, **kwargs) -> Timesteps:
     scheduler.set_timesteps(steps, **kwargs)
-    return Schedule(tuple(scheduler.timesteps.tolist()), scheduler.num_inference_steps)
+    return Timesteps(tuple(scheduler.timesteps.tolist()), scheduler.num_inference_steps)
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_invalid_config_values_raise_a_value_error_naming_the_field(field, value
 # Primitive B: timesteps
 # ---------------------------------------------------------------------------
 
-REFERENCE_TABLE = [  # LCM_ALGORITHM.md, Primitive B
+REFERENCE_TABLE = [  # LCMScheduler.set_timesteps, worked by hand
     (dict(steps=1), [999]),
     (dict(steps=2), [999, 499]),
     (dict(steps=3), [999, 679, 339]),
