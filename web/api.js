@@ -2,10 +2,21 @@
 //
 // Every request carries the bearer token when the page was opened with "#token=..." (the server prints such a
 // link when it is bound to a non-loopback address). Websocket messages are re-dispatched as DOM events named
-// after their "type" (status, executing, progress, executed, ...), with the message's "data" as the detail;
-// binary preview frames become a "preview" event whose detail is {blob}.
+// after their "type" (status, executing, progress, executed, node_skipped, ...), with the message's "data" as
+// the detail; binary preview frames become a "preview" event whose detail is {blob, meta}.
+//
+// Binary frames follow ComfyUI: a big-endian uint32 event type, then for PREVIEW_IMAGE (1) a uint32 format (1 JPEG,
+// 2 PNG) and the image; for PREVIEW_IMAGE_WITH_METADATA (4) a uint32 length N, N bytes of JSON metadata
+// ({node_id, display_node_id, prompt_id, image_type}) and the image. A server sends type 4 only to clients that
+// ask for it in a "feature_flags" message right after the socket opens; meta is null for type 1.
 
 const TOKEN_KEY = "nodegraph.token";
+const PREVIEW_IMAGE = 1;
+const PREVIEW_IMAGE_WITH_METADATA = 4;
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+
+/** What this client understands beyond the base protocol; sent to the server when the socket opens. */
+export const FEATURE_FLAGS = { supports_preview_metadata: true };
 const CLIENT_KEY = "nodegraph.clientId";
 
 export class ApiError extends Error {
@@ -136,6 +147,7 @@ export class Api extends EventTarget {
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     socket.addEventListener("open", () => {
+      socket.send(JSON.stringify({ type: "feature_flags", data: FEATURE_FLAGS }));
       this.connected = true;
       this._retry = 500;
       this.dispatchEvent(new CustomEvent("connection", { detail: { connected: true } }));
@@ -150,7 +162,7 @@ export class Api extends EventTarget {
         this._retry = Math.min(this._retry * 2, 10000);
       }
     });
-    socket.addEventListener("message", (event) => this._onMessage(event));
+    socket.addEventListener("message", (event) => this.receive(event.data));
   }
 
   close() {
@@ -158,26 +170,44 @@ export class Api extends EventTarget {
     if (this.socket) this.socket.close();
   }
 
-  _onMessage(event) {
-    if (event.data instanceof ArrayBuffer) {
-      const view = new DataView(event.data);
-      if (event.data.byteLength < 8) return;
-      const kind = view.getUint32(0);
-      const format = view.getUint32(4);
-      if (kind === 1) {
-        const mime = format === 2 ? "image/png" : "image/jpeg";
-        const blob = new Blob([event.data.slice(8)], { type: mime });
-        this.dispatchEvent(new CustomEvent("preview", { detail: { blob } }));
-      }
+  /** Dispatch one websocket message (text or ArrayBuffer). The socket feeds it; tests may feed it too. */
+  receive(data) {
+    if (data instanceof ArrayBuffer) {
+      const preview = parsePreview(data);
+      if (preview) this.dispatchEvent(new CustomEvent("preview", { detail: preview }));
       return;
     }
     let message;
     try {
-      message = JSON.parse(event.data);
+      message = JSON.parse(data);
     } catch {
       return;
     }
     if (!message || typeof message.type !== "string") return;
     this.dispatchEvent(new CustomEvent(message.type, { detail: message.data || {} }));
   }
+}
+
+/** A binary preview frame as {blob, meta}; null for other frames and for malformed ones. */
+export function parsePreview(buffer) {
+  if (buffer.byteLength < 8) return null;
+  const view = new DataView(buffer);
+  const kind = view.getUint32(0);
+  if (kind === PREVIEW_IMAGE) {
+    const mime = view.getUint32(4) === 2 ? "image/png" : "image/jpeg";
+    return { blob: new Blob([buffer.slice(8)], { type: mime }), meta: null };
+  }
+  if (kind !== PREVIEW_IMAGE_WITH_METADATA) return null;
+  const length = view.getUint32(4);
+  if (8 + length > buffer.byteLength) return null;
+  let meta;
+  try {
+    meta = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 8, length)));
+  } catch {
+    return null;
+  }
+  if (!meta || typeof meta !== "object") return null;
+  // the type comes from the server's JSON: only an image type may label the blob the page will display
+  const mime = IMAGE_TYPES.includes(meta.image_type) ? meta.image_type : "image/png";
+  return { blob: new Blob([buffer.slice(8 + length)], { type: mime }), meta };
 }
