@@ -1,8 +1,9 @@
 """The HTTP server: the browser canvas, a ComfyUI-compatible API and a websocket of run events.
 
 Handlers are thin adapters: they parse the request, call the queue, the executor or the history, and serialise
-the answer. Prompts run one at a time, in order, on a worker thread, so the event loop never blocks; run events
-cross back to the loop with ``call_soon_threadsafe`` and go to the websocket of the client that queued the prompt.
+the answer. The run queue and its worker thread are ``prompt_queue``; what clients are told, and in which shape
+(websocket messages, preview frames, ``/object_info``, refused prompts), is ``comfy_protocol``. Run events cross
+back to the event loop with ``call_soon_threadsafe`` and go to the websocket of the client that queued the prompt.
 
 Security by default: the server binds to loopback; requests must name an allowed Host (which defeats DNS
 rebinding); state-changing requests and websockets from other sites are refused (Origin, Sec-Fetch-Site); a bearer
@@ -22,32 +23,29 @@ import mimetypes
 import os
 import platform
 import secrets
-import struct
 import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from . import events as ev
+from . import comfy_protocol as comfy
 from .assets import shipped_workflows, web_dir, workflows_dir
 from .executor import Executor
 from .folders import FILE_FOLDERS, Folder
 from .history import History
 from .library import Library, NoLibrary, model_folders
 from .paths import UnsafePath, safe_join
+from .prompt_queue import PromptQueue
 from .settings import Settings
 from .validate import ValidationFailed
-from .workflow import Workflow, WorkflowError, from_json
+from .workflow import WorkflowError, from_json
 
 log = logging.getLogger("nodegraph.server")
 
 MAX_UPLOAD = 32 * 1024 * 1024
-PREVIEW_PNG = struct.pack(">II", 1, 2)  # binary websocket frame header: preview image, PNG
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 
 
@@ -57,208 +55,6 @@ def _file_folder(kind: str) -> Folder:
     if folder is None:
         raise web.HTTPBadRequest(text=f"type must be input, output or temp, not {kind!r}")
     return folder
-
-
-@dataclass
-class QueueItem:
-    number: int
-    prompt_id: str
-    workflow: Workflow
-    document: dict
-    client_id: str | None
-    extra: dict
-    outputs: list[str]
-    plan: Any = None
-
-    def as_row(self) -> list:
-        return [self.number, self.prompt_id, self.document, {**self.extra, "client_id": self.client_id},
-                self.outputs]
-
-
-class PromptQueue:
-    """Prompts waiting to run, the one running, and the worker thread that runs them in order."""
-
-    def __init__(self, executor: Executor, history: History, notify: Callable[[str, dict, str | None], None]):
-        self.executor = executor
-        self.history = history
-        self.notify = notify
-        self._pending: list[QueueItem] = []
-        self.running: QueueItem | None = None
-        self._cond = threading.Condition()
-        self._counter = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._work, name="nodegraph-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self.running is not None:
-            self.executor.cancel(self.running.prompt_id)
-        self._thread.join(timeout=10)
-
-    @property
-    def remaining(self) -> int:
-        with self._cond:
-            return len(self._pending) + (self.running is not None)
-
-    def put(self, workflow: Workflow, document: dict, plan, client_id: str | None, extra: dict,
-            front: bool = False) -> QueueItem:
-        with self._cond:
-            self._counter += 1
-            item = QueueItem(self._counter, str(uuid.uuid4()), workflow, document, client_id, extra, plan.targets,
-                             plan)
-            if front:
-                self._pending.insert(0, item)
-            else:
-                self._pending.append(item)
-            self._cond.notify()
-        self._status()
-        return item
-
-    def snapshot(self) -> dict:
-        with self._cond:
-            return {"queue_running": [self.running.as_row()] if self.running else [],
-                    "queue_pending": [i.as_row() for i in self._pending]}
-
-    def delete(self, prompt_ids: list[str]) -> int:
-        with self._cond:
-            before = len(self._pending)
-            self._pending = [i for i in self._pending if i.prompt_id not in set(prompt_ids)]
-            removed = before - len(self._pending)
-        if removed:
-            self._status()
-        return removed
-
-    def clear(self) -> None:
-        with self._cond:
-            self._pending.clear()
-        self._status()
-
-    def interrupt(self, prompt_id: str | None = None) -> bool:
-        running = self.running
-        if running is None or (prompt_id is not None and prompt_id != running.prompt_id):
-            return False
-        return self.executor.cancel(running.prompt_id)
-
-    def _status(self) -> None:
-        self.notify("status", {"status": {"exec_info": {"queue_remaining": self.remaining}}}, None)
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stop:
-                    self._cond.wait()
-                if self._stop:
-                    return
-                item = self.running = self._pending.pop(0)
-            try:
-                self._run(item)
-            except Exception:  # the queue must keep going whatever one prompt does
-                log.exception("prompt %s crashed the worker", item.prompt_id)
-            finally:
-                with self._cond:
-                    self.running = None
-                self._status()
-
-    def _run(self, item: QueueItem) -> None:
-        messages: list = []
-        started = time.time()
-        outputs: dict[str, dict] = {}
-
-        def on_event(event: ev.Event) -> None:
-            if event.run_id != item.prompt_id:
-                return
-            for kind, data in _translate(event, item):
-                if kind != "binary":
-                    messages.append([kind, data])
-                    if kind == "executed":
-                        outputs[data["node"]] = data["output"]
-                self.notify(kind, data, item.client_id)
-
-        unsubscribe = self.executor.events.subscribe(on_event)
-        try:
-            result = self.executor.run(item.plan, run_id=item.prompt_id)
-            status = {"success": "success", "failed": "error", "cancelled": "interrupted"}[result.status]
-        except Exception as exc:
-            log.exception("prompt %s failed outside any node", item.prompt_id)
-            status = "error"
-            self.notify("execution_error", {"prompt_id": item.prompt_id, "exception_message": str(exc),
-                                            "exception_type": type(exc).__name__}, item.client_id)
-        finally:
-            unsubscribe()
-        self.history.add(item.prompt_id, item.number, {
-            "prompt": item.as_row(), "outputs": outputs,
-            "status": {"status_str": status, "completed": status == "success", "messages": messages},
-            "meta": {"started": started, "finished": time.time()}})
-
-
-def _translate(event: ev.Event, item: QueueItem) -> list[tuple[str, Any]]:
-    """Engine events as ComfyUI websocket messages."""
-    pid, now = item.prompt_id, int(time.time() * 1000)
-    data = event.data
-    if event.type == ev.RUN_STARTED:
-        return [("execution_start", {"prompt_id": pid, "timestamp": now})]
-    if event.type == ev.NODE_CACHED:
-        out = [("execution_cached", {"nodes": [event.node_id], "prompt_id": pid, "timestamp": now})]
-        if data.get("ui"):
-            out.append(("executed", {"node": event.node_id, "display_node": event.node_id, "output": data["ui"],
-                                     "prompt_id": pid}))
-        return out
-    if event.type == ev.NODE_STARTED:
-        return [("executing", {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid})]
-    if event.type == ev.NODE_PROGRESS:
-        out = [("progress", {"value": data["value"], "max": data["max"], "prompt_id": pid, "node": event.node_id})]
-        preview = data.get("preview")
-        if preview is not None and hasattr(preview, "save"):
-            buffer = io.BytesIO()
-            preview.save(buffer, format="PNG")
-            out.append(("binary", PREVIEW_PNG + buffer.getvalue()))
-        return out
-    if event.type == ev.NODE_FINISHED and data.get("ui"):
-        return [("executed", {"node": event.node_id, "display_node": event.node_id, "output": data["ui"],
-                              "prompt_id": pid})]
-    if event.type == ev.NODE_FAILED:
-        return [("execution_error", {"prompt_id": pid, "node_id": event.node_id, "node_type": data["type"],
-                                     "exception_message": data["message"], "exception_type": data["exception_type"],
-                                     "traceback": data["traceback"].splitlines(), "timestamp": now})]
-    if event.type == ev.RUN_FINISHED:
-        out = [("executing", {"node": None, "prompt_id": pid})]
-        if data["status"] == "success":
-            out.append(("execution_success", {"prompt_id": pid, "timestamp": now}))
-        elif data["status"] == "cancelled":
-            out.append(("execution_interrupted", {"prompt_id": pid, "timestamp": now}))
-        return out
-    return []
-
-
-class Hub:
-    """The open websockets by client id; messages are sent from the event loop."""
-
-    def __init__(self) -> None:
-        self.sockets: dict[str, web.WebSocketResponse] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def send_threadsafe(self, kind: str, data: Any, client_id: str | None) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.send(kind, data, client_id)))
-
-    async def send(self, kind: str, data: Any, client_id: str | None) -> None:
-        if client_id is not None and kind != "status":
-            targets = [self.sockets[client_id]] if client_id in self.sockets else []
-        else:
-            targets = list(self.sockets.values())
-        for ws in targets:
-            try:
-                if kind == "binary":
-                    await ws.send_bytes(data)
-                else:
-                    await ws.send_json({"type": kind, "data": data})
-            except (ConnectionError, RuntimeError):
-                pass  # the client went away; its socket is dropped when its handler ends
 
 
 @dataclass
@@ -289,8 +85,8 @@ def create_app(executor: Executor, config: ServerConfig, history: History,
                library: Library | None = None) -> web.Application:
     """Build the aiohttp application (tests use it with aiohttp's test client). Its folders are the executor's
     settings' folders: what a client uploads is what LoadImage reads."""
-    hub = Hub()
-    queue = PromptQueue(executor, history, hub.send_threadsafe)
+    hub = comfy.Hub({"max_upload_size": config.max_upload})
+    queue = PromptQueue(executor, history, hub.send_threadsafe, comfy)
     if config.previews:
         executor.settings = executor.settings.replace(previews=True)
     app = web.Application(client_max_size=config.max_upload,
@@ -303,8 +99,7 @@ def create_app(executor: Executor, config: ServerConfig, history: History,
         queue.start()
 
     async def on_shutdown(app: web.Application) -> None:
-        for ws in list(hub.sockets.values()):
-            await ws.close()
+        await hub.close()
 
     async def on_cleanup(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, queue.stop)
@@ -411,55 +206,23 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    hub: Hub = request.app["hub"]
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1024 * 1024)
     await ws.prepare(request)
     client_id = request.query.get("clientId") or uuid.uuid4().hex
-    previous = hub.sockets.get(client_id)
-    hub.sockets[client_id] = ws
-    try:
-        await ws.send_json({"type": "status", "data": {
-            "status": {"exec_info": {"queue_remaining": request.app["queue"].remaining}}, "sid": client_id}})
-        async for msg in ws:
-            if msg.type == WSMsgType.ERROR:
-                break
-    finally:
-        if hub.sockets.get(client_id) is ws:
-            if previous is not None and not previous.closed:
-                hub.sockets[client_id] = previous
-            else:
-                del hub.sockets[client_id]
+    hello = comfy.status(request.app["queue"].remaining, sid=client_id)
+    await request.app["hub"].attend(ws, client_id, hello)
     return ws
-
-
-def _node_errors(errors) -> dict:
-    out: dict[str, dict] = {}
-    for e in errors:
-        key = e.node_id if e.node_id is not None else ""
-        entry = out.setdefault(key, {"errors": [], "dependent_outputs": [], "class_type": e.node_type})
-        entry["errors"].append({"type": e.code, "message": e.message, "details": str(e),
-                                "extra_info": {"input_name": e.input}})
-    return out
 
 
 async def post_prompt(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if not isinstance(body, dict) or "prompt" not in body:
-        return web.json_response({"error": {"type": "invalid_prompt", "message": "the body needs a \"prompt\"",
-                                            "details": "", "extra_info": {}}, "node_errors": {}}, status=400)
-    executor: Executor = request.app["executor"]
+        return web.json_response(comfy.prompt_refused("the body needs a \"prompt\""), status=400)
     try:
         workflow = from_json(body["prompt"])
-        plan = executor.compile(workflow)
-    except WorkflowError as exc:
-        return web.json_response({"error": {"type": "invalid_prompt", "message": str(exc), "details": "",
-                                            "extra_info": {}}, "node_errors": {}}, status=400)
-    except ValidationFailed as exc:
-        general = [e for e in exc.errors if e.node_id is None]
-        message = general[0].message if general else f"{len(exc.errors)} input(s) failed validation"
-        return web.json_response({"error": {"type": "prompt_outputs_failed_validation", "message": message,
-                                            "details": str(exc), "extra_info": {}},
-                                  "node_errors": _node_errors(exc.errors)}, status=400)
+        plan = request.app["executor"].compile(workflow)
+    except (WorkflowError, ValidationFailed) as exc:
+        return web.json_response(comfy.prompt_refused(exc), status=400)
     extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
     client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
     item = request.app["queue"].put(workflow, body["prompt"], plan, client_id, extra, front=bool(body.get("front")))
@@ -514,35 +277,12 @@ async def post_history(request: web.Request) -> web.Response:
     return await _clear_or_delete(request, request.app["history"])
 
 
-def _comfy_input(spec: dict) -> list:
-    """One input in ComfyUI's object_info shape: [TYPE or options, {settings}]."""
-    options = {k: v for k, v in spec.items() if k not in ("name", "kind", "type", "optional", "options")}
-    if spec["kind"] == "COMBO":
-        return [spec["options"], options]
-    return [spec["type"], options]
-
-
-def _object_info(node_type, settings: Settings) -> dict:
-    doc = node_type.to_json(settings)
-    required = {i["name"]: _comfy_input(i) for i in doc["inputs"] if not i["optional"]}
-    optional = {i["name"]: _comfy_input(i) for i in doc["inputs"] if i["optional"]}
-    return {
-        "input": {"required": required, "optional": optional},
-        "input_order": {"required": list(required), "optional": list(optional)},
-        "output": [o["type"] for o in doc["outputs"]], "output_is_list": [False] * len(doc["outputs"]),
-        "output_name": [o["name"] for o in doc["outputs"]], "name": doc["name"],
-        "display_name": doc["display_name"], "description": doc["description"], "category": doc["category"],
-        "output_node": doc["output_node"], "deprecated": doc["deprecated"],
-        "python_module": node_type.__module__, "nodegraph": doc,
-    }
-
-
 async def object_info(request: web.Request) -> web.Response:
     registry = request.app["executor"].registry
     loop = asyncio.get_running_loop()
     # option lists may read folders: keep that off the event loop
     settings = _settings(request)
-    info = await loop.run_in_executor(None, lambda: {t.name: _object_info(t, settings) for t in registry})
+    info = await loop.run_in_executor(None, lambda: {t.name: comfy.object_info(t, settings) for t in registry})
     return web.json_response(info)
 
 
@@ -550,7 +290,7 @@ async def object_info_one(request: web.Request) -> web.Response:
     node_type = request.app["executor"].registry.get(request.match_info["node_type"])
     if node_type is None:
         return web.json_response({})
-    return web.json_response({node_type.name: _object_info(node_type, _settings(request))})
+    return web.json_response({node_type.name: comfy.object_info(node_type, _settings(request))})
 
 
 def _settings(request: web.Request) -> Settings:

@@ -1,0 +1,249 @@
+"""ComfyUI's protocol: engine events as the websocket messages ComfyUI clients read, the JSON shapes of its HTTP
+answers (``/object_info``, a refused prompt's ``node_errors``), and the hub of open websockets.
+
+A run's events become JSON messages ``{"type": ..., "data": ...}`` (``execution_start``, ``executing``,
+``progress``, ``executed``, ``execution_cached``, ``node_skipped``, ``execution_error``, ``execution_success``,
+``execution_interrupted``; ``status`` for the queue) and preview images. A preview is framed for each socket as its
+client asked: one that sent ``{"type": "feature_flags", "data": {"supports_preview_metadata": true}}`` gets
+PREVIEW_IMAGE_WITH_METADATA frames (type 4: JSON naming the node and the prompt, then the PNG), the others
+PREVIEW_IMAGE frames (type 1: PNG). Anything else a client sends is ignored: a malformed message never closes a
+socket.
+
+Translation is a pure function (an event in, messages out) that runs on the worker thread, which also encodes the
+preview PNG; the hub sends on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from . import events as ev
+from .validate import ValidationFailed
+from .workflow import WorkflowError
+
+log = logging.getLogger("nodegraph.comfy_protocol")
+
+Message = tuple[str, Any]
+
+# binary websocket frames: a big-endian uint32 event type first
+PREVIEW_IMAGE = 1  # then a uint32 image format (2: PNG) and the image
+PREVIEW_IMAGE_WITH_METADATA = 4  # then a uint32 length N, N bytes of JSON metadata and the image
+PNG = 2
+PREVIEW = "preview"  # the type of the message that carries a ``Preview``
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A preview image of a running node, encoded once; each socket gets it framed as its client asked."""
+
+    png: bytes
+    node_id: str
+    prompt_id: str
+
+    def frame(self, features: dict) -> bytes:
+        if features.get("supports_preview_metadata") is True:
+            meta = json.dumps({"node_id": self.node_id, "display_node_id": self.node_id,
+                               "prompt_id": self.prompt_id, "image_type": "image/png"}).encode()
+            return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(meta)) + meta + self.png
+        return struct.pack(">II", PREVIEW_IMAGE, PNG) + self.png
+
+
+# --- engine events -> messages ---------------------------------------------------------------------------------------
+
+def translate(event: ev.Event, prompt_id: str) -> list[Message]:
+    """The messages a ComfyUI client expects for one engine event of prompt ``prompt_id``."""
+    pid, node, now, data = prompt_id, event.node_id, int(time.time() * 1000), event.data
+    if event.type == ev.RUN_STARTED:
+        return [("execution_start", {"prompt_id": pid, "timestamp": now})]
+    if event.type == ev.NODE_CACHED:
+        out: list[Message] = [("execution_cached", {"nodes": [node], "prompt_id": pid, "timestamp": now})]
+        if data.get("ui"):
+            out.append(_executed(node, data["ui"], pid))
+        return out
+    if event.type == ev.NODE_STARTED:
+        return [("executing", {"node": node, "display_node": node, "prompt_id": pid})]
+    if event.type == ev.NODE_PROGRESS:
+        out = [("progress", {"value": data["value"], "max": data["max"], "prompt_id": pid, "node": node})]
+        preview = data.get("preview")
+        if preview is not None and hasattr(preview, "save"):  # a PIL image
+            buffer = io.BytesIO()
+            preview.save(buffer, format="PNG")
+            out.append((PREVIEW, Preview(buffer.getvalue(), node, pid)))
+        return out
+    if event.type == ev.NODE_FINISHED and data.get("ui"):
+        return [_executed(node, data["ui"], pid)]
+    if event.type == ev.NODE_SKIPPED:
+        return [("node_skipped", {"node": node, "because_of": data.get("because_of"), "prompt_id": pid})]
+    if event.type == ev.NODE_FAILED:
+        return [("execution_error", {"prompt_id": pid, "node_id": node, "node_type": data["type"],
+                                     "exception_message": data["message"], "exception_type": data["exception_type"],
+                                     "traceback": data["traceback"].splitlines(), "timestamp": now})]
+    if event.type == ev.RUN_FINISHED:
+        out = [("executing", {"node": None, "prompt_id": pid})]
+        if data["status"] == "success":
+            out.append(("execution_success", {"prompt_id": pid, "timestamp": now}))
+        elif data["status"] == "cancelled":
+            out.append(("execution_interrupted", {"prompt_id": pid, "timestamp": now}))
+        return out
+    return []
+
+
+def _executed(node: str | None, ui: dict, pid: str) -> Message:
+    return ("executed", {"node": node, "display_node": node, "output": ui, "prompt_id": pid})
+
+
+def crashed(prompt_id: str, exc: BaseException) -> Message:
+    """A run that failed outside any node (the executor itself raised)."""
+    return ("execution_error", {"prompt_id": prompt_id, "exception_message": str(exc),
+                                "exception_type": type(exc).__name__})
+
+
+def status(remaining: int, sid: str | None = None) -> Message:
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+    if sid is not None:
+        data["sid"] = sid
+    return ("status", data)
+
+
+def recorded(message: Message) -> bool:
+    """Whether a message belongs in the history entry's ``messages`` (previews do not)."""
+    return message[0] != PREVIEW
+
+
+# --- HTTP answers ----------------------------------------------------------------------------------------------------
+
+def object_info(node_type, settings) -> dict:
+    """One node type in ``/object_info``'s shape, with our own declaration under ``"nodegraph"``."""
+    doc = node_type.to_json(settings)
+    required = {i["name"]: _input(i) for i in doc["inputs"] if not i["optional"]}
+    optional = {i["name"]: _input(i) for i in doc["inputs"] if i["optional"]}
+    return {
+        "input": {"required": required, "optional": optional},
+        "input_order": {"required": list(required), "optional": list(optional)},
+        "output": [o["type"] for o in doc["outputs"]], "output_is_list": [False] * len(doc["outputs"]),
+        "output_name": [o["name"] for o in doc["outputs"]], "name": doc["name"],
+        "display_name": doc["display_name"], "description": doc["description"], "category": doc["category"],
+        "output_node": doc["output_node"], "deprecated": doc["deprecated"],
+        "python_module": node_type.__module__, "nodegraph": doc,
+    }
+
+
+def _input(spec: dict) -> list:
+    """One input: [TYPE or options, {settings}]."""
+    options = {k: v for k, v in spec.items() if k not in ("name", "kind", "type", "optional", "options")}
+    if spec["kind"] == "COMBO":
+        return [spec["options"], options]
+    return [spec["type"], options]
+
+
+def prompt_refused(problem: str | WorkflowError | ValidationFailed) -> dict:
+    """The answer to a ``/prompt`` that cannot be queued: a malformed body or workflow, or one that fails
+    validation (then with every error, by node)."""
+    if not isinstance(problem, ValidationFailed):
+        return {"error": {"type": "invalid_prompt", "message": str(problem), "details": "", "extra_info": {}},
+                "node_errors": {}}
+    general = [e for e in problem.errors if e.node_id is None]
+    message = general[0].message if general else f"{len(problem.errors)} input(s) failed validation"
+    return {"error": {"type": "prompt_outputs_failed_validation", "message": message, "details": str(problem),
+                      "extra_info": {}}, "node_errors": node_errors(problem.errors)}
+
+
+def node_errors(errors) -> dict:
+    """Validation errors by node id, as ``/prompt`` answers them."""
+    out: dict[str, dict] = {}
+    for e in errors:
+        key = e.node_id if e.node_id is not None else ""
+        entry = out.setdefault(key, {"errors": [], "dependent_outputs": [], "class_type": e.node_type})
+        entry["errors"].append({"type": e.code, "message": e.message, "details": str(e),
+                                "extra_info": {"input_name": e.input}})
+    return out
+
+
+# --- the websocket hub -----------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Client:
+    """One open websocket and what its client said it understands."""
+
+    id: str
+    ws: web.WebSocketResponse
+    features: dict = field(default_factory=dict)
+
+
+class Hub:
+    """The open websockets by client id. Messages may be handed over from any thread; they are sent from the loop.
+
+    ``features``: what this server tells a client that sends its feature flags (ComfyUI answers the same way)."""
+
+    def __init__(self, features: dict | None = None) -> None:
+        self.clients: dict[str, Client] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.features = {"supports_preview_metadata": True, **(features or {})}
+
+    def send_threadsafe(self, kind: str, data: Any, client_id: str | None) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.send(kind, data, client_id)))
+
+    async def send(self, kind: str, data: Any, client_id: str | None) -> None:
+        """Send to ``client_id`` (status messages, and everything of a prompt queued without one, go to all)."""
+        if client_id is not None and kind != "status":
+            targets = [self.clients[client_id]] if client_id in self.clients else []
+        else:
+            targets = list(self.clients.values())
+        for client in targets:
+            await self._send(client, kind, data)
+
+    async def _send(self, client: Client, kind: str, data: Any) -> None:
+        try:
+            if isinstance(data, Preview):
+                await client.ws.send_bytes(data.frame(client.features))
+            else:
+                await client.ws.send_json({"type": kind, "data": data})
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away; it is dropped when its socket's handler ends
+
+    async def attend(self, ws: web.WebSocketResponse, client_id: str, hello: Message) -> None:
+        """Serve one open socket until it closes: greet it, then read what its client sends."""
+        client = Client(client_id, ws)
+        previous = self.clients.get(client_id)
+        self.clients[client_id] = client
+        try:
+            await self._send(client, *hello)
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._receive(client, msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            if self.clients.get(client_id) is client:
+                if previous is not None and not previous.ws.closed:
+                    self.clients[client_id] = previous  # a reconnect that closed first: the older socket stays
+                else:
+                    del self.clients[client_id]
+
+    async def _receive(self, client: Client, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+            log.debug("client %s sent a message that is not JSON", client.id)
+            return
+        if not isinstance(message, dict) or message.get("type") != "feature_flags":
+            return
+        flags = message.get("data")
+        if isinstance(flags, dict):
+            client.features = dict(flags)
+            await self._send(client, "feature_flags", self.features)
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            await client.ws.close()
