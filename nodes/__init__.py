@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from nodegraph import Settings
 
-from . import conditioning, control, freeu, images, ipadapter, latent, loaders, lora, primitives, sampling
+from . import checkpoint, conditioning, control, freeu, images, ipadapter, latent, lora, primitives, sampling
 
-NODES = [*loaders.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
+NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
          *control.NODES, *ipadapter.NODES, *freeu.NODES,
          *primitives.NODES]
 
