@@ -1,22 +1,19 @@
 """LoadCheckpoint: a checkpoint from the models folder (or a hub id) as MODEL, CLIP and VAE handles.
 
-The format is detected from the content (``nodes.loading``); the device and dtype are chosen at run time. The
+The format is detected from the content (:mod:`nodes.loading`); the device and dtype are chosen at run time. The
 result is cached by the file's identity like any node result, so the same file loaded by two nodes, or in two runs,
 is read once, and replacing the file loads it afresh.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from nodegraph import Combo, Folder, Node, Output, Settings, file_identity
 
 from . import devices
+from .loading import CHECKPOINT_SUFFIXES, is_checkpoint_folder, load_components, looks_like_hub_id
 from .values import CLIP, MODEL, VAE, Clip, Model, Vae
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 NO_BASE = "none"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -24,14 +21,8 @@ DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 EMBEDDED = {"demo-lcm": (DEMO_DIR, None), "demo-teacher": (DEMO_DIR / "teacher_unet", DEMO_DIR)}
 
 
-def _checkpoint_folder_kind(path: Path) -> bool | None:
-    from .loading import is_checkpoint_folder
-
-    return is_checkpoint_folder(path)
-
-
-CHECKPOINTS = Folder("checkpoints", what="checkpoints", suffixes=(".safetensors", ".ckpt", ".pt", ".pth"),
-                     entry_dir=_checkpoint_folder_kind, flag="--models")
+CHECKPOINTS = Folder("checkpoints", what="checkpoints", suffixes=CHECKPOINT_SUFFIXES,
+                     entry_dir=is_checkpoint_folder, flag="--models")
 
 
 class Checkpoints:
@@ -58,8 +49,8 @@ class Checkpoints:
 
 
 def is_hub_id(name: str, settings: Settings) -> bool:
-    return (bool(HUB_ID.match(name)) and name not in EMBEDDED
-            and not (CHECKPOINTS.root(settings) / name).exists())
+    """Whether ``name`` is a hub repository id rather than an embedded model or an entry of the checkpoints folder."""
+    return looks_like_hub_id(name) and name not in EMBEDDED and not (CHECKPOINTS.root(settings) / name).exists()
 
 
 def locate(settings: Settings, name: str) -> tuple[Path | str, Path | None]:
@@ -74,8 +65,6 @@ def locate(settings: Settings, name: str) -> tuple[Path | str, Path | None]:
 def load(settings: Settings, name: str, base: str = NO_BASE):
     """The components of checkpoint ``name`` (embedded, in the checkpoints folder, or a hub id), with the UNet-only
     folders loaded over ``base``."""
-    from .loading import load_components
-
     path, own_base = locate(settings, name)
     if base != NO_BASE:
         own_base = locate(settings, base)[0]

@@ -42,6 +42,17 @@ from nodegraph import Combo, Float, Folder, Int, Node, Output, Settings, Socket
 
 from . import devices
 from .images import pil_to_tensor, tensor_to_pils
+from .loading import (
+    CheckpointError,
+    config_class,
+    few,
+    head_count,
+    indices,
+    norm_groups,
+    read_weights,
+    ready,
+    unet_layout,
+)
 from .values import CONDITIONING, IMAGE, param_bytes
 
 CONTROL_NET, T2I_ADAPTER = "CONTROL_NET", "T2I_ADAPTER"
@@ -121,18 +132,11 @@ class AdapterControl:
 # --------------------------------------------------------------------------------------------
 
 
-def _folder_class(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-
-
 def _class_is(wanted: str):
     """``Folder.entry_dir`` for diffusers folders of class ``wanted``: other models' folders are skipped, folders
     without a config are searched (folders of models)."""
     def kind(path: Path) -> bool | None:
-        found = _folder_class(path)
+        found = config_class(path)
         return None if found is None else found == wanted
     return kind
 
@@ -145,25 +149,15 @@ T2I_ADAPTERS = Folder("t2i_adapter", subdir="controlnet", what="T2I-Adapter fold
 
 
 def _ready(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
-    """On the run-time device and dtype, eval mode, no gradients, weights in memory of their own (not the file's
-    memory map: see nodes/loading.py)."""
+    """``nodes.loading.ready`` on the run-time device and dtype."""
     device = devices.device(settings)
-    mapped = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
-    torch.nn.Module.to(model, device=device, dtype=devices.dtype(settings, device))
-    for name, t in model.state_dict(keep_vars=True).items():
-        if t.data_ptr() == mapped.get(name):
-            t.data = t.data.clone()
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return ready(model, device, devices.dtype(settings, device))
 
 
 def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
     """A ControlNetModel from a diffusers folder or a single file (original or diffusers key layout)."""
-    from .loading import CheckpointError
-
     if path.is_dir():
-        kind = _folder_class(path)
+        kind = config_class(path)
         if kind != "ControlNetModel":
             raise CheckpointError(f"{path}: not a ControlNet folder (its config.json names {kind!r}, expected "
                                   f"'ControlNetModel')")
@@ -181,8 +175,6 @@ def _controlnet_from_file(path: Path, allow_pickle: bool) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-    from .loading import CheckpointError, _few, read_weights
 
     tensors = read_weights(path, allow_pickle=allow_pickle)
     if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
@@ -202,19 +194,13 @@ def _controlnet_from_file(path: Path, allow_pickle: bool) -> torch.nn.Module:
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: the weights do not fit a ControlNet: missing {_few(missing)}; unexpected "
-                              f"{_few(unexpected)}. If it has a non-standard architecture, use its diffusers folder.")
+        raise CheckpointError(f"{path}: the weights do not fit a ControlNet: missing {few(missing)}; unexpected "
+                              f"{few(unexpected)}. If it has a non-standard architecture, use its diffusers folder.")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except Exception as e:  # noqa: BLE001 - shape mismatches
         raise CheckpointError(f"{path}: the ControlNet weights do not fit: {str(e).splitlines()[0]}") from e
     return model
-
-
-def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:
-    found = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes
-             if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
-    return sorted(found)
 
 
 def derive_controlnet_config(shapes: Mapping[str, Sequence[int]], where: str = "the file") -> dict:
@@ -227,10 +213,6 @@ def derive_controlnet_config(shapes: Mapping[str, Sequence[int]], where: str = "
     768-wide text (SD 1.x), 64-wide heads otherwise, 32 norm groups (or the largest divisor of the widths below).
     A tiny test model with other values needs its diffusers folder.
     """
-    import math
-
-    from .loading import CheckpointError
-
     if "time_embedding.linear_1.weight" in shapes:
         raise CheckpointError(f"{where}: a ControlNet in diffusers' layout: put it in a folder next to its "
                               f"config.json")
@@ -238,51 +220,41 @@ def derive_controlnet_config(shapes: Mapping[str, Sequence[int]], where: str = "
         raise CheckpointError(f"{where}: not a ControlNet (no input_hint_block / input_blocks weights)")
     base = json.loads((CONFIG_DIR / "config.json").read_text(encoding="utf-8"))
     try:
-        blocks = _indices(shapes, "input_blocks.")
-        ops = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in shapes]
-        layers = (ops[0] - 1) if ops else len(blocks) - 1
-        levels = len(ops) + 1
-        channels, attends, depths = [], [], []
-        for level in range(levels):
-            first = 1 + level * (layers + 1)
-            channels.append(shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0])
-            depth = len(_indices(shapes, f"input_blocks.{first}.1.transformer_blocks."))
-            attends.append(depth > 0)
-            depths.append(max(depth, 1))
-        cross = next((v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")), None)
-        proj = next((v for k, v in shapes.items() if k.endswith(".proj_in.weight")), None)
-        hint = _indices(shapes, "input_hint_block.")
+        layout = unet_layout(shapes, "", decoder=False)  # a ControlNet is a copy of the UNet's encoder half
+        hint = indices(shapes, "input_hint_block.")
         hint_channels = [shapes["input_hint_block.0.weight"][0]]
         hint_channels += [shapes[f"input_hint_block.{i}.weight"][0] for i in hint[2:-1:2]]
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from e
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{where}: unrecognised ControlNet layout (missing {e})") from e
     if len(hint) != 8 or hint[-1] != 14:
         raise CheckpointError(f"{where}: a hint encoder of {len(hint)} layers; only the standard 8-layer one (4 "
                               f"levels) can be read from a single file: use the ControlNet's diffusers folder")
+    channels = list(layout.channels)
+    depths = [level[0] if level else 0 for level in layout.down]  # transformer blocks of each level's first layer
+    blocks = [max(d, 1) for d in depths]  # diffusers wants a depth even where a level does not attend
     config = dict(base)
     config.update(
-        in_channels=shapes["input_blocks.0.0.weight"][1],
+        in_channels=layout.in_channels,
         conditioning_channels=shapes["input_hint_block.0.weight"][1],
         conditioning_embedding_out_channels=hint_channels,
         block_out_channels=channels,
-        layers_per_block=layers,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
-        transformer_layers_per_block=depths[0] if len(set(depths)) == 1 else depths,
-        mid_block_type="UNetMidBlock2DCrossAttn" if any(k.startswith("middle_block.1.") for k in shapes)
-        else "UNetMidBlock2D",
+        layers_per_block=layout.layers,
+        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+        transformer_layers_per_block=blocks[0] if len(set(blocks)) == 1 else blocks,
+        mid_block_type="UNetMidBlock2DCrossAttn" if layout.mid is not None else "UNetMidBlock2D",
+        use_linear_projection=layout.linear_projection,
     )
-    if cross is not None:
-        config["cross_attention_dim"] = cross
-    if proj is not None:
-        config["use_linear_projection"] = len(proj) == 2
-    if cross != 768:
-        config["attention_head_dim"] = [max(c // 64, 1) if c % 64 == 0 else max(c // 8, 1) for c in channels]
+    if layout.cross_attention_dim is not None:
+        config["cross_attention_dim"] = layout.cross_attention_dim
+    if layout.cross_attention_dim != 768:
+        config["attention_head_dim"] = [head_count(c, 64) for c in channels]
     if channels != base["block_out_channels"]:
-        common = math.gcd(*channels)
-        config["norm_num_groups"] = max(d for d in range(1, min(32, common) + 1) if common % d == 0)
-    if "label_emb.0.0.weight" in shapes:  # SDXL: pooled text and size conditioning
+        config["norm_num_groups"] = norm_groups(base["norm_num_groups"], channels)
+    if layout.addition_in is not None:  # SDXL: pooled text and size conditioning
         config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                      projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1])
+                      projection_class_embeddings_input_dim=layout.addition_in)
     return config
 
 
@@ -311,10 +283,8 @@ class LoadT2IAdapter(Node):
     def run(self, ctx, adapter):
         from diffusers import T2IAdapter
 
-        from .loading import CheckpointError
-
         path = T2I_ADAPTERS.locate(ctx.settings, adapter)
-        if not path.is_dir() or _folder_class(path) != "T2IAdapter":
+        if not path.is_dir() or config_class(path) != "T2IAdapter":
             raise CheckpointError(f"{path}: not a T2I-Adapter folder (config.json of a T2IAdapter + weights)")
         try:
             model = T2IAdapter.from_pretrained(path, local_files_only=True)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from dataclasses import dataclass, field
-
 from nodegraph import Folder, Settings, file_identity
+
+from .loading import is_safetensors
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 EMBEDDINGS = Folder("embeddings", what="textual-inversion embeddings", suffixes=SUFFIXES, flag="--models")
@@ -73,7 +74,7 @@ def load_vectors(name: str, path: Path, width: int, encoder_key: str | None = No
                  allow_pickle: bool = False) -> torch.Tensor:
     """The [n, width] vectors of embedding ``name``; a clear error for another text encoder's embedding.
     ``encoder_key`` picks one text encoder's vectors from an SDXL embedding ("clip_l" or "clip_g")."""
-    if _is_safetensors(path):  # by content: a pickle renamed .safetensors is still a pickle
+    if is_safetensors(path):  # by content: a pickle renamed .safetensors is still a pickle
         from safetensors.torch import load_file
 
         data = load_file(str(path))
@@ -101,13 +102,6 @@ def load_vectors(name: str, path: Path, width: int, encoder_key: str | None = No
         raise ValueError(f"embedding {name!r} has vectors of width {vectors.shape[-1]}, but this text encoder's "
                          f"tokens have width {width}: it was made for another model family")
     return vectors
-
-
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{"
 
 
 def token_ids(tokenizer, text: str, width: int, vocabulary: Vocabulary,

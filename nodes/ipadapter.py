@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from nodegraph import Combo, Float, Folder, Node, Output, Socket
+
+from . import devices
 from .images import tensor_to_pils
-from .loading import _few, read_weights
+from .loading import CheckpointError, few, first_line, quiet_transformers, read_weights, ready
 from .values import IMAGE, MODEL, UNET_BATCH, Model, param_bytes
 
 IP_ADAPTER = "IP_ADAPTER"
@@ -200,10 +202,10 @@ def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict, dict[
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
     if not proj or not layers:
         raise IPAdapterError(f"{path.name}: not an IP-Adapter file (it needs image_proj.* and "
-                             f"ip_adapter.<n>.to_k_ip/to_v_ip weights; found {_few(sorted(tensors))})")
+                             f"ip_adapter.<n>.to_k_ip/to_v_ip weights; found {few(sorted(tensors))})")
     if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
         kind = "IP-Adapter Plus (a resampler)" if "latents" in proj else "an IP-Adapter variant"
-        raise IPAdapterError(f"{path.name}: {kind} with image projection weights {_few(sorted(proj))} is not "
+        raise IPAdapterError(f"{path.name}: {kind} with image projection weights {few(sorted(proj))} is not "
                              f"supported; use a basic IP-Adapter (such as ip-adapter_sd15.safetensors)")
     for n, pair in layers.items():
         if set(pair) != {"k", "v"}:
@@ -262,14 +264,12 @@ def load_image_encoder(path: Path, allow_pickle: bool = False):
     centre-crop to the encoder's image size, CLIP's mean and std."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .loading import CheckpointError, _first_line, _quiet_transformers
-
     if path.is_dir():
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load the CLIP vision encoder: {_first_line(e)}") from e
+            raise CheckpointError(f"{path}: cannot load the CLIP vision encoder: {first_line(e)}") from e
         if (path / "preprocessor_config.json").is_file():
             return encoder, CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     else:
@@ -281,7 +281,7 @@ def load_image_encoder(path: Path, allow_pickle: bool = False):
         state = {k: v for k, v in tensors.items() if k in wanted}
         missing = sorted(wanted - set(state) - {"vision_model.embeddings.position_ids"})
         if missing:
-            raise CheckpointError(f"{path}: the weights do not fit a CLIP vision encoder: missing {_few(missing)}")
+            raise CheckpointError(f"{path}: the weights do not fit a CLIP vision encoder: missing {few(missing)}")
         encoder.load_state_dict(state, strict=False)
     size = int(encoder.config.image_size)
     return encoder, CLIPImageProcessor(size=size, crop_size=size)
@@ -304,8 +304,6 @@ class LoadIPAdapter(Node):
     outputs = (Output("ip_adapter", IP_ADAPTER),)
 
     def run(self, ctx, ip_adapter, image_encoder):
-        from .control import _ready
-
         settings = ctx.settings
         projection, to_k, to_v = load_adapter_weights(IPADAPTERS.locate(settings, ip_adapter), settings.allow_pickle)
         encoder, processor = load_image_encoder(CLIP_VISION.locate(settings, image_encoder), settings.allow_pickle)
@@ -314,9 +312,10 @@ class LoadIPAdapter(Node):
             raise IPAdapterError(f"the IP-Adapter {ip_adapter!r} takes {projection.image_embeds.in_features}-wide "
                                  f"image embeddings but the encoder {image_encoder!r} gives {width}: use the "
                                  f"image encoder the adapter was trained with")
-        ready = lambda module: _ready(module, settings)  # noqa: E731
-        return IPAdapter(ip_adapter, ready(projection), tuple(ready(m) for m in to_k), tuple(ready(m) for m in to_v),
-                         ready(encoder), processor)
+        device = devices.device(settings)
+        place = lambda module: ready(module, device, devices.dtype(settings, device))  # noqa: E731
+        return IPAdapter(ip_adapter, place(projection), tuple(place(m) for m in to_k), tuple(place(m) for m in to_v),
+                         place(encoder), processor)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[str]:

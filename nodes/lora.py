@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from nodegraph import Combo, Float, Folder, ListOf, Node, Output, Settings, Socket, file_identity
 
+from .loading import is_safetensors
 from .values import CLIP, MODEL, Clip, Model
-
 
 #: How many LoRA patches have been prepared (one per LoRAStack run that patches anything): tests count re-patching.
 PATCH_BUILDS = 0
@@ -88,15 +88,9 @@ class LoraLayer:
         return strength * self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
-
-
 def read_lora_file(path: Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The tensors of a LoRA file (on the CPU) and diffusers' ``lora_adapter_metadata``, if the file has it."""
-    if _is_safetensors(path):
+    if is_safetensors(path):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -172,8 +166,10 @@ class _Converted:
 
 def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict | None, unet_config, name: str) -> _Converted:
     """Normalise a LoRA state dict (kohya, kohya with LDM block names, diffusers, peft) to diffusers module names."""
-    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
-                                                         _maybe_map_sgm_blocks_to_diffusers)
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in tensors):
@@ -252,8 +248,11 @@ def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict | None, unet_c
 def _text_encoder_to_peft(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Text-encoder keys in peft names (``q_proj.lora_A.weight``), from peft, diffusers or diffusers' older
     spelling (``to_q_lora.down.weight``, which kohya files convert to)."""
-    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
-                                                  convert_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+    )
 
     if all(".lora_A." in k or ".lora_B." in k for k in part):
         return part

@@ -29,8 +29,10 @@ from nodes.loading import (
     derive_configs,
     detect,
     detect_family,
+    is_safetensors,
     list_checkpoints,
     load_components,
+    looks_like_hub_id,
     read_header,
 )
 from nodes.testing.tiny import (
@@ -588,6 +590,24 @@ def test_header_reading(tiny):
     shapes = read_header(tiny.single)
     assert shapes == {k: tuple(v.shape) for k, v in load_file(tiny.single).items()}
     assert detect_family(shapes) == "sd1"
+
+
+def test_safetensors_are_sniffed_by_a_header_length_that_fits_the_file(tiny, tmp_path):
+    assert is_safetensors(tiny.single)
+    assert is_safetensors(write(tmp_path / "smallest.bin", safetensors_bytes({})))
+    assert not is_safetensors(write(tmp_path / "short.safetensors", struct.pack("<Q", 1000) + b"{}"))
+    assert not is_safetensors(write(tmp_path / "cut.safetensors", safetensors_bytes({})[:-1]))
+    assert not is_safetensors(write(tmp_path / "empty.safetensors", b""))
+    pickled = tmp_path / "pickle.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    assert not is_safetensors(pickled)
+
+
+def test_hub_ids_are_owner_slash_name_and_never_a_file_name():
+    assert looks_like_hub_id("SimianLuo/LCM_Dreamshaper_v7")
+    for name in ("checkpoints/model.safetensors", "owner/model.ckpt", "owner/name\n", "owner/.hidden", "a/b/c",
+                 "no-owner"):
+        assert not looks_like_hub_id(name), name
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""Weight files, recognised and read by content, never by extension: safetensors (header checked against the file
+size before any tensor is read) and torch pickles (refused unless pickles are allowed, then read with
+``weights_only=True``). Every loader of the library (checkpoints, ControlNets, IP-Adapters, LoRAs, embeddings)
+sniffs its files here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import CheckpointError, first_line
+
+#: Files of a loadable checkpoint, by extension, for listings only (loading goes by content).
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+_SAFETENSORS_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+_MAGIC = [
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"), (b"RIFF", "a RIFF file"),
+    (b"GGUF", "a GGUF file"), (b"\x1f\x8b", "a gzip archive"), (b"BZh", "a bzip2 archive"),
+    (b"7z\xbc\xaf", "a 7z archive"),
+    (b"%PDF", "a PDF document"), (b"<", "an HTML or XML document"), (b"{", "a JSON document"),
+]
+
+
+def is_safetensors(path: Path | str) -> bool:
+    """Whether ``path`` holds a safetensors file, by content: an 8-byte little-endian header length that fits in
+    the file (at least ``{}``), followed by the JSON header's ``{``. A pickle renamed .safetensors is not one, nor
+    is a file cut short inside its header."""
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
+def file_kind(path: Path) -> str:
+    """"safetensors" or "pickle" (torch.save's zip or legacy format) for a weights file; anything else raises
+    :class:`CheckpointError` saying what the file is."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format: a zip holding <name>/data.pkl
+        if _is_torch_zip(path):
+            return "pickle"
+        raise CheckpointError(f"{path}: a zip archive, not a checkpoint (no data.pkl inside). Unpack it first.")
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle protocol 2-5: legacy torch.save
+        return "pickle"
+    if is_safetensors(path):
+        return "safetensors"
+    if head[8:9] == b"{":  # a safetensors start whose header does not fit: say so, not "unrecognised content"
+        _check_header_length(path, int.from_bytes(head[:8], "little"), path.stat().st_size)
+    what = next((name for magic, name in _MAGIC if head.startswith(magic)), f"unrecognised content {head[:8]!r}")
+    raise CheckpointError(
+        f"{path}: not a checkpoint ({what}). Expected a .safetensors file, a diffusers folder, or a .ckpt pickle.")
+
+
+def _is_torch_zip(p: Path) -> bool:
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{p}: a corrupt or truncated zip/torch file ({e})") from e
+
+
+def _check_header_length(p: Path, n: int, size: int) -> None:
+    if n > size - 8:
+        raise CheckpointError(
+            f"{p}: corrupt or truncated safetensors file: the header length field says {n} bytes but only "
+            f"{size - 8} follow it. Download the file again.")
+    if n > _MAX_HEADER_BYTES:
+        raise CheckpointError(f"{p}: corrupt safetensors file: a {n}-byte header exceeds the 100 MB limit")
+
+
+def read_header(path: Path | str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a safetensors file, read from its header without loading any tensor.
+
+    The header is validated against the file size, so a truncated download or a corrupt file is reported here,
+    with the reason, rather than as a crash deep inside a loader.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p}: only {size} bytes, too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        _check_header_length(p, n, size)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: corrupt safetensors file: the header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: corrupt safetensors file: the header is not a JSON object")
+    data_size = size - 8 - n
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{p}: corrupt safetensors header: bad entry for tensor {name!r}") from e
+        item = _SAFETENSORS_DTYPE_SIZES.get(dtype)
+        if not 0 <= begin <= end or (item is not None and end - begin != math.prod(shape) * item):
+            raise CheckpointError(
+                f"{p}: corrupt safetensors header: tensor {name!r} ({dtype} {list(shape)}) has data offsets "
+                f"[{begin}, {end}] that do not match its size")
+        if end > data_size:
+            raise CheckpointError(
+                f"{p}: truncated safetensors file: tensor {name!r} needs bytes up to {end} of the data section but "
+                f"the file holds only {data_size}. The download is probably incomplete; fetch the file again.")
+        shapes[name] = shape
+    return shapes
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped (see ``ready`` for why they are copied afterwards)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read the safetensors data: {first_line(e)}") from e
+
+
+def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a torch pickle, flattened; refused unless ``allow_pickle``, and even then only tensors."""
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path}: a pickle checkpoint (.ckpt/.pt), which can run arbitrary code when loaded, so it is refused. "
+            f"Use a .safetensors version of the model, or allow pickles explicitly (--allow-pickle) if you trust "
+            f"the file.")
+    try:
+        with path.open("rb") as f:  # a file object: torch.load would pick its reader from a path's extension
+            data = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path}: cannot read the pickle with weights_only=True ({first_line(e)}). It may hold objects other "
+            f"than tensors, or be corrupt; a .safetensors version of the model avoids the problem.") from e
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # Lightning checkpoints wrap the weights
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the pickle holds a {type(data).__name__}, not a dictionary of weights")
+    return _flat_tensors(data)
+
+
+def _flat_tensors(data: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a (possibly nested) dictionary, nested keys joined with dots (IP-Adapter .bin files keep
+    {"image_proj": {...}, "ip_adapter": {...}})."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            out[prefix + key] = value
+        elif isinstance(value, Mapping):
+            out.update(_flat_tensors(value, f"{prefix}{key}."))
+    return out
+
+
+def read_weights(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a single weights file, recognised by content: safetensors, or a pickle only when pickles are
+    allowed (then with ``weights_only=True``)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'no such file' if not path.exists() else 'a folder, not a weights file'}")
+    if file_kind(path) == "pickle":  # file_kind raises, saying what the file is, when it holds no weights
+        return read_pickle(path, allow_pickle)
+    return read_safetensors(path)
