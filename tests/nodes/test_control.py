@@ -13,10 +13,11 @@ from PIL import Image
 
 import nodegraph as ng
 from nodegraph import Link as L
-from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file)
+from nodes.testing.tiny_adapters import build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file
 
 from .conftest import generator, max_diff
-from .test_parity import graph as parity_graph, ours
+from .test_parity import graph as parity_graph
+from .test_parity import ours
 
 TOLERANCE = 1e-5
 
@@ -88,7 +89,7 @@ def graph(ckpt, prompt, *, controls=(), adapters=(), size=64, guidance=2.0, **kw
 
 @pytest.fixture(scope="module")
 def diffusers_models(models_root, control_models):
-    from diffusers import (ControlNetModel, LatentConsistencyModelPipeline, StableDiffusionPipeline, T2IAdapter)
+    from diffusers import ControlNetModel, LatentConsistencyModelPipeline, StableDiffusionPipeline, T2IAdapter
 
     ckpts = models_root / "checkpoints"
     lcm = LatentConsistencyModelPipeline.from_pretrained(ckpts / "tiny-lcm", local_files_only=True)
@@ -261,7 +262,7 @@ def test_a_standard_sd15_controlnet_file_gets_the_shipped_configuration():
     from diffusers import ControlNetModel
 
     from nodes.control import CONFIG_DIR, derive_controlnet_config
-    from nodes.testing.tiny import controlnet_to_ldm
+    from nodes.testing.tiny_adapters import controlnet_to_ldm
 
     shipped = json.loads((CONFIG_DIR / "config.json").read_text())
     with init_empty_weights():  # shapes only: no weights are allocated

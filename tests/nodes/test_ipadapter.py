@@ -10,10 +10,11 @@ from PIL import Image
 
 import nodegraph as ng
 from nodegraph import Link as L
-from nodes.testing.tiny import build_tiny_image_encoder, write_image_encoder_single_file, write_tiny_ip_adapter
+from nodes.testing.tiny_adapters import build_tiny_image_encoder, write_image_encoder_single_file, write_tiny_ip_adapter
 
 from .conftest import generator, max_diff
-from .test_parity import graph as parity_graph, ours
+from .test_parity import graph as parity_graph
+from .test_parity import ours
 
 TOLERANCE = 1e-5
 PROMPT = "a red cube on a table"

@@ -10,7 +10,7 @@ import torch
 import nodegraph as ng
 from nodegraph import Link as L
 from nodes import lora as lora_module
-from nodes.testing.tiny import write_sdxl_shaped_lora, write_tiny_lora
+from nodes.testing.tiny_adapters import write_sdxl_shaped_lora, write_tiny_lora
 
 from .conftest import max_diff
 

@@ -83,7 +83,7 @@ def test_the_sdxl_prompt_carries_both_encoders_and_the_pooled_embedding(executor
 @pytest.mark.parametrize("fmt, strength, guidance", [("peft", 1.0, 1.0), ("kohya", 0.8, 1.5)])
 def test_an_lcm_lora_on_sdxl_matches_diffusers(executor, sdxl, models_root, fmt, strength, guidance):
     """LCM-LoRA's setting: a plain SDXL UNet, a LoRA on every layer LCM-LoRA adapts, few steps, CFG only above 1."""
-    from nodes.testing.tiny import write_tiny_lora
+    from nodes.testing.tiny_adapters import write_tiny_lora
 
     pipe = sdxl["tiny-sdxl"]
     path = models_root / "loras" / f"sdxl-{fmt}.safetensors"
@@ -170,7 +170,7 @@ def _kohya_sdxl_lora_with_both_text_encoders(pipe, path):
     """A kohya SDXL file: lora_unet_* plus lora_te1_* and lora_te2_* (different weights on each encoder)."""
     from safetensors.torch import load_file, save_file
 
-    from nodes.testing.tiny import write_tiny_lora
+    from nodes.testing.tiny_adapters import write_tiny_lora
 
     single = path.with_name("one-encoder.safetensors")
     write_tiny_lora(pipe.unet, pipe.text_encoder, single, fmt="kohya", rank=4, seed=33, std=0.1)

@@ -14,7 +14,6 @@ from nodegraph import Link as L
 from nodegraph.assets import shipped_workflows, workflows_dir
 from nodes.images import read_workflow_from_png
 
-
 # What the example workflows name (real SD1.5 files, the embedded demo model), and what the tests use instead.
 TINY_LORAS = {"lcm-lora-sdv1-5.safetensors": "wf/lcm-lora.safetensors",
               "lcm-lora-sdxl.safetensors": "wf/lcm-lora-sdxl.safetensors"}
@@ -26,8 +25,13 @@ def workflow_models(models_root):
     """Tiny stand-ins for the adapters the example workflows name, in the test models folder."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from nodes.testing.tiny import (build_tiny_controlnet, build_tiny_image_encoder, build_tiny_t2i_adapter,
-                                    write_tiny_ip_adapter, write_tiny_lora)
+    from nodes.testing.tiny_adapters import (
+        build_tiny_controlnet,
+        build_tiny_image_encoder,
+        build_tiny_t2i_adapter,
+        write_tiny_ip_adapter,
+        write_tiny_lora,
+    )
 
     sd = models_root / "checkpoints" / "tiny-sd"
     if not (models_root / "loras" / TINY_STYLE_LORA).exists():
