@@ -281,6 +281,9 @@ def test_a_failing_node_shows_its_error(page):
     assert "fails on purpose" in error.inner_text()
     assert "has-error" in node(page, "2").get_attribute("class")
     assert "has-error" not in node(page, "1").get_attribute("class")
+    # the server says the SaveImage after it was skipped, and why
+    page.locator('.ng-node.skipped[data-id="3"]').wait_for(timeout=10_000)
+    assert node(page, "3").get_attribute("title") == "skipped: input from node 2 failed"
 
 
 def test_widgets_for_each_input_kind(page, server_dirs):
