@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from nodegraph import Settings
 
-from . import checkpoint, conditioning, control, freeu, images, ipadapter, latent, lora, primitives, sampling
+from . import checkpoint, conditioning, control, freeu, images, ipadapter, latent, lcm, lora, primitives, schedulers
 
-NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *sampling.NODES, *latent.NODES, *images.NODES,
-         *control.NODES, *ipadapter.NODES, *freeu.NODES,
-         *primitives.NODES]
+NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *lcm.NODES, *schedulers.NODES, *latent.NODES,
+         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *primitives.NODES]
 
 __all__ = ["NODES", "configure", "free", "system_info"]
 

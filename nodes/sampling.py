@@ -1,101 +1,66 @@
-"""LCM scheduling and sampling: the heart of the library.
+"""The denoising loop every sampler node shares: classifier-free guidance, SDXL's added conditioning, ControlNet and
+T2I-Adapter residuals, model patches (LoRA, FreeU, IP-Adapter), text-to-image, image-to-image and inpainting.
 
-``sample`` is one loop that reproduces three diffusers pipelines exactly (same random draws in the same order from
-a CPU generator seeded with ``seed``, same floating-point operations):
+A sampler node brings its ``Steps``: what the UNet is called with, in order, and what one step does with its noise
+prediction. ``nodes.lcm`` brings LCM's (bit-exact with diffusers' LCMScheduler), ``nodes.schedulers`` wraps any of
+diffusers' schedulers. The loop reproduces diffusers' pipelines exactly (the same random draws in the same order from
+a CPU generator seeded with ``seed``, the same floating-point operations):
 
-* text-to-image as ``LatentConsistencyModelPipeline`` (an LCM-distilled UNet: guidance through the w-embedding,
-  one UNet pass per step) or ``StableDiffusionPipeline`` + ``LCMScheduler`` (a plain UNet with LCM-LoRA:
-  classifier-free guidance with batch doubling only when guidance > 1);
-* image-to-image as ``LatentConsistencyModelImg2ImgPipeline``: strength shortens the distillation schedule before
-  steps are picked, the encoded image is sampled from its posterior and noised to the first timestep;
-* inpainting as ``StableDiffusionInpaintPipeline`` + ``LCMScheduler``: strength slices the full schedule; a
-  4-channel UNet has the known region put back (noised to the next timestep) after every step, a 9-channel
-  inpainting UNet gets the mask and the masked image as extra input channels.
+* text-to-image as ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` and
+  ``LatentConsistencyModelPipeline``: noise scaled by the scheduler's ``init_noise_sigma``; an LCM-distilled UNet
+  gets guidance through its w-embedding (one UNet pass per step), a plain UNet classifier-free guidance with batch
+  doubling when guidance > 1;
+* image-to-image: the encoded image is sampled from its posterior and noised to the first timestep; which
+  timesteps are left is the Steps' business (LCM shortens its distillation schedule, SD img2img slices the full
+  one);
+* inpainting as ``StableDiffusionInpaintPipeline``: strength slices the full schedule; a 4-channel UNet has the
+  known region put back (noised to the next timestep) after every step, a 9-channel inpainting UNet gets the mask
+  and the masked image as extra input channels.
 
 ControlNets and T2I-Adapters attached to the positive conditioning (``nodes.control``) add their residuals to the
-UNet calls of all three (a ControlNet only within its step window), as diffusers' ControlNet, ControlNet-inpaint and
-T2I-Adapter pipelines do.
+UNet calls (a ControlNet only within its step window), as diffusers' ControlNet, ControlNet-inpaint and T2I-Adapter
+pipelines do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from nodegraph import Float, Int, Node, Output, Socket, String
-
 from . import lcm_math
 from .devices import cpu_generator
-from .lcm_math import LCMSchedulerConfig
-from .values import CONDITIONING, LATENT, MODEL, SCHEDULE, Conditioning, Latent, Model, Schedule, unet_batch
+from .values import Conditioning, Latent, Model, unet_batch
 
 
-class LCMScheduler(Node):
-    """The timesteps an LCM sampler visits, exactly as diffusers' LCMScheduler picks them.
+class Steps(Protocol):
+    """One sampler's walk through the timesteps, as the loop needs it."""
 
-    steps: how many denoising steps (1-8 is LCM's sweet spot). original_inference_steps: the length of the
-    distillation schedule the steps are picked from (0 = the model's own, usually 50). timesteps: an optional
-    comma-separated, strictly descending list such as "999, 759, 499, 259" that replaces steps."""
+    timesteps: Sequence  # the UNet is called once per entry, in this order
+    init_noise_sigma: Any  # text-to-image noise is scaled by it
 
-    category = "sampling"
-    model = Socket(MODEL)
-    steps = Int(default=4, min=1, max=50)
-    original_inference_steps = Int(default=0, min=0, max=1000)
-    timesteps = String(default="")
-    outputs = (Output("schedule", SCHEDULE),)
+    def scale(self, latents: torch.Tensor, t) -> torch.Tensor:
+        """The UNet's input at ``t`` (some schedulers divide by the noise level)."""
 
-    def run(self, ctx, model, steps, original_inference_steps, timesteps):
-        config = LCMSchedulerConfig.from_dict(model.scheduler_config)
-        custom = parse_timesteps(timesteps)
-        schedule = Schedule(config, steps, original_inference_steps or None, custom)
-        schedule.resolve()  # fail here, on this node, if the request is impossible
-        return schedule
+    def unet_timestep(self, t) -> torch.Tensor:
+        """``t`` as the UNet takes it."""
 
+    def step(self, i: int, eps: torch.Tensor, t, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the latents of the next step, the estimate of the clean latents) after step ``i``."""
 
-def parse_timesteps(text: str) -> tuple[int, ...] | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"timesteps must be whole numbers separated by commas, got {text!r}") from None
+    def noise_start(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``x`` noised to the first timestep (image-to-image and inpainting below full strength)."""
+
+    def noise_to(self, x: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """``x`` noised to timestep ``i`` (the known region of an inpainting)."""
+
+    def output(self, latents: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """What text-to-image and image-to-image return after the last step."""
 
 
-class LCMSampler(Node):
-    """Denoise a latent in a few steps with a Latent Consistency Model (or a model with LCM-LoRA).
-
-    An LCM-distilled model takes guidance through its guidance embedding (w = guidance - 1) and ignores a negative
-    prompt; a plain model uses classifier-free guidance with the negative prompt (or an empty one) when
-    guidance > 1, and none at 1.0 (LCM-LoRA works best at 1-2).
-    From an EmptyLatent this is text-to-image. From VAEEncode it is image-to-image: strength is how much of the
-    image is redrawn (1.0 = all of it). From InpaintEncode only the masked region is redrawn.
-    The same seed gives the same image as diffusers' pipelines, on any device."""
-
-    category = "sampling"
-    model = Socket(MODEL)
-    positive = Socket(CONDITIONING)
-    negative = Socket(CONDITIONING, optional=True)
-    latent = Socket(LATENT)
-    schedule = Socket(SCHEDULE)
-    seed = Int(default=0, min=0, max=2**64 - 1)
-    guidance = Float(default=8.0, min=0.0, max=30.0, step=0.01)
-    strength = Float(default=1.0, min=0.0, max=1.0, step=0.01)
-    outputs = (Output("latent", LATENT),)
-
-    def run(self, ctx, model, positive, latent, schedule, seed, guidance, strength, negative=None):
-        if negative is not None and model.lcm_distilled:
-            ctx.log.warning("an LCM-distilled model takes no negative prompt: the negative input is ignored")
-        previews = ctx.settings.previews
-
-        def on_step(i: int, total: int, denoised: torch.Tensor) -> None:
-            ctx.progress(i + 1, total, latent_preview(denoised) if previews else None)
-
-        out = sample(model, positive, latent, schedule, seed=seed, guidance=guidance, strength=strength,
-                     negative=negative, on_step=on_step)
-        return Latent(samples=out)
+#: mode ("text", "image" or "inpaint"), strength, the run's generator, the device -> the Steps of one run
+MakeSteps = Callable[[str, float, torch.Generator, torch.device], Steps]
 
 
 @dataclass
@@ -189,59 +154,49 @@ def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
     return eps
 
 
-def sample(model: Model, positive: Conditioning, latent: Latent, schedule: Schedule, *, seed: int,
+def sample(model: Model, positive: Conditioning, latent: Latent, make_steps: MakeSteps, *, seed: int,
            guidance: float, strength: float = 1.0, negative: Conditioning | None = None,
            on_step=None) -> torch.Tensor:
-    """Run the LCM loop and return the final latents (the consistency function's last ``denoised``)."""
+    """Denoise ``latent`` (empty: text-to-image; encoded: image-to-image; with a mask: inpainting) and return the
+    final latents."""
     if latent.mask is not None:
-        return _inpaint(model, positive, latent, schedule, seed=seed, guidance=guidance, strength=strength,
+        return _inpaint(model, positive, latent, make_steps, seed=seed, guidance=guidance, strength=strength,
                         negative=negative, on_step=on_step)
     device, dtype = model.device, positive.embeds.dtype
     generator = cpu_generator(seed)
-    config = schedule.config
-    alphas = config.alphas_cumprod()
     batch = latent.shape[0]
     _check_channels(model, latent, expected=model.unet.config.in_channels)
 
-    if latent.empty:  # text-to-image: pure noise (DRAW 1), the full schedule
-        plan = schedule.resolve()
-        latents = lcm_math.randn_like_diffusers(latent.shape, generator, dtype=dtype, device=device)
-    else:  # image-to-image: strength shortens the distillation schedule (LCM img2img semantics)
+    if latent.empty:  # text-to-image: pure noise (DRAW 1)
+        steps = make_steps("text", 1.0, generator, device)
+        noise = lcm_math.randn_like_diffusers(latent.shape, generator, dtype=dtype, device=device)
+        latents = noise * steps.init_noise_sigma
+    else:  # image-to-image
         if strength <= 0:
             raise ValueError("strength 0 would leave the image unchanged: use a strength above 0")
-        plan = schedule.resolve(strength)
+        steps = make_steps("image", strength, generator, device)
+        _check_some_steps(steps, strength)
         if latent.posterior is not None:  # DRAW 1: the posterior sample of the encoded image
             init = latent.posterior.sample(_posterior_noise(latent.posterior, generator, dtype))
         else:
             init = latent.samples
         init = init.to(device, dtype)
         noise = lcm_math.randn_like_diffusers(init.shape, generator, dtype=dtype, device=device)  # DRAW 2
-        latents = lcm_math.add_noise(init, noise, plan.timesteps[:1], alphas.to(device))
+        latents = steps.noise_start(init, noise)
 
     g = _prepare_guidance(model, positive, negative, guidance, latent.shape, dtype, device)
-    _attach_controls(g, model, positive, latent.shape, len(plan), device)
-    alphas = alphas.to(device)
-    denoised = latents
-    with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
-        for i, t in enumerate(plan.timesteps):
-            latents = latents.to(dtype)
-            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, step=i)
-            latents, denoised = lcm_math.lcm_step(eps, latents, step_index=i, schedule=plan, alphas_cumprod=alphas,
-                                                  config=config, generator=generator)
-            if on_step is not None:
-                on_step(i, len(plan), denoised)
-    return denoised.to(dtype)
+    _attach_controls(g, model, positive, latent.shape, len(steps.timesteps), device)
+    latents, denoised = _loop(model, g, steps, latents, dtype, batch, on_step=on_step)
+    return steps.output(latents, denoised).to(dtype)
 
 
-def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Schedule, *, seed: int,
+def _inpaint(model: Model, positive: Conditioning, latent: Latent, make_steps: MakeSteps, *, seed: int,
              guidance: float, strength: float, negative: Conditioning | None, on_step) -> torch.Tensor:
-    """StableDiffusionInpaintPipeline's loop with an LCMScheduler (see the module docstring)."""
+    """StableDiffusionInpaintPipeline's loop (see the module docstring)."""
     if latent.posterior is None or latent.masked_image is None:
         raise ValueError("inpainting needs a latent from InpaintEncode (the image, its mask and the masked image)")
     device, dtype = model.device, positive.embeds.dtype
     generator = cpu_generator(seed)
-    config = schedule.config
-    alphas = config.alphas_cumprod().to(device)
     batch = latent.shape[0]
     unet_channels = model.unet.config.in_channels
     latent_channels = latent.shape[1]
@@ -249,44 +204,54 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, schedule: Sch
         raise ValueError(f"this UNet takes {unet_channels} input channels; inpainting needs {latent_channels} "
                          f"(any model) or {2 * latent_channels + 1} (an inpainting model)")
     blend = unet_channels == latent_channels
-
-    full = schedule.resolve()
-    n = full.num_inference_steps
-    t_start = n - min(int(n * strength), n)  # strength slices the full schedule, as SD img2img/inpaint do
-    if t_start >= len(full.timesteps):
-        raise ValueError(f"strength {strength} leaves no step of {len(full.timesteps)}: raise strength or steps")
-    plan = lcm_math.Timesteps(full.timesteps[t_start:], n - t_start)
+    steps = make_steps("inpaint", strength, generator, device)
+    _check_some_steps(steps, strength)
 
     image_latents = None
     if blend or strength < 1.0:  # DRAW: the image's posterior sample
         image_latents = latent.posterior.sample(_posterior_noise(latent.posterior, generator, dtype)).to(device)
     noise = lcm_math.randn_like_diffusers(latent.shape, generator, dtype=dtype, device=device)  # DRAW: noise
-    latents = noise if strength == 1.0 else lcm_math.add_noise(image_latents, noise, plan.timesteps[:1], alphas)
+    latents = noise * steps.init_noise_sigma if strength == 1.0 else steps.noise_start(image_latents, noise)
     masked = latent.masked_image.sample(_posterior_noise(latent.masked_image, generator, dtype)).to(device)  # DRAW
 
     g = _prepare_guidance(model, positive, negative, guidance, latent.shape, dtype, device)
-    _attach_controls(g, model, positive, latent.shape, len(plan), device)
+    _attach_controls(g, model, positive, latent.shape, len(steps.timesteps), device)
     mask = latent.mask.to(device, dtype)
-    extra = None
-    if not blend:  # an inpainting UNet reads the mask and the masked image as extra input channels
+    extra = put_back = None
+    if blend:
+        last = len(steps.timesteps) - 1
+
+        def put_back(i: int, latents: torch.Tensor) -> torch.Tensor:
+            # the known region, noised to where the next step starts
+            known = steps.noise_to(image_latents, noise, i + 1) if i < last else image_latents
+            return (1 - mask) * known + mask * latents
+    else:  # an inpainting UNet reads the mask and the masked image as extra input channels
         extra = torch.cat([mask, masked], dim=1)
         if g.cfg:
             extra = torch.cat([extra] * 2)
-    denoised = latents
-    with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
-        for i, t in enumerate(plan.timesteps):
-            eps = _predict_noise(unet, latents, torch.tensor(t, dtype=torch.int64, device=device), g, extra,
-                                 step=i)
-            latents, denoised = lcm_math.lcm_step(eps, latents, step_index=i, schedule=plan, alphas_cumprod=alphas,
-                                                  config=config, generator=generator)
-            if blend:  # put the known region back, noised to where the next step starts
-                known = image_latents
-                if i < len(plan) - 1:
-                    known = lcm_math.add_noise(known, noise, [plan.timesteps[i + 1]], alphas)
-                latents = (1 - mask) * known + mask * latents
-            if on_step is not None:
-                on_step(i, len(plan), denoised)
+    latents, _ = _loop(model, g, steps, latents, dtype, batch, extra=extra, after_step=put_back, on_step=on_step)
     return latents
+
+
+def _loop(model: Model, g: _Guidance, steps: Steps, latents: torch.Tensor, dtype: torch.dtype, batch: int, *,
+          extra: torch.Tensor | None = None, after_step=None, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+    denoised = latents
+    total = len(steps.timesteps)
+    with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
+        for i, t in enumerate(steps.timesteps):
+            latents = latents.to(dtype)
+            eps = _predict_noise(unet, steps.scale(latents, t), steps.unet_timestep(t), g, extra, step=i)
+            latents, denoised = steps.step(i, eps, t, latents)
+            if after_step is not None:
+                latents = after_step(i, latents)
+            if on_step is not None:
+                on_step(i, total, denoised)
+    return latents, denoised
+
+
+def _check_some_steps(steps: Steps, strength: float) -> None:
+    if len(steps.timesteps) == 0:
+        raise ValueError(f"strength {strength} leaves no step to run: raise strength or steps")
 
 
 def _posterior_noise(posterior, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -313,4 +278,4 @@ def latent_preview(latents: torch.Tensor, size: int = 64):
     return image
 
 
-NODES = [LCMScheduler, LCMSampler]
+
