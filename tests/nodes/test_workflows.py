@@ -77,7 +77,8 @@ def on_tiny_model(name: str) -> ng.Workflow:
 
 def test_the_examples_cover_the_lcm_tasks_and_adapters():
     assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-sdxl", "lcm-lora-style",
-            "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter"} <= set(shipped_workflows())
+            "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter",
+            "teacher-ddim"} <= set(shipped_workflows())
 
 
 @pytest.mark.parametrize("name, node, name_of_input, neutral", [
