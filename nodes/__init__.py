@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from nodegraph import Settings
 
-from . import checkpoint, conditioning, control, freeu, images, ipadapter, latent, lcm, lora, primitives, schedulers
+from . import (animatediff, checkpoint, conditioning, control, freeu, images, ipadapter, latent, lcm, lora, primitives,
+               schedulers)
 
 NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *lcm.NODES, *schedulers.NODES, *latent.NODES,
-         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *primitives.NODES]
+         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES, *primitives.NODES]
 
 __all__ = ["NODES", "configure", "free", "system_info"]
 

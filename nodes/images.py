@@ -135,25 +135,32 @@ def _png_metadata(ctx) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_pngs(images: torch.Tensor, folder: Path, prefix: str, ctx) -> list[dict]:
-    """Write each image as ``prefix_NNNNN.png`` (next free number) atomically; returns UI entries."""
-    target = safe_join(folder, f"{prefix}_00000.png")  # validates the prefix, subfolders included
+def save_files(folder: Path, prefix: str, suffix: str, writers: list) -> list[dict]:
+    """Write one file per writer (a function of a path) as ``prefix_NNNNN{suffix}``, numbered on from the files
+    already there, each atomically; returns the canvas's entries (file name, subfolder)."""
+    target = safe_join(folder, f"{prefix}_00000{suffix}")  # validates the prefix, subfolders included
     target.parent.mkdir(parents=True, exist_ok=True)
-    stem = target.name[: -len("_00000.png")]
-    taken = [p.name[len(stem) + 1: len(stem) + 6] for p in target.parent.glob(f"{stem}_*.png")]
+    stem = target.name[: -len(f"_00000{suffix}")]
+    taken = [p.name[len(stem) + 1: len(stem) + 6] for p in target.parent.glob(f"{stem}_*{suffix}")]
     counter = max((int(n) for n in taken if n.isdigit()), default=0) + 1
-    info = _png_metadata(ctx)
     subfolder = target.parent.relative_to(Path(folder).resolve()).as_posix()
     entries = []
-    for pil in tensor_to_pils(images):
-        name = f"{stem}_{counter:05d}.png"
-        final = target.parent / name
+    for write in writers:
+        name = f"{stem}_{counter:05d}{suffix}"
         partial = target.parent / f".{name}.partial"
-        pil.save(partial, format="PNG", pnginfo=info, compress_level=4)
-        os.replace(partial, final)  # a crash never leaves a half-written PNG under the final name
+        write(partial)
+        os.replace(partial, target.parent / name)  # a crash never leaves a half-written file under the final name
         entries.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder})
         counter += 1
     return entries
+
+
+def save_pngs(images: torch.Tensor, folder: Path, prefix: str, ctx) -> list[dict]:
+    """Write each image as ``prefix_NNNNN.png`` (next free number) atomically; returns UI entries."""
+    info = _png_metadata(ctx)
+    writers = [lambda path, pil=pil: pil.save(path, format="PNG", pnginfo=info, compress_level=4)
+               for pil in tensor_to_pils(images)]
+    return save_files(folder, prefix, ".png", writers)
 
 
 class SaveImage(Node):

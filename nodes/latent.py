@@ -37,12 +37,18 @@ class EmptyLatent(Node):
     outputs = (Output("latent", LATENT),)
 
     def run(self, ctx, width, height, batch, vae=None):
-        check_size(width, height, ctx.settings.max_image_size)
-        channels, factor = (vae.latent_channels, vae.scale_factor) if vae else (DEFAULT_LATENT_CHANNELS,
-                                                                                DEFAULT_SCALE_FACTOR)
-        if width % factor or height % factor:
-            raise ValueError(f"width and height must be multiples of {factor} for this VAE, got {width}x{height}")
-        return Latent(samples=torch.zeros(batch, channels, height // factor, width // factor), empty=True)
+        channels, h, w = latent_geometry(width, height, vae, ctx.settings.max_image_size)
+        return Latent(samples=torch.zeros(batch, channels, h, w), empty=True)
+
+
+def latent_geometry(width: int, height: int, vae: Vae | None, limit: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the latent of a width x height image for ``vae`` (SD's geometry without one)."""
+    check_size(width, height, limit)
+    channels, factor = (vae.latent_channels, vae.scale_factor) if vae else (DEFAULT_LATENT_CHANNELS,
+                                                                            DEFAULT_SCALE_FACTOR)
+    if width % factor or height % factor:
+        raise ValueError(f"width and height must be multiples of {factor} for this VAE, got {width}x{height}")
+    return channels, height // factor, width // factor
 
 
 def check_size(width: int, height: int, limit: int) -> None:
@@ -145,12 +151,31 @@ class VAEDecode(Node):
 
 
 def decode(vae: Vae, latents: torch.Tensor, tiled: bool = False, sliced: bool = False) -> torch.Tensor:
+    """Images [B, H, W, 3] of latents [B, C, h, w]; for videos [B, C, F, h, w], B x F frames, video by video."""
     param = next(vae.vae.parameters())
+    if latents.ndim == 5:
+        return _decode_frames(vae, latents, tiled, sliced)
     with vae_mode(vae, tiled, sliced) as module, torch.inference_mode():
         x = module.decode(_layout(module, latents.to(param.device, param.dtype) / vae.scaling_factor),
                           return_dict=False)[0]
     x = (x * 0.5 + 0.5).clamp(0, 1)
     return x.permute(0, 2, 3, 1).float().cpu()
+
+
+FRAMES_PER_DECODE = 16  # AnimateDiffPipeline's decode_chunk_size: frames decoded in one VAE pass
+
+
+def _decode_frames(vae: Vae, latents: torch.Tensor, tiled: bool, sliced: bool) -> torch.Tensor:
+    # AnimateDiffPipeline.decode_latents, in its order of operations (it scales by 1 / factor first)
+    param = next(vae.vae.parameters())
+    b, c, f, h, w = latents.shape
+    x = 1 / vae.scaling_factor * latents
+    x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    with vae_mode(vae, tiled, sliced) as module, torch.inference_mode():
+        frames = [module.decode(_layout(module, x[i:i + FRAMES_PER_DECODE].to(param.device, param.dtype)),
+                                return_dict=False)[0] for i in range(0, b * f, FRAMES_PER_DECODE)]
+    x = (torch.cat(frames).float() * 0.5 + 0.5).clamp(0, 1)
+    return x.permute(0, 2, 3, 1).cpu()
 
 
 NODES = [EmptyLatent, VAEEncode, InpaintEncode, VAEDecode]

@@ -114,6 +114,10 @@ def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioni
         height, width = (n * model.latent_scale for n in latent_shape[-2:])
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).repeat(pooled.shape[0], 1)
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device)}
+    if len(latent_shape) == 5:  # a video [B, C, F, h, w]: each frame reads its video's prompt, as AnimateDiff does
+        if added is not None:
+            raise ValueError("animating an SDXL model is not supported yet: use an SD 1.5 model and motion module")
+        embeds = embeds.repeat_interleave(latent_shape[2], dim=0)
     return _Guidance(embeds.to(device), cfg, guidance, w_embedding, added=added)
 
 
@@ -131,6 +135,9 @@ def _attach_controls(g: _Guidance, model: Model, positive: Conditioning, latent_
                      steps: int, device: torch.device) -> None:
     """Prepare the ControlNet / T2I-Adapter controls the positive conditioning carries (nodes.control)."""
     if positive.extras:
+        if len(latent_shape) == 5:
+            raise ValueError("ControlNets and T2I-Adapters do not work on animations yet: sample the video without "
+                             "them")
         from .control import prepare_controls
 
         g.controls = prepare_controls(model.unet, positive.extras, batch=latent_shape[0], cfg=g.cfg,
@@ -259,6 +266,12 @@ def _posterior_noise(posterior, generator: torch.Generator, dtype: torch.dtype) 
 
 
 def _check_channels(model: Model, latent: Latent, expected: int) -> None:
+    animates = getattr(model.unet.config, "motion_max_seq_length", None) is not None  # a UNetMotionModel
+    if len(latent.shape) == 5 and not animates:
+        raise ValueError("a video latent (EmptyLatentVideo) needs a model with a motion module: put "
+                         "ApplyMotionModule between the checkpoint and the sampler")
+    if len(latent.shape) == 4 and animates:
+        raise ValueError("this model has a motion module and makes videos: start from EmptyLatentVideo")
     if latent.shape[1] != expected:
         raise ValueError(f"the latent has {latent.shape[1]} channels but this UNet takes {expected}: "
                          f"make the latent with this checkpoint's VAE")
@@ -269,7 +282,7 @@ def latent_preview(latents: torch.Tensor, size: int = 64):
     No VAE runs, so it costs microseconds; colours are only indicative."""
     from PIL import Image
 
-    x = latents[0, :3].float()
+    x = (latents[0, :3] if latents.ndim == 4 else latents[0, :3, 0]).float()  # a video: its first frame
     lo = x.amin(dim=(1, 2), keepdim=True)
     hi = x.amax(dim=(1, 2), keepdim=True)
     x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()

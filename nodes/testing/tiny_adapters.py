@@ -320,3 +320,30 @@ def write_tiny_ip_adapter(unet_dir: Path | str, out_path: Path | str, seed: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, out, metadata=_ST_METADATA)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# AnimateDiff motion module
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_motion_adapter(unet_dir: Path | str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Write a tiny MotionAdapter diffusers folder that fits the UNet folder ``unet_dir`` (its block widths, layers
+    per block and norm groups). A fresh adapter's output projections are zero (the UNet's images would not move):
+    they get random weights here so that a test can see the motion layers act."""
+    from diffusers import MotionAdapter
+
+    config = json.loads((Path(unet_dir) / "config.json").read_text())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        adapter = MotionAdapter(block_out_channels=tuple(config["block_out_channels"]),
+                                motion_layers_per_block=config["layers_per_block"],
+                                motion_norm_num_groups=config["norm_num_groups"], motion_num_attention_heads=4,
+                                motion_max_seq_length=32)
+        with torch.no_grad():
+            for name, param in adapter.named_parameters():
+                if name.endswith("proj_out.weight") or name.endswith("proj_out.bias"):
+                    param.normal_(0.0, 0.2)
+    out = Path(out_dir)
+    adapter.save_pretrained(out)
+    return out

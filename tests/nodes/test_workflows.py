@@ -28,6 +28,7 @@ def workflow_models(models_root):
     from nodes.testing.tiny_adapters import (
         build_tiny_controlnet,
         build_tiny_image_encoder,
+        build_tiny_motion_adapter,
         build_tiny_t2i_adapter,
         write_tiny_ip_adapter,
         write_tiny_lora,
@@ -47,6 +48,7 @@ def workflow_models(models_root):
         build_tiny_t2i_adapter(models_root / "controlnet" / "wf-t2i", seed=19)
         build_tiny_image_encoder(models_root / "clip_vision" / "wf-vision", seed=20)
         write_tiny_ip_adapter(sd / "unet", models_root / "ipadapter" / "wf-ip.safetensors", seed=21)
+        build_tiny_motion_adapter(sd / "unet", models_root / "animatediff_models" / "wf-motion", seed=23)
     return models_root
 
 
@@ -70,15 +72,19 @@ def on_tiny_model(name: str) -> ng.Workflow:
             inputs.update(ip_adapter="wf-ip.safetensors", image_encoder="wf-vision")
         elif entry.type == "LoadImage" and inputs["image"] not in ("picture.png", "mask.png", "with-alpha.png"):
             inputs["image"] = "picture.png"
-        elif entry.type == "EmptyLatent":
+        elif entry.type == "LoadMotionModule":
+            inputs["motion_module"] = "wf-motion"
+        elif entry.type in ("EmptyLatent", "EmptyLatentVideo"):
             inputs.update(width=64, height=64)
+            if entry.type == "EmptyLatentVideo":
+                inputs["frames"] = 4
     return wf
 
 
 def test_the_examples_cover_the_lcm_tasks_and_adapters():
     assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-sdxl", "lcm-lora-style",
             "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter",
-            "teacher-ddim"} <= set(shipped_workflows())
+            "teacher-ddim", "animatediff-lcm-lora"} <= set(shipped_workflows())
 
 
 @pytest.mark.parametrize("name, node, name_of_input, neutral", [
@@ -112,6 +118,10 @@ def test_each_shipped_workflow_runs_and_saves_pngs_that_carry_it(executor, name)
     path = executor.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
     with Image.open(path) as image:
         assert image.size == (64, 64)
+    if saved[0].get("animated"):  # an animation: every frame is there (it does not carry the workflow yet)
+        with Image.open(path) as image:
+            assert image.n_frames == saved[0]["frames"] > 1
+        return
     assert read_workflow_from_png(path) == wf.to_json()
     assert ng.load(path).to_json() == wf.to_json()  # a saved image is a workflow file too
 

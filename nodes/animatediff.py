@@ -1,0 +1,153 @@
+"""AnimateDiff: a motion module turns an SD 1.5 model into a video model; the samplers then denoise a clip of frames.
+
+The graph of diffusers' ``AnimateDiffPipeline``: LoadMotionModule reads a ``MotionAdapter`` (the
+guoyww/animatediff-motion-adapter-v1-5 family, diffusers folders), ApplyMotionModule gives a MODEL its motion
+layers (``UNetMotionModel.from_unet2d``, a new UNet: the checkpoint's stays as it was for other branches),
+EmptyLatentVideo makes latents [batch, channels, frames, h, w], LCMSampler or Sampler denoise them through the
+shared loop (every frame reads its video's prompt), VAEDecode decodes every frame, and SaveAnimation writes an
+animated WebP or GIF. With LCM-LoRA and an LCMScheduler whose beta schedule is linear, as the LCM docs animate, a
+16-frame clip takes 4-6 steps at guidance 1-2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from nodegraph import Boolean, Combo, Folder, Int, Node, NodeOutput, Output, Socket, String
+
+from . import devices
+from .images import save_files, tensor_to_pils
+from .latent import latent_geometry
+from .values import IMAGE, LATENT, MODEL, VAE, Latent, Model, param_bytes
+
+MOTION_MODULE = "MOTION_MODULE"
+
+
+def _motion_adapter_folder(path: Path) -> bool | None:
+    config = path / "config.json"
+    if not config.is_file():
+        return None  # a folder of motion modules, perhaps
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "MotionAdapter"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+MOTION_MODULES = Folder("animatediff_models", what="motion modules (diffusers MotionAdapter folders)",
+                        suffixes=None, entry_dir=_motion_adapter_folder, flag="--models")
+
+
+@dataclass(frozen=True, eq=False)
+class MotionModule:
+    """A motion adapter's temporal layers (on the CPU until a model takes them)."""
+
+    adapter: torch.nn.Module
+    name: str
+
+    def __nodegraph_nbytes__(self) -> int:
+        return param_bytes(self.adapter)
+
+
+class LoadMotionModule(Node):
+    """Load an AnimateDiff motion module (a diffusers MotionAdapter folder, such as
+    animatediff-motion-adapter-v1-5-2) from the models folder's animatediff_models/. Motion modules are made for
+    SD 1.5 models."""
+
+    category = "loaders"
+    motion_module = Combo(options=MOTION_MODULES)
+    outputs = (Output("motion_module", MOTION_MODULE),)
+
+    def run(self, ctx, motion_module):
+        from diffusers import MotionAdapter
+
+        from .loading import CheckpointError, ready
+
+        path = MOTION_MODULES.locate(ctx.settings, motion_module)
+        if _motion_adapter_folder(path) is not True:
+            raise CheckpointError(f"{path}: not a motion module (a folder whose config.json names a MotionAdapter)")
+        try:
+            adapter = MotionAdapter.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot load the motion module: {str(e).splitlines()[0]}") from e
+        return MotionModule(ready(adapter, torch.device("cpu"), torch.float32), motion_module)
+
+
+class ApplyMotionModule(Node):
+    """Give a model a motion module, so that the samplers denoise videos (latents from EmptyLatentVideo). The model
+    must be the family the module was trained for (SD 1.5, with the same block widths)."""
+
+    category = "loaders"
+    model = Socket(MODEL)
+    motion_module = Socket(MOTION_MODULE)
+    outputs = (Output("model", MODEL),)
+
+    def run(self, ctx, model: Model, motion_module: MotionModule):
+        from diffusers import UNetMotionModel
+
+        from .loading import ready
+
+        unet_widths = tuple(model.unet.config.block_out_channels)
+        motion_widths = tuple(motion_module.adapter.config.block_out_channels)
+        if model.family != "sd1" or unet_widths != motion_widths:
+            raise ValueError(f"the motion module {motion_module.name!r} is made for SD 1.5 UNets with blocks "
+                             f"{motion_widths}; the model {model.name!r} is {model.family} with blocks {unet_widths}")
+        with torch.no_grad():
+            unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
+        device = model.device
+        ready(unet, device, model.dtype, clone=False)
+        if devices.channels_last(ctx.settings, device):
+            unet.to(memory_format=torch.channels_last)
+        return replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
+
+
+class EmptyLatentVideo(Node):
+    """Empty latents for a video of `frames` frames (16 is what AnimateDiff's motion modules are trained on; they
+    reach 32). Connect the checkpoint's VAE to match its latent shape."""
+
+    category = "latent"
+    width = Int(default=512, min=8, max=4096, step=8)
+    height = Int(default=512, min=8, max=4096, step=8)
+    frames = Int(default=16, min=1, max=128)
+    batch = Int(default=1, min=1, max=16)
+    vae = Socket(VAE, optional=True)
+    outputs = (Output("latent", LATENT),)
+
+    def run(self, ctx, width, height, frames, batch, vae=None):
+        channels, h, w = latent_geometry(width, height, vae, ctx.settings.max_image_size)
+        return Latent(samples=torch.zeros(batch, channels, frames, h, w), empty=True)
+
+
+class SaveAnimation(Node):
+    """Save frames (the images of a decoded video, in order) as one animated WebP or GIF in the output folder.
+    fps: frames per second; loop: how many times it plays (0 = for ever). WebP keeps full colour (lossless when
+    asked); GIF has 256 colours per frame but plays everywhere."""
+
+    category = "image"
+    output_node = True
+    images = Socket(IMAGE)
+    filename_prefix = String(default="nodegraph")
+    fps = Int(default=8, min=1, max=60)
+    format = Combo(options=["webp", "gif"], default="webp")
+    loop = Int(default=0, min=0, max=1000)
+    lossless = Boolean(default=False)
+    quality = Int(default=90, min=1, max=100)
+
+    def run(self, ctx, images, filename_prefix, fps, format, loop, lossless, quality):
+        frames = tensor_to_pils(images)
+        duration = round(1000 / fps)  # milliseconds per frame
+
+        def write(path: Path) -> None:
+            options = {"lossless": lossless, "quality": quality} if format == "webp" else {"disposal": 2}
+            frames[0].save(path, format=format.upper(), save_all=True, append_images=frames[1:], duration=duration,
+                           loop=loop, **options)
+
+        entries = save_files(ctx.output_dir, filename_prefix, f".{format}", [write])
+        return NodeOutput((), {"images": [{**e, "type": "output", "animated": True, "frames": len(frames)}
+                                          for e in entries]})
+
+
+NODES = [LoadMotionModule, ApplyMotionModule, EmptyLatentVideo, SaveAnimation]

@@ -1,0 +1,179 @@
+"""AnimateDiff: a motion module on an SD model, videos through the shared samplers, animated files; the frames match
+diffusers' AnimateDiffPipeline (DDIM, Euler, LCM) on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nodegraph as ng
+from nodegraph import Link as L
+
+from .conftest import generator, max_diff
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def motion_models(models_root):
+    from nodes.testing.tiny_adapters import build_tiny_motion_adapter
+
+    folder = models_root / "animatediff_models" / "tiny-motion"
+    if not folder.exists():
+        build_tiny_motion_adapter(models_root / "checkpoints" / "tiny-sd" / "unet", folder, seed=5)
+    return models_root
+
+
+@pytest.fixture(scope="module")
+def reference(motion_models, pipelines):
+    """make(scheduler) -> AnimateDiffPipeline over the tiny SD model's components and the tiny motion module."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(motion_models / "animatediff_models" / "tiny-motion",
+                                            local_files_only=True)
+    sd = pipelines["sd"]
+
+    def make(scheduler):
+        pipe = AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                   motion_adapter=adapter, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
+def video_graph(*, sampler="ddim", steps=3, guidance=7.5, seed=3, frames=8, batch=1, prompt="a red cube",
+                negative=None, lcm=False, motion=True) -> ng.Workflow:
+    wf = ng.Workflow()
+    wf.add("ckpt", "LoadCheckpoint", ckpt="tiny-sd")
+    model = L("ckpt", "model")
+    if motion:
+        wf.add("mm", "LoadMotionModule", motion_module="tiny-motion")
+        wf.add("anim", "ApplyMotionModule", model=model, motion_module=L("mm", "motion_module"))
+        model = L("anim", "model")
+    wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt)
+    wf.add("latent", "EmptyLatentVideo", width=64, height=64, frames=frames, batch=batch, vae=L("ckpt", "vae"))
+    common = dict(model=model, positive=L("pos", "conditioning"), latent=L("latent", "latent"), seed=seed,
+                  guidance=guidance)
+    if negative is not None:
+        wf.add("neg", "CLIPEncode", clip=L("ckpt", "clip"), text=negative)
+        common["negative"] = L("neg", "conditioning")
+    if lcm:
+        wf.add("sched", "LCMScheduler", model=model, steps=steps)
+        wf.add("sample", "LCMSampler", schedule=L("sched", "schedule"), **common)
+    else:
+        wf.add("sample", "Sampler", steps=steps, sampler=sampler, **common)
+    wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
+    wf.outputs = ["decode"]
+    return wf
+
+
+def frames_of(executor, wf) -> np.ndarray:
+    result = executor.run(wf)
+    assert result.status == "success", result.errors
+    return result.output("decode", "image").numpy()
+
+
+@pytest.mark.parametrize("case", [
+    dict(sampler="ddim", guidance=7.5),
+    dict(sampler="ddim", guidance=6.0, negative="blurry"),
+    dict(sampler="euler", guidance=1.0),
+    dict(sampler="dpmpp_2m", guidance=4.0, batch=2),
+    dict(sampler="lcm", guidance=1.5, steps=4),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_videos_match_the_animatediff_pipeline(executor, reference, pipelines, case):
+    from nodes.schedulers import make_scheduler
+
+    case = {"steps": 3, "batch": 1, "negative": None, **case}
+    pipe = reference(make_scheduler(pipelines["sd"].scheduler.config, case["sampler"]))
+    # a list of prompts makes a batch of videos (this pipeline does not honour num_videos_per_prompt)
+    expected = pipe(["a red cube"] * case["batch"],
+                    negative_prompt=None if case["negative"] is None else [case["negative"]] * case["batch"],
+                    num_frames=8, num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+                    generator=generator(3), height=64, width=64, output_type="np").frames
+    got = frames_of(executor, video_graph(**case))
+    assert got.shape == (case["batch"] * 8, 64, 64, 3)
+    assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
+
+
+def test_lcm_sampler_animates_as_the_pipeline_with_lcm_scheduler(executor, reference, pipelines):
+    """The LCM-LoRA recipe's sampler: LCMSampler over a video, against AnimateDiffPipeline + LCMScheduler."""
+    from diffusers import LCMScheduler
+
+    pipe = reference(LCMScheduler.from_config(pipelines["sd"].scheduler.config))
+    expected = pipe("a red cube", num_frames=8, num_inference_steps=4, guidance_scale=1.5, generator=generator(3),
+                    height=64, width=64, output_type="np").frames
+    got = frames_of(executor, video_graph(lcm=True, steps=4, guidance=1.5))
+    assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
+
+
+def test_the_frames_move_and_a_video_needs_a_motion_module(executor):
+    frames = frames_of(executor, video_graph())
+    assert max_diff(frames[0], frames[-1]) > 1e-4
+    result = executor.run(video_graph(motion=False))
+    assert "needs a model with a motion module" in result.nodes["sample"].error["message"]
+    wf = video_graph()
+    wf.add("still", "EmptyLatent", width=64, height=64, vae=L("ckpt", "vae"))
+    wf.set("sample", "latent", L("still", "latent"))
+    result = executor.run(wf)
+    assert "start from EmptyLatentVideo" in result.nodes["sample"].error["message"]
+
+
+def test_the_checkpoint_model_is_left_as_it_was(executor):
+    wf = video_graph()
+    wf.outputs = ["decode", "ckpt", "anim"]
+    result = executor.run(wf)
+    assert type(result.output("ckpt", "model").unet).__name__ == "UNet2DConditionModel"
+    assert type(result.output("anim", "model").unet).__name__ == "UNetMotionModel"
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif"])
+def test_save_animation_writes_every_frame(executor, fmt):
+    wf = video_graph(frames=6)
+    wf.add("save", "SaveAnimation", images=L("decode", "image"), filename_prefix="clips/anim", fps=12, format=fmt)
+    wf.outputs = ["save"]
+    result = executor.run(wf)
+    assert result.status == "success", result.errors
+    [entry] = result.ui["save"]["images"]
+    assert entry["animated"] and entry["frames"] == 6 and entry["subfolder"] == "clips"
+    path = executor.output_dir / "clips" / entry["filename"]
+    assert entry["filename"].endswith(f".{fmt}")
+    with Image.open(path) as image:
+        assert image.n_frames == 6 and image.size == (64, 64)
+        assert image.info["loop"] == 0  # plays for ever
+        if fmt == "gif":  # GIF keeps frame times in hundredths of a second
+            assert abs(image.info["duration"] - 1000 / 12) <= 10
+    assert not list(path.parent.glob(".*.partial"))
+
+
+def test_a_motion_module_refuses_a_model_of_another_family(executor):
+    wf = ng.Workflow()
+    wf.add("ckpt", "LoadCheckpoint", ckpt="tiny-sdxl")
+    wf.add("mm", "LoadMotionModule", motion_module="tiny-motion")
+    wf.add("anim", "ApplyMotionModule", model=L("ckpt", "model"), motion_module=L("mm", "motion_module"))
+    result = executor.run(wf, outputs=["anim"])
+    message = result.nodes["anim"].error["message"]
+    assert "SD 1.5" in message and "sdxl" in message
+
+
+def test_a_missing_motion_module_says_where_they_are_read_from(executor):
+    wf = video_graph()
+    wf.set("mm", "motion_module", "nowhere")
+    with pytest.raises(ng.ValidationFailed) as info:
+        executor.run(wf)
+    [error] = info.value.errors
+    assert error.node_id == "mm" and "animatediff_models" in error.message
+
+
+def test_controlnets_on_a_video_are_a_clear_error(executor, motion_models):
+    from nodes.sampling import _attach_controls, _Guidance
+
+    g = _Guidance(torch.zeros(1, 77, 32), False, 1.0, None)
+
+    class Positive:
+        extras = ("a control",)
+
+    with pytest.raises(ValueError, match="do not work on animations"):
+        _attach_controls(g, None, Positive(), (1, 4, 8, 8, 8), 2, torch.device("cpu"))
