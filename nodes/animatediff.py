@@ -37,8 +37,9 @@ def _motion_adapter_folder(path: Path) -> bool | None:
         return False
 
 
-MOTION_MODULES = Folder("animatediff_models", what="motion modules (diffusers MotionAdapter folders)",
-                        suffixes=None, entry_dir=_motion_adapter_folder, flag="--models")
+MOTION_MODULES = Folder("animatediff_models", what="motion modules (diffusers MotionAdapter folders, or single files "
+                        "such as mm_sd_v15_v2.safetensors)", suffixes=(".safetensors", ".ckpt", ".pth", ".pt"),
+                        entry_dir=_motion_adapter_folder, flag="--models")
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,9 +54,9 @@ class MotionModule:
 
 
 class LoadMotionModule(Node):
-    """Load an AnimateDiff motion module (a diffusers MotionAdapter folder, such as
-    animatediff-motion-adapter-v1-5-2) from the models folder's animatediff_models/. Motion modules are made for
-    SD 1.5 models."""
+    """Load an AnimateDiff motion module from the models folder's animatediff_models/: a diffusers MotionAdapter
+    folder (such as animatediff-motion-adapter-v1-5-2) or an original single file (mm_sd_v15_v2.safetensors and
+    the like; .ckpt pickles only with --allow-pickle). Motion modules are made for SD 1.5 models."""
 
     category = "loaders"
     motion_module = Combo(options=MOTION_MODULES)
@@ -67,13 +68,49 @@ class LoadMotionModule(Node):
         from .loading import CheckpointError, ready
 
         path = MOTION_MODULES.locate(ctx.settings, motion_module)
-        if _motion_adapter_folder(path) is not True:
+        if path.is_file():
+            adapter = motion_adapter_from_file(path, ctx.settings.allow_pickle)
+        elif _motion_adapter_folder(path) is not True:
             raise CheckpointError(f"{path}: not a motion module (a folder whose config.json names a MotionAdapter)")
-        try:
-            adapter = MotionAdapter.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load the motion module: {str(e).splitlines()[0]}") from e
+        else:
+            try:
+                adapter = MotionAdapter.from_pretrained(path, local_files_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path}: cannot load the motion module: {str(e).splitlines()[0]}") from e
         return MotionModule(ready(adapter, torch.device("cpu"), torch.float32), motion_module)
+
+
+def motion_adapter_from_file(path: Path, allow_pickle: bool = False) -> torch.nn.Module:
+    """A MotionAdapter from an original AnimateDiff file (``down_blocks.0.motion_modules.0.temporal_transformer.*``):
+    keys renamed as diffusers' converter does, the configuration read from the tensor shapes. Head count and norm
+    groups leave no trace in the shapes: every released v1/v2/v3 module uses 8 and 32, diffusers' defaults."""
+    from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    from .loading import CheckpointError, few, read_weights
+
+    tensors = read_weights(path, allow_pickle=allow_pickle)
+    positions = next((v for k, v in tensors.items() if k.endswith("pos_encoder.pe")), None)
+    state = convert_animatediff_checkpoint_to_diffusers(tensors)
+    widths = []
+    while f"down_blocks.{len(widths)}.motion_modules.0.proj_in.weight" in state:
+        widths.append(int(state[f"down_blocks.{len(widths)}.motion_modules.0.proj_in.weight"].shape[0]))
+    if not widths:
+        raise CheckpointError(f"{path.name}: not an AnimateDiff motion module (no down_blocks.N.motion_modules "
+                              f"weights; found {few(sorted(tensors))})")
+    layers = len({k.split(".")[3] for k in state if k.startswith("down_blocks.0.motion_modules.")})
+    blocks = len({k.split(".")[5] for k in state if k.startswith("down_blocks.0.motion_modules.0.transformer_blocks.")})
+    config = dict(block_out_channels=tuple(widths), motion_layers_per_block=layers,
+                  motion_transformer_layers_per_block=blocks,
+                  use_motion_mid_block=any(k.startswith("mid_block.") for k in state),
+                  motion_max_seq_length=int(positions.shape[1]) if positions is not None else 32)
+    adapter = MotionAdapter(**config)
+    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("pos_embed.pe")]  # computed, not stored, as in diffusers
+    if missing or unexpected:
+        raise CheckpointError(f"{path.name}: the weights do not fit a motion module of blocks {tuple(widths)}: "
+                              f"missing {few(missing) or 'nothing'}, unexpected {few(unexpected) or 'nothing'}")
+    return adapter
 
 
 class ApplyMotionModule(Node):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .tiny import (
     _ST_METADATA,
@@ -328,9 +328,10 @@ def write_tiny_ip_adapter(unet_dir: Path | str, out_path: Path | str, seed: int 
 
 
 def build_tiny_motion_adapter(unet_dir: Path | str, out_dir: Path | str, seed: int = 0) -> Path:
-    """Write a tiny MotionAdapter diffusers folder that fits the UNet folder ``unet_dir`` (its block widths, layers
-    per block and norm groups). A fresh adapter's output projections are zero (the UNet's images would not move):
-    they get random weights here so that a test can see the motion layers act."""
+    """Write a tiny MotionAdapter diffusers folder that fits the UNet folder ``unet_dir`` (its block widths and
+    layers per block), with the released modules' 8 heads and 32 norm groups. A fresh adapter's output projections
+    are zero (the UNet's images would not move): they get random weights here so that a test can see the motion
+    layers act."""
     from diffusers import MotionAdapter
 
     config = json.loads((Path(unet_dir) / "config.json").read_text())
@@ -338,7 +339,7 @@ def build_tiny_motion_adapter(unet_dir: Path | str, out_dir: Path | str, seed: i
         torch.manual_seed(seed)
         adapter = MotionAdapter(block_out_channels=tuple(config["block_out_channels"]),
                                 motion_layers_per_block=config["layers_per_block"],
-                                motion_norm_num_groups=config["norm_num_groups"], motion_num_attention_heads=4,
+                                motion_norm_num_groups=32, motion_num_attention_heads=8,
                                 motion_max_seq_length=32)
         with torch.no_grad():
             for name, param in adapter.named_parameters():
@@ -347,3 +348,27 @@ def build_tiny_motion_adapter(unet_dir: Path | str, out_dir: Path | str, seed: i
     out = Path(out_dir)
     adapter.save_pretrained(out)
     return out
+
+
+def motion_adapter_to_original(adapter_dir: Path | str, out_path: Path | str) -> Path:
+    """Write a MotionAdapter folder as an original AnimateDiff single file (``temporal_transformer``,
+    ``attention_blocks.N``, ``norms.N``, ``ff_norm`` and a ``pos_encoder.pe`` per attention block)."""
+    state = load_file(str(Path(adapter_dir) / "diffusion_pytorch_model.safetensors"))
+    out = {}
+    for key, value in state.items():
+        head, sep, rest = key.partition(".motion_modules.")
+        index, _, rest = rest.partition(".")
+        if rest.endswith("pos_embed.pe"):
+            block = rest[: -len("pos_embed.pe")]
+            for attention in (0, 1):
+                name = f"{head}{sep}{index}.temporal_transformer.{block}attention_blocks.{attention}.pos_encoder.pe"
+                out[name] = value.clone()
+            continue
+        for new, old in ((".norm1", ".norms.0"), (".norm2", ".norms.1"), (".norm3", ".ff_norm"),
+                         (".attn1", ".attention_blocks.0"), (".attn2", ".attention_blocks.1")):
+            rest = rest.replace(new, old)
+        out[f"{head}{sep}{index}.temporal_transformer.{rest}"] = value.contiguous()
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, path, metadata=_ST_METADATA)
+    return path

@@ -177,3 +177,30 @@ def test_controlnets_on_a_video_are_a_clear_error(executor, motion_models):
 
     with pytest.raises(ValueError, match="do not work on animations"):
         _attach_controls(g, None, Positive(), (1, 4, 8, 8, 8), 2, torch.device("cpu"))
+
+
+def test_an_original_single_file_motion_module_loads_as_its_folder(executor, motion_models):
+    """mm_sd_v15_v2-style files (temporal_transformer, attention_blocks, norms, pos_encoder) give the same video as
+    the diffusers folder they were written from."""
+    from nodes.testing.tiny_adapters import motion_adapter_to_original
+
+    folder = motion_models / "animatediff_models"
+    single = motion_adapter_to_original(folder / "tiny-motion", folder / "mm_tiny_v2.safetensors")
+    from safetensors.torch import load_file
+
+    assert any(".temporal_transformer." in k and "pos_encoder.pe" in k for k in load_file(single))
+    from_folder = frames_of(executor, video_graph())
+    wf = video_graph()
+    wf.set("mm", "motion_module", "mm_tiny_v2.safetensors")
+    assert max_diff(frames_of(executor, wf), from_folder) == 0
+
+
+def test_a_file_that_is_no_motion_module_is_a_clear_error(executor, motion_models):
+    import shutil
+
+    folder = motion_models / "animatediff_models"
+    shutil.copyfile(motion_models / "checkpoints" / "tiny-sd.safetensors", folder / "not-motion.safetensors")
+    wf = video_graph()
+    wf.set("mm", "motion_module", "not-motion.safetensors")
+    result = executor.run(wf)
+    assert "not an AnimateDiff motion module" in result.nodes["mm"].error["message"]
