@@ -204,3 +204,30 @@ def test_a_file_that_is_no_motion_module_is_a_clear_error(executor, motion_model
     wf.set("mm", "motion_module", "not-motion.safetensors")
     result = executor.run(wf)
     assert "not an AnimateDiff motion module" in result.nodes["mm"].error["message"]
+
+
+def test_a_lora_under_the_motion_module_matches_the_pipeline_with_that_lora(executor, reference, pipelines,
+                                                                            motion_models):
+    """LoRAStack before ApplyMotionModule: the LoRA acts on the animated UNet's image layers, as
+    AnimateDiffPipeline.load_lora_weights makes it act (the LCM docs' recipe mixes LCM-LoRA in this way)."""
+    from diffusers import DDIMScheduler
+
+    from nodes.testing.tiny_adapters import write_tiny_lora
+
+    sd = pipelines["sd"]
+    path = write_tiny_lora(sd.unet, sd.text_encoder, motion_models / "loras" / "video-style.safetensors",
+                           fmt="kohya", rank=4, alpha=4.0, seed=31, text=False, std=0.2)
+    pipe = reference(DDIMScheduler.from_config(sd.scheduler.config))
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    try:
+        expected = pipe("a red cube", num_frames=8, num_inference_steps=3, guidance_scale=7.5,
+                        generator=generator(3), height=64, width=64, output_type="np").frames
+    finally:
+        pipe.unload_lora_weights()
+    wf = video_graph()
+    wf.add("lora", "LoRAStack", model=L("ckpt", "model"), clip=L("ckpt", "clip"),
+           loras=[{"lora": "video-style.safetensors", "strength_model": 1.0, "strength_clip": 1.0}])
+    wf.set("anim", "model", L("lora", "model"))
+    got = frames_of(executor, wf)
+    assert max_diff(got, frames_of(executor, video_graph())) > 1e-3  # the LoRA acts
+    assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
