@@ -3,7 +3,6 @@ diffusers' AnimateDiffPipeline (DDIM, Euler, LCM) on tiny models."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +11,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 
 from .conftest import generator, max_diff
+from .test_parity import ours
 
 TOLERANCE = 1e-5
 
@@ -70,12 +70,6 @@ def video_graph(*, sampler="ddim", steps=3, guidance=7.5, seed=3, frames=8, batc
     return wf
 
 
-def frames_of(executor, wf) -> np.ndarray:
-    result = executor.run(wf)
-    assert result.status == "success", result.errors
-    return result.output("decode", "image").numpy()
-
-
 @pytest.mark.parametrize("case", [
     dict(sampler="ddim", guidance=7.5),
     dict(sampler="ddim", guidance=6.0, negative="blurry"),
@@ -93,7 +87,7 @@ def test_videos_match_the_animatediff_pipeline(executor, reference, pipelines, c
                     negative_prompt=None if case["negative"] is None else [case["negative"]] * case["batch"],
                     num_frames=8, num_inference_steps=case["steps"], guidance_scale=case["guidance"],
                     generator=generator(3), height=64, width=64, output_type="np").frames
-    got = frames_of(executor, video_graph(**case))
+    got = ours(executor, video_graph(**case))
     assert got.shape == (case["batch"] * 8, 64, 64, 3)
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
 
@@ -105,12 +99,12 @@ def test_lcm_sampler_animates_as_the_pipeline_with_lcm_scheduler(executor, refer
     pipe = reference(LCMScheduler.from_config(pipelines["sd"].scheduler.config))
     expected = pipe("a red cube", num_frames=8, num_inference_steps=4, guidance_scale=1.5, generator=generator(3),
                     height=64, width=64, output_type="np").frames
-    got = frames_of(executor, video_graph(lcm=True, steps=4, guidance=1.5))
+    got = ours(executor, video_graph(lcm=True, steps=4, guidance=1.5))
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
 
 
 def test_the_frames_move_and_a_video_needs_a_motion_module(executor):
-    frames = frames_of(executor, video_graph())
+    frames = ours(executor, video_graph())
     assert max_diff(frames[0], frames[-1]) > 1e-4
     result = executor.run(video_graph(motion=False))
     assert "needs a model with a motion module" in result.nodes["sample"].error["message"]
@@ -189,10 +183,10 @@ def test_an_original_single_file_motion_module_loads_as_its_folder(executor, mot
     from safetensors.torch import load_file
 
     assert any(".temporal_transformer." in k and "pos_encoder.pe" in k for k in load_file(single))
-    from_folder = frames_of(executor, video_graph())
+    from_folder = ours(executor, video_graph())
     wf = video_graph()
     wf.set("mm", "motion_module", "mm_tiny_v2.safetensors")
-    assert max_diff(frames_of(executor, wf), from_folder) == 0
+    assert max_diff(ours(executor, wf), from_folder) == 0
 
 
 def test_a_file_that_is_no_motion_module_is_a_clear_error(executor, motion_models):
@@ -228,6 +222,6 @@ def test_a_lora_under_the_motion_module_matches_the_pipeline_with_that_lora(exec
     wf.add("lora", "LoRAStack", model=L("ckpt", "model"), clip=L("ckpt", "clip"),
            loras=[{"lora": "video-style.safetensors", "strength_model": 1.0, "strength_clip": 1.0}])
     wf.set("anim", "model", L("lora", "model"))
-    got = frames_of(executor, wf)
-    assert max_diff(got, frames_of(executor, video_graph())) > 1e-3  # the LoRA acts
+    got = ours(executor, wf)
+    assert max_diff(got, ours(executor, video_graph())) > 1e-3  # the LoRA acts
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE

@@ -26,16 +26,7 @@ def graph(ckpt: str, prompt: str, *, steps=4, seed=0, guidance=8.5, width=64, he
     wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt, clip_skip=clip_skip)
     wf.add("sched", "LCMScheduler", model=L("ckpt", "model"), steps=steps, original_inference_steps=original_steps,
            timesteps=timesteps)
-    if image is None:
-        wf.add("latent", "EmptyLatent", width=width, height=height, batch=batch, vae=L("ckpt", "vae"))
-    else:
-        wf.add("img", "LoadImage", image=image)
-        if mask is None:
-            wf.add("latent", "VAEEncode", vae=L("ckpt", "vae"), image=L("img", "image"))
-        else:
-            wf.add("maskimg", "LoadImage", image=mask)
-            wf.add("mask", "ImageToMask", image=L("maskimg", "image"))
-            wf.add("latent", "InpaintEncode", vae=L("ckpt", "vae"), image=L("img", "image"), mask=L("mask", "mask"))
+    add_latent(wf, image=image, mask=mask, width=width, height=height, batch=batch)
     positive = L("pos", "conditioning")
     if wrap_conditioning is not None:
         positive = wrap_conditioning(wf, positive)
@@ -48,6 +39,21 @@ def graph(ckpt: str, prompt: str, *, steps=4, seed=0, guidance=8.5, width=64, he
     wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
     wf.outputs = ["decode"]
     return wf
+
+
+def add_latent(wf: ng.Workflow, *, image=None, mask=None, width=64, height=64, batch=1) -> None:
+    """Node "latent": EmptyLatent, or LoadImage -> VAEEncode, or LoadImage + mask -> InpaintEncode, all over the
+    checkpoint node "ckpt"."""
+    if image is None:
+        wf.add("latent", "EmptyLatent", width=width, height=height, batch=batch, vae=L("ckpt", "vae"))
+        return
+    wf.add("img", "LoadImage", image=image)
+    if mask is None:
+        wf.add("latent", "VAEEncode", vae=L("ckpt", "vae"), image=L("img", "image"))
+    else:
+        wf.add("maskimg", "LoadImage", image=mask)
+        wf.add("mask", "ImageToMask", image=L("maskimg", "image"))
+        wf.add("latent", "InpaintEncode", vae=L("ckpt", "vae"), image=L("img", "image"), mask=L("mask", "mask"))
 
 
 def ours(executor, wf) -> np.ndarray:

@@ -12,7 +12,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 
 from .conftest import generator, max_diff
-from .test_parity import ours
+from .test_parity import add_latent, ours
 
 TOLERANCE = 1e-5
 
@@ -51,16 +51,7 @@ def sampler_graph(ckpt: str, prompt: str, *, sampler: str, schedule="default", s
     wf = ng.Workflow()
     wf.add("ckpt", "LoadCheckpoint", ckpt=ckpt)
     wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt)
-    if image is None:
-        wf.add("latent", "EmptyLatent", width=width, height=height, batch=batch, vae=L("ckpt", "vae"))
-    else:
-        wf.add("img", "LoadImage", image=image)
-        if mask is None:
-            wf.add("latent", "VAEEncode", vae=L("ckpt", "vae"), image=L("img", "image"))
-        else:
-            wf.add("maskimg", "LoadImage", image=mask)
-            wf.add("mask", "ImageToMask", image=L("maskimg", "image"))
-            wf.add("latent", "InpaintEncode", vae=L("ckpt", "vae"), image=L("img", "image"), mask=L("mask", "mask"))
+    add_latent(wf, image=image, mask=mask, width=width, height=height, batch=batch)
     model, positive = L("ckpt", "model"), L("pos", "conditioning")
     if wrap_model is not None:
         model = wrap_model(wf, model)
