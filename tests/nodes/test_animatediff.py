@@ -225,3 +225,34 @@ def test_a_lora_under_the_motion_module_matches_the_pipeline_with_that_lora(exec
     got = ours(executor, wf)
     assert max_diff(got, ours(executor, video_graph())) > 1e-3  # the LoRA acts
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
+
+
+def test_a_motion_lora_after_the_motion_module_matches_the_pipeline(executor, reference, pipelines, motion_models):
+    """A motion LoRA (LoRA layers on the motion modules' attention, diffusers' format) in a LoRAStack after
+    ApplyMotionModule, against AnimateDiffPipeline.load_lora_weights."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+
+    pipe = reference(DDIMScheduler.from_config(pipelines["sd"].scheduler.config))
+    draw = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in pipe.unet.named_modules():
+        if "motion_modules" in name and name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn1.to_out.0")):
+            tensors[f"unet.{name}.lora.down.weight"] = torch.randn(4, module.in_features, generator=draw) * 0.3
+            tensors[f"unet.{name}.lora.up.weight"] = torch.randn(module.out_features, 4, generator=draw) * 0.3
+    path = motion_models / "loras" / "motion-zoom.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file(tensors, path)
+    pipe.load_lora_weights(str(path), adapter_name="zoom")
+    try:
+        expected = pipe("a red cube", num_frames=8, num_inference_steps=3, guidance_scale=7.5,
+                        generator=generator(3), height=64, width=64, output_type="np").frames
+    finally:
+        pipe.unload_lora_weights()
+    wf = video_graph()
+    wf.add("lora", "LoRAStack", model=L("anim", "model"), clip=L("ckpt", "clip"),
+           loras=[{"lora": "motion-zoom.safetensors", "strength_model": 1.0, "strength_clip": 1.0}])
+    wf.set("sample", "model", L("lora", "model"))
+    got = ours(executor, wf)
+    assert max_diff(got, ours(executor, video_graph())) > 1e-3  # the motion LoRA acts
+    assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
