@@ -12,10 +12,11 @@ from nodegraph import Settings
 
 from . import (animatediff, checkpoint, conditioning, control, freeu, images, ipadapter, latent, lcm, lora, primitives,
                schedulers)
+from . import consistency
 from . import latent_diffusion
 
 NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *lcm.NODES, *schedulers.NODES, *latent.NODES,
-         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES,
+         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES, *consistency.NODES,
          *latent_diffusion.NODES, *primitives.NODES]
 
 __all__ = ["NODES", "configure", "free", "system_info"]
