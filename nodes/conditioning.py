@@ -17,8 +17,8 @@ from .values import CLIP, CONDITIONING, Clip, Conditioning
 def _token_ids(tokenizer, encoder, text: str, vocabulary: Vocabulary, log=None, encoder_key: str | None = None):
     """(ids [1, 77] on the encoder's device, vectors of the embeddings the text names or None), as diffusers
     tokenises: padded and truncated to the tokenizer's length, with a warning when the end is cut off."""
-    core = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
-    ids, extra = embeddings.token_ids(tokenizer, text, core.embeddings.token_embedding.embedding_dim, vocabulary,
+    # the width through transformers' generic accessor: CLIP's text models and LDMBert (nodes.latent_diffusion) alike
+    ids, extra = embeddings.token_ids(tokenizer, text, encoder.get_input_embeddings().embedding_dim, vocabulary,
                                       encoder_key)
     if ids is None:
         ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
