@@ -212,8 +212,9 @@ class LDMUpscale(Node):
 
     steps: 100 as the pipeline (fewer is faster and softer); sampler: ddim is the model's own (eta: 0 =
     deterministic, up to 1 adds fresh noise each step), the others are the general Sampler's. Memory: the UNet
-    runs at the input's full resolution, so a 256x256 input (1024x1024 out) costs as much as a 2048x2048 Stable
-    Diffusion image; upscale large images in pieces (the batch is processed at once)."""
+    runs on latents as large as the input (Stable Diffusion's are 8 times smaller per side) and on the whole batch
+    at once, its attention layers' memory growing with the square of the pixel count: upscale large images in
+    pieces (there is no tiling)."""
 
     category = "image"
     upscaler = Socket(LDM_UPSCALER)

@@ -134,3 +134,39 @@ def test_changing_the_seed_changes_the_upscaled_image(executor, ldm_models, smal
     other = upscaled(executor, SMALL, seed=1, steps=2, eta=0.0)
     assert max_diff(first, again) == 0
     assert max_diff(first, other) > 1e-3
+
+
+# --- text-to-image --------------------------------------------------------------------------------------------
+
+
+def text_graph(prompt: str, *, width: int = 64, height: int = 64, batch: int = 1, **inputs) -> ng.Workflow:
+    """LoadLatentDiffusion -> CLIPEncode -> EmptyLatent -> Sampler -> VAEDecode ("decode"), as for any checkpoint."""
+    wf = ng.Workflow()
+    wf.add("ckpt", "LoadLatentDiffusion", model=f"nested/{T2I}")
+    wf.add("pos", "CLIPEncode", clip=L("ckpt", "clip"), text=prompt)
+    wf.add("latent", "EmptyLatent", width=width, height=height, batch=batch, vae=L("ckpt", "vae"))
+    wf.add("sample", "Sampler", model=L("ckpt", "model"), positive=L("pos", "conditioning"),
+           latent=L("latent", "latent"), **{"sampler": "ddim", "steps": 2, "guidance": 6.0, **inputs})
+    wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
+    wf.outputs = ["decode"]
+    return wf
+
+
+@pytest.mark.parametrize("case", [
+    {"eta": 0.0}, {"eta": 0.5}, {"eta": 0.0, "guidance": 1.0}, {"eta": 0.0, "batch": 2, "seed": 3},
+    {"eta": 0.0, "prompt": "a painting of a blue house on the hill, zebra"},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_text_to_image_matches_the_ldm_text_to_image_pipeline(executor, ldm_pipelines, case):
+    prompt, batch, seed = case.get("prompt", "a red cat"), case.get("batch", 1), case.get("seed", 0)
+    guidance = case.get("guidance", 6.0)
+    # the pipeline's latents are height // 8 high whatever its autoencoder; the tiny one downscales 2x, so a
+    # 64-pixel EmptyLatent (32 latent rows) matches the pipeline asked for 256 pixels
+    with global_rng_after(seed, (batch, 4, 32, 32)):
+        expected = ldm_pipelines["t2i"]([prompt] * batch, height=256, width=256, num_inference_steps=2,
+                                        guidance_scale=guidance, eta=case["eta"], generator=generator(seed),
+                                        output_type="np").images
+    result = executor.run(text_graph(prompt, batch=batch, seed=seed, eta=case["eta"], guidance=guidance))
+    assert result.status == "success", result.errors
+    ours = result.output("decode", "image").numpy()
+    assert ours.shape == expected.shape == (batch, 64, 64, 3)
+    assert max_diff(ours, expected) <= TOLERANCE
