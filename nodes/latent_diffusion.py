@@ -28,9 +28,10 @@ from .schedulers import SAMPLERS, SchedulerSteps, make_scheduler
 from .values import CLIP, IMAGE, MODEL, VAE, Clip, Model, Vae, param_bytes
 
 SUPER_RESOLUTION, TEXT_TO_IMAGE = "LDMSuperResolutionPipeline", "LDMTextToImagePipeline"
-#: The class each component of an LDM folder may be (model_index.json names it): (library, class) pairs.
+#: The classes each component of an LDM folder may be (model_index.json names them); the UNet's depends on the
+#: pipeline: the upscaler's reads the image, the text-to-image one attends to the prompt.
 COMPONENT_CLASSES = {
-    "unet": {"UNet2DModel", "UNet2DConditionModel"},
+    "unet": {SUPER_RESOLUTION: {"UNet2DModel"}, TEXT_TO_IMAGE: {"UNet2DConditionModel"}},
     "vqvae": {"VQModel", "AutoencoderKL"},
     "bert": {"LDMBertModel", "CLIPTextModel"},  # diffusers' own LDM test uses a CLIP text encoder
     "tokenizer": {"BertTokenizer", "BertTokenizerFast", "CLIPTokenizer", "CLIPTokenizerFast"},
@@ -96,9 +97,11 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
     for component in wanted:
         entry = index.get(component)
         class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-        if class_name not in COMPONENT_CLASSES[component]:
+        accepted = COMPONENT_CLASSES[component]
+        accepted = accepted[pipeline] if isinstance(accepted, dict) else accepted
+        if class_name not in accepted:
             raise CheckpointError(f"{folder}: model_index.json's {component} is {class_name!r}; expected one of "
-                                  f"{', '.join(sorted(COMPONENT_CLASSES[component]))}")
+                                  f"{', '.join(sorted(accepted))}")
         where = folder / component
         try:
             if component == "tokenizer":
