@@ -37,6 +37,9 @@ def encode_text(clip: Clip, text: str, clip_skip: int | None = None, log=None,
     with clip.applied() as encoder:
         device = next(encoder.parameters()).device
         core = getattr(encoder, "text_model", encoder)
+        if clip_skip and not hasattr(core, "final_layer_norm"):
+            raise ValueError(f"clip_skip works with CLIP text encoders; this model's is a {type(encoder).__name__}: "
+                             f"set clip_skip to 0")
         ids, extra = _token_ids(clip.tokenizer, encoder, text, vocabulary, log)
         with torch.inference_mode(), embeddings.extended_vocabulary(encoder, extra):
             if not clip_skip:

@@ -170,3 +170,11 @@ def test_text_to_image_matches_the_ldm_text_to_image_pipeline(executor, ldm_pipe
     ours = result.output("decode", "image").numpy()
     assert ours.shape == expected.shape == (batch, 64, 64, 3)
     assert max_diff(ours, expected) <= TOLERANCE
+
+
+def test_clip_skip_on_an_ldmbert_model_is_a_clear_error(executor, ldm_models):
+    wf = text_graph("a red cat")
+    wf.set("pos", "clip_skip", 1)
+    result = executor.run(wf)
+    assert "clip_skip works with CLIP text encoders" in result.nodes["pos"].error["message"]
+    assert "LDMBert" in result.nodes["pos"].error["message"]
