@@ -6,7 +6,6 @@ into the test models folder's consistency_models/; the reference is the pipeline
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -118,7 +117,8 @@ def test_random_classes_come_from_the_seed_not_from_torchs_global_generator(exec
 def test_the_loader_lists_consistency_models_only(settings, cm_models):
     from nodes.consistency import CONSISTENCY
 
-    assert CONSISTENCY.names(settings) == [BEDROOM, IMAGENET]
+    names = CONSISTENCY.names(settings)  # other tests may add models of their own to the shared folder
+    assert {BEDROOM, IMAGENET} <= set(names) and not [n for n in names if n.startswith("mistakes/")]
     from nodegraph.folders import folders_of
 
     assert folders_of(ng.build_registry())["consistency_models"] is CONSISTENCY  # so /models lists it
@@ -178,31 +178,10 @@ def test_progress_is_reported_per_step(executor, cm_models):
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
-def imagenet64_workflow() -> dict:
-    """The example graph of openai's ImageNet 64 model (two steps, "22, 0", class 145 = king penguin), as the
-    workflow file would hold it. It is not shipped in workflows/: the shipped-workflow test maps checkpoints onto
-    tiny models by node type and does not know LoadConsistencyModel."""
-    return {
-        "format": "nodegraph/workflow",
-        "version": 1,
-        "nodes": {
-            "1": {"type": "LoadConsistencyModel", "inputs": {"model": "diffusers-cd_imagenet64_l2"},
-                  "ui": {"pos": [40, 60], "title": "Consistency model"}},
-            "2": {"type": "ConsistencySampler",
-                  "inputs": {"model": {"link": ["1", "model"]}, "seed": 0, "batch": 1, "steps": 1,
-                             "timesteps": "22, 0", "class_label": 145},
-                  "ui": {"pos": [340, 60], "title": "Sampler"}},
-            "3": {"type": "SaveImage", "inputs": {"images": {"link": ["2", "image"]},
-                                                  "filename_prefix": "consistency-imagenet64"},
-                  "ui": {"pos": [640, 60], "title": "Save"}},
-        },
-    }
+def test_the_imagenet64_example_runs_on_the_tiny_model(executor, cm_models, cm_pipelines):
+    from nodegraph.assets import workflows_dir
 
-
-def test_the_imagenet64_example_runs_on_the_tiny_model(executor, cm_models, cm_pipelines, tmp_path):
-    path = tmp_path / "consistency-imagenet64.json"
-    path.write_text(json.dumps(imagenet64_workflow(), indent=2))
-    wf = ng.load(path)
+    wf = ng.load(workflows_dir() / "consistency-imagenet64.json")
     wf.set("1", "model", IMAGENET)
     result = executor.run(wf)
     assert result.status == "success", result.errors or result.nodes

@@ -33,6 +33,7 @@ def workflow_models(models_root):
         write_tiny_ip_adapter,
         write_tiny_lora,
     )
+    from nodes.testing.tiny_families import build_tiny_consistency
 
     sd = models_root / "checkpoints" / "tiny-sd"
     if not (models_root / "loras" / TINY_STYLE_LORA).exists():
@@ -49,6 +50,7 @@ def workflow_models(models_root):
         build_tiny_image_encoder(models_root / "clip_vision" / "wf-vision", seed=20)
         write_tiny_ip_adapter(sd / "unet", models_root / "ipadapter" / "wf-ip.safetensors", seed=21)
         build_tiny_motion_adapter(sd / "unet", models_root / "animatediff_models" / "wf-motion", seed=23)
+        build_tiny_consistency(models_root / "consistency_models" / "wf-cm", num_classes=1000, seed=24)
     return models_root
 
 
@@ -74,6 +76,8 @@ def on_tiny_model(name: str) -> ng.Workflow:
             inputs["image"] = "picture.png"
         elif entry.type == "LoadMotionModule":
             inputs["motion_module"] = "wf-motion"
+        elif entry.type == "LoadConsistencyModel":
+            inputs["model"] = "wf-cm"
         elif entry.type in ("EmptyLatent", "EmptyLatentVideo"):
             inputs.update(width=64, height=64)
             if entry.type == "EmptyLatentVideo":
@@ -84,7 +88,7 @@ def on_tiny_model(name: str) -> ng.Workflow:
 def test_the_examples_cover_the_lcm_tasks_and_adapters():
     assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-sdxl", "lcm-lora-style",
             "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter",
-            "teacher-ddim", "animatediff-lcm-lora"} <= set(shipped_workflows())
+            "teacher-ddim", "animatediff-lcm-lora", "consistency-imagenet64"} <= set(shipped_workflows())
 
 
 @pytest.mark.parametrize("name, node, name_of_input, neutral", [
@@ -116,8 +120,9 @@ def test_each_shipped_workflow_runs_and_saves_pngs_that_carry_it(executor, name)
     saved = [item for ui in result.ui.values() for item in ui.get("images", []) if item.get("type") == "output"]
     assert saved, "the workflow saved no image"
     path = executor.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    tiny_size = 32 if any(e.type == "LoadConsistencyModel" for e in wf.nodes.values()) else 64  # the tiny CM's
     with Image.open(path) as image:
-        assert image.size == (64, 64)
+        assert image.size == (tiny_size, tiny_size)
     if saved[0].get("animated"):  # an animation: every frame is there (it does not carry the workflow yet)
         with Image.open(path) as image:
             assert image.n_frames == saved[0]["frames"] > 1
