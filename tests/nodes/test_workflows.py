@@ -33,7 +33,11 @@ def workflow_models(models_root):
         write_tiny_ip_adapter,
         write_tiny_lora,
     )
-    from nodes.testing.tiny_families import build_tiny_consistency
+    from nodes.testing.tiny_families import (
+        build_tiny_consistency,
+        build_tiny_ldm_super_resolution,
+        build_tiny_ldm_text2im,
+    )
 
     sd = models_root / "checkpoints" / "tiny-sd"
     if not (models_root / "loras" / TINY_STYLE_LORA).exists():
@@ -51,6 +55,8 @@ def workflow_models(models_root):
         write_tiny_ip_adapter(sd / "unet", models_root / "ipadapter" / "wf-ip.safetensors", seed=21)
         build_tiny_motion_adapter(sd / "unet", models_root / "animatediff_models" / "wf-motion", seed=23)
         build_tiny_consistency(models_root / "consistency_models" / "wf-cm", num_classes=1000, seed=24)
+        build_tiny_ldm_text2im(models_root / "latent_diffusion" / "wf-ldm-text2im", seed=25)
+        build_tiny_ldm_super_resolution(models_root / "latent_diffusion" / "wf-ldm-sr", seed=26)
     return models_root
 
 
@@ -78,6 +84,12 @@ def on_tiny_model(name: str) -> ng.Workflow:
             inputs["motion_module"] = "wf-motion"
         elif entry.type == "LoadConsistencyModel":
             inputs["model"] = "wf-cm"
+        elif entry.type == "LoadLatentDiffusion":
+            inputs["model"] = "wf-ldm-text2im"
+        elif entry.type == "LoadLDMUpscaler":
+            inputs["model"] = "wf-ldm-sr"
+        elif entry.type == "LDMUpscale":
+            inputs["steps"] = 4
         elif entry.type in ("EmptyLatent", "EmptyLatentVideo"):
             inputs.update(width=64, height=64)
             if entry.type == "EmptyLatentVideo":
@@ -88,7 +100,8 @@ def on_tiny_model(name: str) -> ng.Workflow:
 def test_the_examples_cover_the_lcm_tasks_and_adapters():
     assert {"text-to-image", "image-to-image", "inpainting", "lcm-lora", "lcm-lora-sdxl", "lcm-lora-style",
             "controlnet-canny", "controlnet-canny-lcm-lora", "t2i-adapter", "ip-adapter",
-            "teacher-ddim", "animatediff-lcm-lora", "consistency-imagenet64"} <= set(shipped_workflows())
+            "teacher-ddim", "animatediff-lcm-lora", "consistency-imagenet64", "ldm-text-to-image",
+            "ldm-upscale-4x"} <= set(shipped_workflows())
 
 
 @pytest.mark.parametrize("name, node, name_of_input, neutral", [
@@ -120,7 +133,9 @@ def test_each_shipped_workflow_runs_and_saves_pngs_that_carry_it(executor, name)
     saved = [item for ui in result.ui.values() for item in ui.get("images", []) if item.get("type") == "output"]
     assert saved, "the workflow saved no image"
     path = executor.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
-    tiny_size = 32 if any(e.type == "LoadConsistencyModel" for e in wf.nodes.values()) else 64  # the tiny CM's
+    types = {e.type for e in wf.nodes.values()}
+    # the tiny consistency model makes 32-pixel images, the tiny upscaler doubles the 64-pixel test picture
+    tiny_size = 32 if "LoadConsistencyModel" in types else 128 if "LDMUpscale" in types else 64
     with Image.open(path) as image:
         assert image.size == (tiny_size, tiny_size)
     if saved[0].get("animated"):  # an animation: every frame is there (it does not carry the workflow yet)
