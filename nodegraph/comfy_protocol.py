@@ -3,11 +3,16 @@ answers (``/object_info``, a refused prompt's ``node_errors``), and the hub of o
 
 A run's events become JSON messages ``{"type": ..., "data": ...}`` (``execution_start``, ``executing``,
 ``progress``, ``executed``, ``execution_cached``, ``node_skipped``, ``execution_error``, ``execution_success``,
-``execution_interrupted``; ``status`` for the queue) and preview images. A preview is framed for each socket as its
-client asked: one that sent ``{"type": "feature_flags", "data": {"supports_preview_metadata": true}}`` gets
-PREVIEW_IMAGE_WITH_METADATA frames (type 4: JSON naming the node and the prompt, then the PNG), the others
-PREVIEW_IMAGE frames (type 1: PNG). Anything else a client sends is ignored: a malformed message never closes a
-socket.
+``execution_interrupted``; ``status`` for the queue) and preview images. Previews go to the sockets whose client
+sent its feature flags (ComfyUI's frontend and our canvas do, as soon as the socket opens), framed as it asked: with
+``{"type": "feature_flags", "data": {"supports_preview_metadata": true}}`` PREVIEW_IMAGE_WITH_METADATA frames (type
+4: JSON naming the node and the prompt, then the PNG), else PREVIEW_IMAGE frames (type 1: PNG). A script that sent
+no flags hears no binary frames, as from a ComfyUI started without ``--preview-method``: several API clients take
+every binary frame for an output image. Anything else a client sends is ignored: a malformed message never closes a
+socket. Each socket's messages go out in the order they were handed over.
+
+What a ``/prompt`` body may say is ``PromptRequest``; ``ClientIds`` reports the nodes of an imported ComfyUI prompt
+under the ids its client sent.
 
 Translation is a pure function (an event in, messages out) that runs on the worker thread, which also encodes the
 preview PNG; the hub sends on the event loop.
@@ -145,38 +150,102 @@ def _input(spec: dict) -> list:
     return [spec["type"], options]
 
 
-def prompt_refused(problem: str | WorkflowError | ValidationFailed) -> dict:
+def prompt_refused(problem: str | WorkflowError | ValidationFailed, report: "ClientIds | None" = None) -> dict:
     """The answer to a ``/prompt`` that cannot be queued: a malformed body or workflow, or one that fails
-    validation (then with every error, by node)."""
+    validation or import (then with every error, by node: under the client's ids when ``report`` gives them)."""
     if not isinstance(problem, ValidationFailed):
         return {"error": {"type": "invalid_prompt", "message": str(problem), "details": "", "extra_info": {}},
                 "node_errors": {}}
     general = [e for e in problem.errors if e.node_id is None]
     message = general[0].message if general else f"{len(problem.errors)} input(s) failed validation"
     return {"error": {"type": "prompt_outputs_failed_validation", "message": message, "details": str(problem),
-                      "extra_info": {}}, "node_errors": node_errors(problem.errors)}
+                      "extra_info": {}}, "node_errors": node_errors(problem.errors, report)}
 
 
-def node_errors(errors) -> dict:
+def node_errors(errors, report: "ClientIds | None" = None) -> dict:
     """Validation errors by node id, as ``/prompt`` answers them."""
     out: dict[str, dict] = {}
     for e in errors:
         key = e.node_id if e.node_id is not None else ""
+        if report is not None and key:
+            key = report(key) or ""
         entry = out.setdefault(key, {"errors": [], "dependent_outputs": [], "class_type": e.node_type})
         entry["errors"].append({"type": e.code, "message": e.message, "details": str(e),
                                 "extra_info": {"input_name": e.input}})
     return out
 
 
+# --- what a /prompt body says ----------------------------------------------------------------------------------------
+
+class PromptRequestError(ValueError):
+    """A ``/prompt`` body that cannot be queued as it is; the message says why."""
+
+
+@dataclass
+class PromptRequest:
+    """A ``/prompt`` body, read as ComfyUI reads it; top-level keys it does not know are ignored.
+
+    ``extra`` is ``extra_data`` (kept with the prompt in the queue and the history; ``extra_pnginfo`` travels with
+    the workflow into the files it writes); ``front`` queues it before everything waiting; ``number`` is its place in
+    the queue (lower runs first, ComfyUI's priority); ``targets`` (``partial_execution_targets``) are the only output
+    nodes to run; ``prompt_id`` is the id the client chose for it."""
+
+    document: Any
+    client_id: str | None = None
+    extra: dict = field(default_factory=dict)
+    front: bool = False
+    number: float | None = None
+    targets: list[str] | None = None
+    prompt_id: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> "PromptRequest":
+        if not isinstance(body, dict) or "prompt" not in body:
+            raise PromptRequestError("the body needs a \"prompt\"")
+        extra = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
+        client_id = body.get("client_id", extra.get("client_id"))
+        number = body.get("number")
+        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
+            raise PromptRequestError(f"\"number\" must be a number, not {number!r}")
+        targets = body.get("partial_execution_targets")
+        if targets is not None:
+            if not isinstance(targets, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool)
+                                                        for t in targets):
+                raise PromptRequestError("\"partial_execution_targets\" must list node ids")
+            targets = [str(t) for t in targets]
+        prompt_id = body.get("prompt_id")
+        if prompt_id is not None and (not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= 128
+                                      or not prompt_id.isprintable()):
+            raise PromptRequestError("\"prompt_id\" must be a short printable string")
+        return cls(body["prompt"], client_id if isinstance(client_id, str) else None, extra,
+                   bool(body.get("front")), number, targets, prompt_id)
+
+
+@dataclass(frozen=True)
+class ClientIds:
+    """The node ids a client sent: a node of ours is reported under its own id when the client sent it, else
+    under the id of the client's node it was imported from (the importer names the nodes it adds
+    "<client id>:<suffix>"), else not at all."""
+
+    ids: frozenset
+
+    def __call__(self, node_id: str | None) -> str | None:
+        while node_id is not None and node_id not in self.ids:
+            node_id = node_id.rpartition(":")[0] if ":" in node_id else None
+        return node_id
+
+
 # --- the websocket hub -----------------------------------------------------------------------------------------------
 
 @dataclass(eq=False)
 class Client:
-    """One open websocket and what its client said it understands."""
+    """One open websocket and what its client said it understands (None: it never said)."""
 
     id: str
     ws: web.WebSocketResponse
-    features: dict = field(default_factory=dict)
+    features: dict | None = None
+    # One message at a time: a big message may be compressed off the loop, and the next must not overtake it.
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Hub:
@@ -204,13 +273,16 @@ class Hub:
             await self._send(client, kind, data)
 
     async def _send(self, client: Client, kind: str, data: Any) -> None:
-        try:
-            if isinstance(data, Preview):
-                await client.ws.send_bytes(data.frame(client.features))
-            else:
-                await client.ws.send_json({"type": kind, "data": data})
-        except (ConnectionError, RuntimeError):
-            pass  # the client went away; it is dropped when its socket's handler ends
+        if isinstance(data, Preview) and client.features is None:
+            return  # a client that never sent its feature flags gets no binary frames (see the module's docstring)
+        async with client.sending:
+            try:
+                if isinstance(data, Preview):
+                    await client.ws.send_bytes(data.frame(client.features))
+                else:
+                    await client.ws.send_json({"type": kind, "data": data})
+            except (ConnectionError, RuntimeError):
+                pass  # the client went away; it is dropped when its socket's handler ends
 
     async def attend(self, ws: web.WebSocketResponse, client_id: str, hello: Message) -> None:
         """Serve one open socket until it closes: greet it, then read what its client sends."""

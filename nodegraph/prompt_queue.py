@@ -6,11 +6,19 @@ that runs a plan (the local ``Executor``; a distributed worker that forwards a r
 and the ``RunProtocol`` that says what clients are told (``nodegraph.comfy_protocol``, ComfyUI's messages). What
 the protocol says is handed to ``send`` (the websocket hub) from the worker thread, and kept in the history entry.
 
-Rows and history entries have ComfyUI's shapes (``/queue``, ``/history``).
+Rows and history entries have ComfyUI's shapes (``/queue``, ``/history``). Prompts wait in the order of their
+``number`` (ComfyUI's priority: lower first; a prompt queued at the front gets one below all others), then of
+arrival. A prompt imported from ComfyUI's format carries ``report``, which names its nodes by the ids its client
+sent: every event, output and history entry of it is told under those ids.
+
+What clients hear of a run's end (``executing`` with ``node: null``, ``execution_success`` and the queue's
+``status``) goes out only once the history entry holding the run's outputs is written: several clients fetch
+``/history/{prompt_id}`` the moment they hear it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -56,7 +64,7 @@ class RunProtocol(Protocol):
 
 @dataclass
 class QueueItem:
-    number: int
+    number: float
     prompt_id: str
     workflow: Workflow
     document: dict
@@ -64,6 +72,8 @@ class QueueItem:
     extra: dict
     outputs: list[str]
     plan: Any = None
+    report: Callable[[str], "str | None"] | None = None  # our node id -> the client's (None: not told)
+    seq: int = 0  # arrival, for prompts of the same number
 
     def as_row(self) -> list:
         return [self.number, self.prompt_id, self.document, {**self.extra, "client_id": self.client_id},
@@ -102,18 +112,28 @@ class PromptQueue:
             return len(self._pending) + (self.running is not None)
 
     def put(self, workflow: Workflow, document: dict, plan: Plan, client_id: str | None, extra: dict,
-            front: bool = False) -> QueueItem:
+            front: bool = False, *, number: float | None = None, prompt_id: str | None = None,
+            report: Callable[[str], "str | None"] | None = None) -> QueueItem:
+        """Queue a compiled prompt. ``number`` places it (default: after everything queued, or before everything
+        with ``front``); ``prompt_id`` is the client's choice of id (ValueError when that id is waiting or running);
+        ``report`` names its nodes for the client."""
         with self._cond:
+            if prompt_id is not None and any(i.prompt_id == prompt_id for i in self._items()):
+                raise ValueError(f"a prompt with id {prompt_id!r} is already queued")
             self._counter += 1
-            item = QueueItem(self._counter, str(uuid.uuid4()), workflow, document, client_id, extra, plan.targets,
-                             plan)
-            if front:
-                self._pending.insert(0, item)
-            else:
-                self._pending.append(item)
+            if number is None:
+                number = -self._counter if front else self._counter
+            outputs = [report(o) or o for o in plan.targets] if report else plan.targets
+            item = QueueItem(number, prompt_id or str(uuid.uuid4()), workflow, document, client_id, extra, outputs,
+                             plan, report, self._counter)
+            self._pending.append(item)
+            self._pending.sort(key=lambda i: (i.number, i.seq))
             self._cond.notify()
         self._status()
         return item
+
+    def _items(self) -> list[QueueItem]:
+        return self._pending + ([self.running] if self.running is not None else [])
 
     def snapshot(self) -> dict:
         with self._cond:
@@ -178,17 +198,24 @@ class PromptQueue:
 
         def on_event(event: Event) -> None:
             if event.run_id == item.prompt_id:
+                event = _reported(event, item.report)
+                if event is None:
+                    return
                 for message in self.protocol.translate(event, item.prompt_id):
                     tell(message, now=event.type != ev.RUN_FINISHED)
 
         unsubscribe = self.runner.events.subscribe(on_event)
         try:
             result = self.runner.run(item.plan, run_id=item.prompt_id)
-            status, outputs = STATUS[result.status], result.ui
+            status, outputs = STATUS[result.status], _reported_outputs(result.ui, item.report)
         except Exception as exc:
             log.exception("prompt %s failed outside any node", item.prompt_id)
             status = "error"
             tell(self.protocol.crashed(item.prompt_id, exc))
+            # the run never finished, so its end was not told: tell it as a run's end is told
+            end = Event(ev.RUN_FINISHED, item.prompt_id, None, {"status": "failed"})
+            for message in self.protocol.translate(end, item.prompt_id):
+                tell(message, now=False)
         finally:
             unsubscribe()
         # Clients read /history/{prompt_id} as soon as they hear that the run ended: write it before telling them.
@@ -200,3 +227,34 @@ class PromptQueue:
         finally:
             for message in last:
                 self.send(*message, item.client_id)
+
+
+def _reported(event: Event, report: Callable[[str], "str | None"] | None) -> Event | None:
+    """``event`` under the client's node ids; None when it is about a node the client does not know."""
+    if report is None or event.node_id is None:
+        return event
+    node = report(event.node_id)
+    if node is None:
+        return None
+    data = event.data
+    if "because_of" in data:
+        data = {**data, "because_of": report(data["because_of"]) if data["because_of"] is not None else None}
+    return dataclasses.replace(event, node_id=node, data=data)
+
+
+def _reported_outputs(ui: dict[str, dict], report: Callable[[str], "str | None"] | None) -> dict[str, dict]:
+    """A run's outputs by the client's node ids (lists of two nodes reported as one are joined)."""
+    if report is None:
+        return ui
+    out: dict[str, dict] = {}
+    for node_id, node_ui in ui.items():
+        target = report(node_id)
+        if target is None:
+            continue
+        merged = out.setdefault(target, {})
+        for key, value in node_ui.items():
+            if isinstance(value, list) and isinstance(merged.get(key), list):
+                merged[key] = merged[key] + value
+            else:
+                merged[key] = value
+    return out

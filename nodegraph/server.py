@@ -46,7 +46,9 @@ from .workflow import WorkflowError, from_json
 log = logging.getLogger("nodegraph.server")
 
 MAX_UPLOAD = 32 * 1024 * 1024
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
+# what an upload may be, by the format Pillow reads from its bytes, and the suffixes it may be stored under
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",), "GIF": (".gif",), "BMP": (".bmp",),
+                 "TIFF": (".tif", ".tiff"), "MPO": (".jpg", ".jpeg")}
 
 
 def _file_folder(kind: str) -> Folder:
@@ -190,12 +192,19 @@ async def _error_middleware(request: web.Request, handler):
 # --- handlers --------------------------------------------------------------------------------------------------------
 
 async def _json_body(request: web.Request) -> Any:
-    if request.content_type != "application/json":
+    """The body as JSON. A request without an ``Origin`` is read as JSON whatever its declared Content-Type, as
+    ComfyUI reads it (scripts post JSON as text/plain or with no type at all). Browsers send an Origin with every
+    cross-site POST, and the security middleware has refused those already; a page may only send a "simple" content
+    type (a form, text) cross-site without a preflight, so insisting on application/json when an Origin is present
+    keeps that door shut too."""
+    if request.content_type != "application/json" and "Origin" in request.headers:
         raise web.HTTPUnsupportedMediaType(text="send JSON with Content-Type: application/json")
     try:
-        return await request.json()
+        return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise web.HTTPBadRequest(text="the body is not valid JSON") from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text="the body is nested too deeply") from None
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -215,17 +224,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def post_prompt(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    if not isinstance(body, dict) or "prompt" not in body:
-        return web.json_response(comfy.prompt_refused("the body needs a \"prompt\""), status=400)
     try:
-        workflow = from_json(body["prompt"])
-        plan = request.app["executor"].compile(workflow)
-    except (WorkflowError, ValidationFailed) as exc:
+        asked = comfy.PromptRequest.parse(await _json_body(request))
+        workflow = from_json(asked.document)
+        plan = request.app["executor"].compile(workflow, asked.targets)
+    except (comfy.PromptRequestError, WorkflowError, ValidationFailed) as exc:
         return web.json_response(comfy.prompt_refused(exc), status=400)
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
-    client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
-    item = request.app["queue"].put(workflow, body["prompt"], plan, client_id, extra, front=bool(body.get("front")))
+    extra_pnginfo = asked.extra.get("extra_pnginfo")
+    if isinstance(extra_pnginfo, dict):
+        # what ComfyUI writes into the PNGs a prompt saves: it travels with the workflow that output nodes embed
+        workflow.meta = {**(workflow.meta or {}), "extra_pnginfo": extra_pnginfo}
+    try:
+        item = request.app["queue"].put(workflow, asked.document, plan, asked.client_id, asked.extra,
+                                        front=asked.front, number=asked.number, prompt_id=asked.prompt_id)
+    except ValueError as exc:
+        return web.json_response(comfy.prompt_refused(str(exc)), status=400)
     return web.json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": {}})
 
 
@@ -310,6 +323,10 @@ async def view(request: web.Request) -> web.StreamResponse:
 
 
 async def upload_image(request: web.Request) -> web.Response:
+    """ComfyUI's upload: a multipart ``image`` file (+ ``subfolder``, ``type``, ``overwrite``). The file is judged by
+    its bytes, not by the type its part declares (clients send application/octet-stream or nothing): it must be an
+    image Pillow can read, and it is stored under a suffix of its real format, so ``/view`` never serves it as
+    anything else."""
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPUnsupportedMediaType(text="upload with multipart/form-data")
     form = await request.post()
@@ -320,8 +337,7 @@ async def upload_image(request: web.Request) -> web.Response:
     subfolder = str(form.get("subfolder", ""))
     overwrite = str(form.get("overwrite", "")).lower() in ("1", "true", "yes")
     data = upload.file.read()
-    _check_image(data, upload.content_type)
-    name = Path(upload.filename or "upload.png").name
+    name = _image_name(Path(upload.filename or "upload").name, _image_format(data))
     target = _file_folder(kind).path(_settings(request), f"{subfolder}/{name}" if subfolder else name)
     if target.exists() and not overwrite:
         stem, suffix, n = target.stem, target.suffix, 1
@@ -335,22 +351,38 @@ async def upload_image(request: web.Request) -> web.Response:
     return web.json_response({"name": target.name, "subfolder": subfolder, "type": kind})
 
 
-def _check_image(data: bytes, content_type: str | None) -> None:
-    if content_type and content_type not in IMAGE_TYPES:
-        raise web.HTTPUnsupportedMediaType(text=f"{content_type} is not an image type")
+def _image_format(data: bytes) -> str:
+    """The image format of ``data`` as Pillow names it (PNG, JPEG, WEBP, ...); 415 when it is not an image."""
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
             image.verify()
     except Exception:
-        raise web.HTTPUnsupportedMediaType(text="the file is not a readable image") from None
+        raise web.HTTPUnsupportedMediaType(text="the file is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF)") \
+            from None
+    if kind not in IMAGE_FORMATS:
+        raise web.HTTPUnsupportedMediaType(text=f"{kind} images are not accepted (PNG, JPEG, WebP, GIF, BMP or "
+                                                f"TIFF)")
+    return kind
+
+
+def _image_name(name: str, kind: str) -> str:
+    """``name`` with a suffix of its real format: kept when it already is one, else the format's added."""
+    suffixes = IMAGE_FORMATS[kind]
+    if Path(name).suffix.lower() in suffixes:
+        return name
+    return f"{name or 'upload'}{suffixes[0]}"
 
 
 async def interrupt(request: web.Request) -> web.Response:
     prompt_id = None
-    if request.can_read_body and request.content_type == "application/json":
-        body = await _json_body(request)
+    if request.can_read_body:
+        try:
+            body = await _json_body(request)
+        except web.HTTPBadRequest:
+            body = None  # as ComfyUI: a body that is not JSON interrupts whatever runs
         if isinstance(body, dict) and isinstance(body.get("prompt_id"), str):
             prompt_id = body["prompt_id"]
     return web.json_response({"interrupted": request.app["queue"].interrupt(prompt_id)})

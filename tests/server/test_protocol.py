@@ -1,6 +1,6 @@
-"""What a client hears on its websocket about a run: skipped nodes, and preview frames framed as it asked (ComfyUI's
-type 1, or type 4 naming the node and the prompt once it sent its feature flags); what it says that we do not
-understand is ignored."""
+"""What a client hears on its websocket about a run: skipped nodes, and preview frames framed as it asked once it
+sent its feature flags (ComfyUI's type 1, or type 4 naming the node and the prompt), none before; what it says that
+we do not understand is ignored."""
 
 from __future__ import annotations
 
@@ -132,8 +132,11 @@ async def test_previews_name_their_node_and_prompt_for_a_client_that_asks(client
     assert [seen[i + 1] for i in progress] == got
 
 
-async def test_a_client_that_did_not_ask_gets_plain_png_previews(client):
-    ws = await connect(client, "me")
+PLAIN = {"type": "feature_flags", "data": {}}
+
+
+async def test_a_client_whose_flags_do_not_ask_for_metadata_gets_plain_png_previews(client):
+    ws = await connect(client, "me", PLAIN)
     prompt_id = await queue(client, previewing(steps=2), "me")
     got = frames(await until_the_end(ws, prompt_id))
     assert len(got) == 2
@@ -142,10 +145,19 @@ async def test_a_client_that_did_not_ask_gets_plain_png_previews(client):
         assert first_pixel(frame[8:]) == toy_nodes.shade(step)
 
 
+async def test_a_script_that_sent_no_flags_gets_no_binary_frames(client):
+    """API clients take every binary frame for an output image (SaveImageWebsocket's): like a ComfyUI started
+    without --preview-method, the server sends them none."""
+    ws = await connect(client, "me")
+    prompt_id = await queue(client, previewing(steps=2), "me")
+    seen = await until_the_end(ws, prompt_id)
+    assert frames(seen) == [] and [m["type"] for m in seen].count("progress") == 2
+
+
 async def test_each_socket_gets_the_preview_frames_it_asked_for(client):
     """A prompt queued without a client id is heard by every socket, each in its own framing."""
     asking = await connect(client, "asks", FLAGS)
-    plain = await connect(client, "plain")
+    plain = await connect(client, "plain", PLAIN)
     prompt_id = await queue(client, previewing(steps=1))
     [with_meta] = frames(await until_the_end(asking, prompt_id))
     [without] = frames(await until_the_end(plain, prompt_id))

@@ -1,11 +1,12 @@
 """Toy node types for the server tests (plain Python and PIL, no torch): a node that reports progress with a
-preview image, and a LoadImage that lists and reads the input folder as the real one does."""
+preview image, a LoadImage that lists and reads the input folder as the real one does, and an output node that
+shows what ComfyUI's ``extra_pnginfo`` a run carries (as SaveImage would embed it)."""
 
 from __future__ import annotations
 
 from PIL import Image
 
-from nodegraph import Combo, Int, Node, Output, Registry, Socket
+from nodegraph import Combo, Int, Node, NodeOutput, Output, Registry, Socket
 from nodegraph.folders import INPUT
 
 from ..engine import toy
@@ -43,6 +44,18 @@ class LoadImage(Node):
             return f"{rgb.width}x{rgb.height} {rgb.getpixel((0, 0))}"
 
 
+class Provenance(Node):
+    """An output node: shows the ``extra_pnginfo`` of the workflow being run (its keys and their values as JSON)."""
+    category = "toy"
+    output_node = True
+    value = Socket("*")
+    cacheable = False
+
+    def run(self, ctx, value):
+        meta = (ctx.workflow or {}).get("meta") or {}
+        return NodeOutput((), {"extra_pnginfo": [meta.get("extra_pnginfo")]})
+
+
 def registry(load_image: type[Node] = LoadImage) -> Registry:
-    """The engine's toy nodes, Glimpse, and a LoadImage (this one, or the node library's)."""
-    return Registry([*toy.ALL, Glimpse, load_image])
+    """The engine's toy nodes, Glimpse, Provenance, and a LoadImage (this one, or the node library's)."""
+    return Registry([*toy.ALL, Glimpse, Provenance, load_image])
