@@ -103,7 +103,7 @@ def test_lcm_sampler_animates_as_the_pipeline_with_lcm_scheduler(executor, refer
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
 
 
-def test_the_frames_move_and_a_video_needs_a_motion_module(executor):
+def test_the_frames_move_and_a_video_needs_a_motion_module(executor, motion_models):
     frames = ours(executor, video_graph())
     assert max_diff(frames[0], frames[-1]) > 1e-4
     result = executor.run(video_graph(motion=False))
@@ -115,7 +115,7 @@ def test_the_frames_move_and_a_video_needs_a_motion_module(executor):
     assert "start from EmptyLatentVideo" in result.nodes["sample"].error["message"]
 
 
-def test_the_checkpoint_model_is_left_as_it_was(executor):
+def test_the_checkpoint_model_is_left_as_it_was(executor, motion_models):
     wf = video_graph()
     wf.outputs = ["decode", "ckpt", "anim"]
     result = executor.run(wf)
@@ -123,8 +123,22 @@ def test_the_checkpoint_model_is_left_as_it_was(executor):
     assert type(result.output("anim", "model").unet).__name__ == "UNetMotionModel"
 
 
+def test_save_animation_writes_an_mp4(executor, motion_models):
+    av = pytest.importorskip("av")
+    wf = video_graph(frames=6)
+    wf.add("save", "SaveAnimation", images=L("decode", "image"), filename_prefix="clip", fps=12, format="mp4")
+    wf.outputs = ["save"]
+    result = executor.run(wf)
+    assert result.status == "success", result.errors
+    [entry] = result.ui["save"]["images"]
+    with av.open(str(executor.output_dir / entry["filename"])) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 64, 64)
+        assert sum(1 for _ in container.decode(stream)) == 6 and stream.average_rate == 12
+
+
 @pytest.mark.parametrize("fmt", ["webp", "gif"])
-def test_save_animation_writes_every_frame(executor, fmt):
+def test_save_animation_writes_every_frame(executor, motion_models, fmt):
     wf = video_graph(frames=6)
     wf.add("save", "SaveAnimation", images=L("decode", "image"), filename_prefix="clips/anim", fps=12, format=fmt)
     wf.outputs = ["save"]
@@ -142,7 +156,7 @@ def test_save_animation_writes_every_frame(executor, fmt):
     assert not list(path.parent.glob(".*.partial"))
 
 
-def test_a_motion_module_refuses_a_model_of_another_family(executor):
+def test_a_motion_module_refuses_a_model_of_another_family(executor, motion_models):
     wf = ng.Workflow()
     wf.add("ckpt", "LoadCheckpoint", ckpt="tiny-sdxl")
     wf.add("mm", "LoadMotionModule", motion_module="tiny-motion")
