@@ -14,10 +14,11 @@ from . import (animatediff, checkpoint, conditioning, control, freeu, images, ip
                schedulers)
 from . import consistency
 from . import latent_diffusion
+from . import image_ops
 
 NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *lcm.NODES, *schedulers.NODES, *latent.NODES,
-         *images.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES, *consistency.NODES,
-         *latent_diffusion.NODES, *primitives.NODES]
+         *images.NODES, *image_ops.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES,
+         *consistency.NODES, *latent_diffusion.NODES, *primitives.NODES]
 
 __all__ = ["NODES", "configure", "free", "system_info"]
 
