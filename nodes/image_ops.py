@@ -57,12 +57,14 @@ def resize(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tenso
     return F.interpolate(x, size=(height, width), mode=method)
 
 
-def _source_positions(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _source_positions(n_in: int, n_out: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each output index: the two input neighbours and the weight of the second, at the positions bilinear
-    interpolation samples (half-pixel centres, align_corners=False, clamped to the edges)."""
-    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
+    interpolation samples (half-pixel centres, align_corners=False, clamped to the edges). Computed in float64 on
+    the CPU (MPS has no float64), returned on the device of ``like``, the weights in its dtype."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
     lo = src.floor().long()
-    return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo.to(like.device), hi.to(like.device), (src - lo).to(like.dtype).to(like.device)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -87,10 +89,10 @@ def bislerp(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
     slerp instead of a straight line: the same sample positions as bilinear (half-pixel centres), rows first, then
     columns. Computed in float32 at least, returned in the input's dtype."""
     y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    lo, hi, t = _source_positions(y.shape[-1], width, y.device)
-    y = slerp(y[..., lo], y[..., hi], t.to(y.dtype))
-    lo, hi, t = _source_positions(y.shape[-2], height, y.device)
-    y = slerp(y[..., lo, :], y[..., hi, :], t.to(y.dtype)[:, None])
+    lo, hi, t = _source_positions(y.shape[-1], width, y)
+    y = slerp(y[..., lo], y[..., hi], t)
+    lo, hi, t = _source_positions(y.shape[-2], height, y)
+    y = slerp(y[..., lo, :], y[..., hi, :], t[:, None])
     return y.to(x.dtype)
 
 
