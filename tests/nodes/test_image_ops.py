@@ -406,7 +406,7 @@ def test_an_original_layout_vae_file_decodes_as_the_single_file_checkpoints_own(
     assert all(torch.equal(t, folder[k]) for k, t in vae.vae.state_dict().items())  # converted losslessly
 
 
-def test_a_vae_pickle_needs_permission(settings, input_dir):
+def test_a_vae_pickle_needs_permission(settings):
     refused = ng.Executor(ng.build_registry(), settings=settings)
     wf = ng.Workflow()
     wf.add("vae", "LoadVAE", vae="tiny-vae.ckpt")
