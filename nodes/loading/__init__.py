@@ -16,7 +16,7 @@ The modules, in the order a load goes through them: :mod:`.detect` (what a path 
 UNet layout from its header), :mod:`.weights` (reading weight files: safetensors headers and tensors, pickles),
 :mod:`.configs` (diffusers configurations from the family's shipped ones and the header's shapes), :mod:`.hub`
 (hub ids and fetching), :mod:`.assemble` (building the components: :func:`load_components`); :mod:`.errors` holds
-:class:`CheckpointError`. The ControlNet, IP-Adapter, LoRA and embedding loaders reuse these pieces.
+:class:`CheckpointError`; :mod:`.vae` reads a lone original-layout VAE file. The ControlNet, IP-Adapter, LoRA and embedding loaders reuse these pieces.
 """
 
 from .assemble import Components, load_components, quiet_transformers, ready
@@ -24,11 +24,13 @@ from .configs import CONFIGS_DIR, FAMILIES, derive_configs, family_config_dir, h
 from .detect import config_class, detect, detect_family, indices, is_checkpoint_folder, list_checkpoints, unet_layout
 from .errors import CheckpointError, few, first_line
 from .hub import looks_like_hub_id
+from .vae import load_vae_file
 from .weights import CHECKPOINT_SUFFIXES, is_safetensors, read_header, read_weights
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "CONFIGS_DIR", "FAMILIES", "CheckpointError", "Components", "config_class",
     "derive_configs", "detect", "detect_family", "family_config_dir", "few", "first_line", "head_count", "indices",
-    "is_checkpoint_folder", "is_safetensors", "list_checkpoints", "load_components", "looks_like_hub_id",
+    "is_checkpoint_folder", "is_safetensors", "list_checkpoints", "load_components", "load_vae_file",
+    "looks_like_hub_id",
     "norm_groups", "quiet_transformers", "read_header", "read_weights", "ready", "unet_layout",
 ]
