@@ -16,7 +16,8 @@ The modules, in the order a load goes through them: :mod:`.detect` (what a path 
 UNet layout from its header), :mod:`.weights` (reading weight files: safetensors headers and tensors, pickles),
 :mod:`.configs` (diffusers configurations from the family's shipped ones and the header's shapes), :mod:`.hub`
 (hub ids and fetching), :mod:`.assemble` (building the components: :func:`load_components`); :mod:`.errors` holds
-:class:`CheckpointError`; :mod:`.vae` reads a lone original-layout VAE file. The ControlNet, IP-Adapter, LoRA and embedding loaders reuse these pieces.
+:class:`CheckpointError`; :mod:`.vae` reads a lone original-layout VAE file. The ControlNet, IP-Adapter, LoRA
+and embedding loaders reuse these pieces.
 """
 
 from .assemble import Components, load_components, quiet_transformers, ready
