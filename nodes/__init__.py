@@ -2,8 +2,9 @@
 
 It implements ``nodegraph.library.Library``: ``NODES`` lists the node classes; ``configure(settings)`` checks the
 settings once at start-up; ``free()`` and ``system_info(settings)`` serve the server's ``/free`` and
-``/system_stats``. Settings reach the nodes through ``ctx.settings``, never through a global here. diffusers and
-transformers are imported only when a model is loaded, so listing the nodes costs little more than importing torch.
+``/system_stats``; ``comfy`` (``nodes.comfy``) reads and writes ComfyUI workflows. Settings reach the nodes through
+``ctx.settings``, never through a global here. diffusers and transformers are imported only when a model is loaded,
+so listing the nodes costs little more than importing torch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from nodegraph import Settings
 
 from . import (animatediff, checkpoint, conditioning, control, freeu, images, ipadapter, latent, lcm, lora, primitives,
                schedulers)
+from . import comfy
 from . import consistency
 from . import latent_diffusion
 from . import image_ops
@@ -20,7 +22,7 @@ NODES = [*checkpoint.NODES, *lora.NODES, *conditioning.NODES, *lcm.NODES, *sched
          *images.NODES, *image_ops.NODES, *control.NODES, *ipadapter.NODES, *freeu.NODES, *animatediff.NODES,
          *consistency.NODES, *latent_diffusion.NODES, *primitives.NODES]
 
-__all__ = ["NODES", "configure", "free", "system_info"]
+__all__ = ["NODES", "comfy", "configure", "free", "system_info"]
 
 
 def configure(settings: Settings) -> None:
