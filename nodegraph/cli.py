@@ -1,7 +1,12 @@
-"""The ``nodegraph`` command: run, validate and inspect workflows headless (and, with ``serve``, start the server).
+"""The ``nodegraph`` command: run, validate and inspect workflows headless (and, with ``serve``, start the server);
+``import`` and ``export`` convert between our format and ComfyUI's.
+
+``run``, ``validate``, ``import`` and ``export`` read a workflow in any format: ours, ComfyUI's API prompt or its
+editor's (UI) save file, as JSON or as a PNG that carries one (ours, or ComfyUI's ``prompt`` / ``workflow`` text
+chunks).
 
 Exit status: 0 when the run succeeded, 1 when a node failed or the run was cancelled, 2 for invalid input (a bad
-workflow file, validation errors, bad arguments).
+workflow file, validation errors, unsupported ComfyUI nodes, bad arguments).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .library import BUILTIN, NoLibrary, load_library
 from .registry import Registry, RegistryError, build_registry
 from .settings import DTYPES, MEMORY_FORMATS, Settings
 from .validate import ValidationFailed
-from .workflow import WorkflowError, load
+from .workflow import PNG_KEY, PNG_SIGNATURE, Limits, Workflow, WorkflowError, png_text
 
 def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
     """``NODE.INPUT=VALUE`` overrides; VALUE is JSON when it parses as JSON, text otherwise."""
@@ -76,6 +81,20 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("workflow")
     _add_common(validate)
 
+    imp = sub.add_parser("import", help="convert a ComfyUI workflow (UI or API format, JSON or PNG) to ours")
+    imp.add_argument("workflow", help="a ComfyUI workflow .json file, or a PNG ComfyUI saved")
+    imp.add_argument("-o", "--output-file", metavar="OUT",
+                     help="where to write it (default: the file's name with .nodegraph.json)")
+    _add_common(imp)
+
+    export = sub.add_parser("export", help="convert a workflow to ComfyUI's API format")
+    export.add_argument("workflow")
+    export.add_argument("--comfy-api", action="store_true", required=True,
+                        help="write ComfyUI's API format (what its POST /prompt runs)")
+    export.add_argument("-o", "--output-file", metavar="OUT",
+                        help="where to write it (default: the file's name with .comfy-api.json; - for stdout)")
+    _add_common(export)
+
     nodes = sub.add_parser("nodes", help="list the node types")
     nodes.add_argument("--json", action="store_true", help="every node type with its inputs and outputs, as JSON")
     _add_common(nodes)
@@ -119,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import serve  # imported late: aiohttp is only needed for the server
         return serve(registry, settings, library, host=args.host, port=args.port, token=args.token,
                      allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=_cache(args))
+    if args.command in ("import", "export"):
+        return _cmd_convert(args, library, settings)
     try:
-        workflow = load(find_workflow(args.workflow))
+        workflow, _ = load_any(find_workflow(args.workflow), library, settings)
         if args.command == "run":
             for node, name, value in parse_set(args.set):
                 workflow.set(node, name, value)
@@ -140,6 +161,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = _run_with_progress(executor, plan, show=not (args.no_progress or args.json))
     _report(result, executor, args.json)
     return 0 if result.status == "success" else 1
+
+
+def load_any(path: str | Path, library, settings: Settings, *, editor_first: bool = False) -> tuple[Workflow, str]:
+    """A workflow file in any format we read (see the module's docstring), with the format it was in. A PNG from
+    ComfyUI carries both of its formats: the API prompt is what ran, so it is taken first, unless ``editor_first``
+    (``import``, which keeps the editor's layout, titles, groups and notes)."""
+    from .comfy_format import load_document
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
+    if data.startswith(PNG_SIGNATURE):
+        chunks = png_text(data)
+        keys = (PNG_KEY, "workflow", "prompt") if editor_first else (PNG_KEY, "prompt", "workflow")
+        text = next((chunks[k] for k in keys if k in chunks), None)
+        if text is None:
+            raise WorkflowError(f"{path} is a PNG without a workflow in it (neither ours nor ComfyUI's)")
+        data = text.encode("utf-8")
+    return load_document(data, library, settings, Limits())
+
+
+def _cmd_convert(args, library, settings: Settings) -> int:
+    """``import`` (any format -> ours) and ``export --comfy-api`` (any format -> ComfyUI's API format)."""
+    from .comfy_format import auto_layout
+
+    source = Path(args.workflow)
+    stem = source.name.removesuffix(source.suffix).removesuffix(".nodegraph")
+    try:
+        workflow, kind = load_any(find_workflow(args.workflow), library, settings,
+                                  editor_first=args.command == "import")
+        if args.command == "import":
+            auto_layout(workflow)  # an API prompt has no layout: the canvas shows it left to right
+            text = workflow.dumps()
+            target = args.output_file or str(source.with_name(stem + ".nodegraph.json"))
+        else:
+            comfy = getattr(library, "comfy", None)
+            if comfy is None:
+                raise WorkflowError("this node library cannot write ComfyUI workflows")
+            text = json.dumps(comfy.to_api(workflow), indent=2, ensure_ascii=False)
+            target = args.output_file or str(source.with_name(stem + ".comfy-api.json"))
+    except (WorkflowError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if target == "-":
+        print(text)
+        return 0
+    out = Path(target)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    partial.replace(out)  # never a half-written file under the final name
+    formats = {"nodegraph": "our format", "comfy_api": "ComfyUI's API format", "comfy_ui": "ComfyUI's UI format"}
+    print(f"wrote {out} ({len(workflow.nodes)} node(s), from {formats.get(kind, kind)})")
+    return 0
 
 
 def _cache(args) -> ResultCache:

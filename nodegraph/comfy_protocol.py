@@ -153,6 +153,16 @@ def _input(spec: dict) -> list:
 def prompt_refused(problem: str | WorkflowError | ValidationFailed, report: "ClientIds | None" = None) -> dict:
     """The answer to a ``/prompt`` that cannot be queued: a malformed body or workflow, or one that fails
     validation or import (then with every error, by node: under the client's ids when ``report`` gives them)."""
+    unsupported = getattr(problem, "problems", None)  # nodegraph.comfy_format.UnsupportedWorkflow
+    if unsupported is not None:
+        out: dict[str, dict] = {}
+        for p in unsupported:
+            entry = out.setdefault(str(p.node_id), {"errors": [], "dependent_outputs": [],
+                                                    "class_type": p.class_type})
+            entry["errors"].append({"type": "unsupported", "message": p.message, "details": str(p),
+                                    "extra_info": {"input_name": p.input} if p.input else {}})
+        return {"error": {"type": "invalid_prompt", "message": str(problem), "details": "", "extra_info": {}},
+                "node_errors": out}
     if not isinstance(problem, ValidationFailed):
         return {"error": {"type": "invalid_prompt", "message": str(problem), "details": "", "extra_info": {}},
                 "node_errors": {}}
@@ -167,9 +177,11 @@ def node_errors(errors, report: "ClientIds | None" = None) -> dict:
     out: dict[str, dict] = {}
     for e in errors:
         key = e.node_id if e.node_id is not None else ""
+        node_type = e.node_type
         if report is not None and key:
             key = report(key) or ""
-        entry = out.setdefault(key, {"errors": [], "dependent_outputs": [], "class_type": e.node_type})
+            node_type = report.class_type(key, node_type)
+        entry = out.setdefault(key, {"errors": [], "dependent_outputs": [], "class_type": node_type})
         entry["errors"].append({"type": e.code, "message": e.message, "details": str(e),
                                 "extra_info": {"input_name": e.input}})
     return out
@@ -223,16 +235,29 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class ClientIds:
-    """The node ids a client sent: a node of ours is reported under its own id when the client sent it, else
-    under the id of the client's node it was imported from (the importer names the nodes it adds
+    """The nodes a client sent (id -> its class_type): a node of ours is reported under its own id when the client
+    sent it, else under the id of the client's node it was imported from (the importer names the nodes it adds
     "<client id>:<suffix>"), else not at all."""
 
-    ids: frozenset
+    types: dict
 
     def __call__(self, node_id: str | None) -> str | None:
-        while node_id is not None and node_id not in self.ids:
+        while node_id is not None and node_id not in self.types:
             node_id = node_id.rpartition(":")[0] if ":" in node_id else None
         return node_id
+
+    def class_type(self, node_id: str, ours: str | None) -> str | None:
+        """The type the client knows the node ``node_id`` (one of its ids) by; ``ours`` when it sent none."""
+        return self.types.get(node_id) or ours
+
+    @classmethod
+    def of(cls, document: Any, kind: str) -> "ClientIds | None":
+        """The nodes of a document in ComfyUI's API (``comfy_api``) or UI (``comfy_ui``) format; None for ours."""
+        if kind == "comfy_api" and isinstance(document, dict):
+            return cls({str(k): v.get("class_type") if isinstance(v, dict) else None for k, v in document.items()})
+        if kind == "comfy_ui" and isinstance(document, dict) and isinstance(document.get("nodes"), list):
+            return cls({str(n["id"]): n.get("type") for n in document["nodes"] if isinstance(n, dict) and "id" in n})
+        return None
 
 
 # --- the websocket hub -----------------------------------------------------------------------------------------------

@@ -50,6 +50,14 @@ class Runner(Protocol):
     def cancel(self, run_id: str) -> bool: ...
 
 
+class NodeNames(Protocol):
+    """How a client names the nodes of its prompt (``nodegraph.comfy_protocol.ClientIds`` for ComfyUI's)."""
+
+    def __call__(self, node_id: str) -> str | None: ...  # the client's id of our node; None: do not tell
+
+    def class_type(self, node_id: str, ours: str | None) -> str | None: ...  # the client's type of its node
+
+
 class RunProtocol(Protocol):
     """How a queue's runs are told to clients (a module such as ``nodegraph.comfy_protocol`` fits)."""
 
@@ -72,7 +80,7 @@ class QueueItem:
     extra: dict
     outputs: list[str]
     plan: Any = None
-    report: Callable[[str], "str | None"] | None = None  # our node id -> the client's (None: not told)
+    report: NodeNames | None = None  # our node ids -> the client's
     seq: int = 0  # arrival, for prompts of the same number
 
     def as_row(self) -> list:
@@ -113,7 +121,7 @@ class PromptQueue:
 
     def put(self, workflow: Workflow, document: dict, plan: Plan, client_id: str | None, extra: dict,
             front: bool = False, *, number: float | None = None, prompt_id: str | None = None,
-            report: Callable[[str], "str | None"] | None = None) -> QueueItem:
+            report: NodeNames | None = None) -> QueueItem:
         """Queue a compiled prompt. ``number`` places it (default: after everything queued, or before everything
         with ``front``); ``prompt_id`` is the client's choice of id (ValueError when that id is waiting or running);
         ``report`` names its nodes for the client."""
@@ -229,8 +237,8 @@ class PromptQueue:
                 self.send(*message, item.client_id)
 
 
-def _reported(event: Event, report: Callable[[str], "str | None"] | None) -> Event | None:
-    """``event`` under the client's node ids; None when it is about a node the client does not know."""
+def _reported(event: Event, report: NodeNames | None) -> Event | None:
+    """``event`` under the client's node ids and types; None when it is about a node the client does not know."""
     if report is None or event.node_id is None:
         return event
     node = report(event.node_id)
@@ -239,10 +247,12 @@ def _reported(event: Event, report: Callable[[str], "str | None"] | None) -> Eve
     data = event.data
     if "because_of" in data:
         data = {**data, "because_of": report(data["because_of"]) if data["because_of"] is not None else None}
+    if "type" in data:
+        data = {**data, "type": report.class_type(node, data["type"])}
     return dataclasses.replace(event, node_id=node, data=data)
 
 
-def _reported_outputs(ui: dict[str, dict], report: Callable[[str], "str | None"] | None) -> dict[str, dict]:
+def _reported_outputs(ui: dict[str, dict], report: NodeNames | None) -> dict[str, dict]:
     """A run's outputs by the client's node ids (lists of two nodes reported as one are joined)."""
     if report is None:
         return ui

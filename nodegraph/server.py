@@ -41,7 +41,7 @@ from .paths import UnsafePath, safe_join
 from .prompt_queue import PromptQueue
 from .settings import Settings
 from .validate import ValidationFailed
-from .workflow import WorkflowError, from_json
+from .workflow import Workflow, WorkflowError, from_json
 
 log = logging.getLogger("nodegraph.server")
 
@@ -122,6 +122,7 @@ def create_app(executor: Executor, config: ServerConfig, history: History,
         ("POST", "/interrupt", interrupt), ("GET", "/system_stats", system_stats),
         ("GET", "/models", models_index), ("GET", "/models/{folder}", models_list), ("POST", "/free", free),
         ("GET", "/workflows", workflows_list), ("GET", "/workflows/{name}", workflows_get),
+        ("POST", "/nodegraph/import", import_document),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
@@ -223,23 +224,48 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _load_document(request: web.Request, document: Any) -> tuple[Workflow, "comfy.ClientIds | None"]:
+    """A workflow from a document in our format or ComfyUI's (API or UI), and, for ComfyUI's, the client's names
+    of its nodes. Raises WorkflowError or ValidationFailed (a ComfyUI document with unsupported nodes or values)."""
+    if not isinstance(document, dict) or "format" in document:
+        return from_json(document), None
+    from .comfy_format import load_document
+
+    workflow, kind = load_document(document, request.app["library"], _settings(request))
+    return workflow, comfy.ClientIds.of(document, kind)
+
+
 async def post_prompt(request: web.Request) -> web.Response:
+    report = None
     try:
         asked = comfy.PromptRequest.parse(await _json_body(request))
-        workflow = from_json(asked.document)
+        workflow, report = _load_document(request, asked.document)
         plan = request.app["executor"].compile(workflow, asked.targets)
     except (comfy.PromptRequestError, WorkflowError, ValidationFailed) as exc:
-        return web.json_response(comfy.prompt_refused(exc), status=400)
+        return web.json_response(comfy.prompt_refused(exc, report), status=400)
     extra_pnginfo = asked.extra.get("extra_pnginfo")
     if isinstance(extra_pnginfo, dict):
         # what ComfyUI writes into the PNGs a prompt saves: it travels with the workflow that output nodes embed
         workflow.meta = {**(workflow.meta or {}), "extra_pnginfo": extra_pnginfo}
     try:
         item = request.app["queue"].put(workflow, asked.document, plan, asked.client_id, asked.extra,
-                                        front=asked.front, number=asked.number, prompt_id=asked.prompt_id)
+                                        front=asked.front, number=asked.number, prompt_id=asked.prompt_id,
+                                        report=report)
     except ValueError as exc:
         return web.json_response(comfy.prompt_refused(str(exc)), status=400)
     return web.json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": {}})
+
+
+async def import_document(request: web.Request) -> web.Response:
+    """``POST /nodegraph/import``: a ComfyUI workflow (UI or API format; ours passes through) in our format, for the
+    canvas to open. Unsupported nodes or values: 400 with every one of them, in ``/prompt``'s error shape."""
+    document = await _json_body(request)
+    report = None
+    try:
+        workflow, report = _load_document(request, document)
+    except (WorkflowError, ValidationFailed) as exc:
+        return web.json_response(comfy.prompt_refused(exc, report), status=400)
+    return web.json_response(workflow.to_json())
 
 
 async def get_prompt(request: web.Request) -> web.Response:

@@ -96,6 +96,11 @@ export class Api extends EventTarget {
     return data;
   }
 
+  /** A ComfyUI workflow (editor or API format) converted to ours by the server. */
+  importDocument(doc) {
+    return this.request("/nodegraph/import", { method: "POST", json: doc });
+  }
+
   objectInfo() {
     return this.request("/object_info");
   }

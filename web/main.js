@@ -8,7 +8,7 @@ import { Canvas, blurTextEntry, isTextEntry } from "./canvas.js";
 import { Graph, History, NodeDefs, isLink } from "./graph.js";
 import { Palette, QuickAdd } from "./palette.js";
 import { Panels } from "./panels.js";
-import { isPng, workflowFromPng } from "./png.js";
+import { documentFromPng, isPng } from "./png.js";
 import { Runner } from "./runner.js";
 import { h } from "./widgets.js";
 
@@ -222,7 +222,7 @@ export class App {
       const bytes = new Uint8Array(buffer);
       let doc;
       if (isPng(bytes)) {
-        doc = await workflowFromPng(buffer);
+        doc = await documentFromPng(buffer);
         if (!doc) {
           this.notify(`${file.name} carries no workflow`, "error");
           return false;
@@ -230,7 +230,12 @@ export class App {
       } else {
         doc = JSON.parse(new TextDecoder().decode(bytes));
       }
-      return this.loadDocument(doc, { name: stem });
+      // anything but ours (a ComfyUI workflow, editor or API format) is converted by the server's importer
+      const ours = doc && typeof doc === "object" && doc.format === "nodegraph/workflow";
+      if (!ours) doc = await this.api.importDocument(doc);
+      const opened = this.loadDocument(doc, { name: stem });
+      if (opened && !ours) this.notify(`Imported ${file.name} from ComfyUI`);
+      return opened;
     } catch (err) {
       this.notify(`Cannot open ${file.name}: ${err.message}`, "error");
       return false;
@@ -398,7 +403,7 @@ export class App {
       await this.openFile(file);
     });
 
-    // files dropped on the canvas: a workflow .json or a generated PNG
+    // files dropped on the canvas: a workflow .json or a generated PNG, ours or ComfyUI's
     const root = this.canvas.root;
     root.addEventListener("dragover", (e) => {
       if (![...e.dataTransfer.types].includes("Files")) return;

@@ -1,5 +1,6 @@
 // Reading the workflow a generated PNG carries: SaveImage writes it as a text chunk (tEXt, or iTXt/zTXt) with the
-// keyword "nodegraph_workflow". Chunks are parsed by hand; compressed text is inflated with DecompressionStream.
+// keyword "nodegraph_workflow"; ComfyUI writes its editor's document under "workflow" and its API prompt under
+// "prompt". Chunks are parsed by hand; compressed text is inflated with DecompressionStream.
 
 export const WORKFLOW_KEYWORD = "nodegraph_workflow";
 const SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
@@ -68,4 +69,13 @@ export async function workflowFromPng(buffer) {
   const chunks = await pngTextChunks(buffer);
   const text = chunks[WORKFLOW_KEYWORD];
   return text ? JSON.parse(text) : null;
+}
+
+/** The workflow document in a PNG, ours or ComfyUI's (its editor's document first: it keeps the layout), or null. */
+export async function documentFromPng(buffer) {
+  const chunks = await pngTextChunks(buffer);
+  for (const keyword of [WORKFLOW_KEYWORD, "workflow", "prompt"]) {
+    if (chunks[keyword]) return JSON.parse(chunks[keyword]);
+  }
+  return null;
 }
