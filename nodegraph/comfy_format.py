@@ -57,11 +57,11 @@ class UnsupportedWorkflow(WorkflowError):
     """A ComfyUI workflow uses node types or values nodegraph does not have; ``problems`` lists every one of them
     (the server turns them into ComfyUI's ``node_errors``, keyed by the ComfyUI node ids)."""
 
-    def __init__(self, problems: Iterable[Unsupported], what: str = "this ComfyUI workflow cannot run in nodegraph"):
+    def __init__(self, problems: Iterable[Unsupported],
+                 what: str = "this ComfyUI workflow cannot run in nodegraph, so nothing ran"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{what} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}; "
-                         f"nothing ran):\n{lines}")
+        super().__init__(f"{what} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n{lines}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -216,6 +216,8 @@ class _Export:
                 self.problems.append(Unsupported(nid, t, "ComfyUI's KSampler has no eta", "eta"))
             steps = i.get("steps", 25)
             sampler_name, scheduler = SAMPLERS.get(sampler), SCHEDULES.get(schedule)
+            if (sampler, schedule) == ("ddim", "default"):
+                scheduler = "ddim_uniform"  # diffusers' DDIM spacing (every 1000 / steps timesteps) is ComfyUI's
         else:
             steps, sampler_name, scheduler = self._lcm_steps(nid, i.get("schedule")), "lcm", "sgm_uniform"
         negative = i.get("negative")

@@ -155,7 +155,7 @@ def test_a_subgraph_that_contains_itself_is_refused():
 def test_widgets_values_saved_as_an_object_are_taken_by_name():
     prompt, _ = to_api(ui("object_widgets"))
     assert prompt["3"]["inputs"]["seed"] == 5 and "control_after_generate" not in prompt["3"]["inputs"]
-    assert prompt["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
+    assert prompt["5"]["inputs"] == {"width": 128, "height": 128, "batch_size": 1}
     assert prompt["6"]["inputs"]["text"] == "a white triangle on a red background"
 
 
