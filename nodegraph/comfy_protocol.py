@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from . import events as ev
+from .comfy_format import UnsupportedWorkflow
 from .validate import ValidationFailed
 from .workflow import WorkflowError
 
@@ -151,12 +152,12 @@ def _input(spec: dict) -> list:
 
 
 def prompt_refused(problem: str | WorkflowError | ValidationFailed, report: "ClientIds | None" = None) -> dict:
-    """The answer to a ``/prompt`` that cannot be queued: a malformed body or workflow, or one that fails
-    validation or import (then with every error, by node: under the client's ids when ``report`` gives them)."""
-    unsupported = getattr(problem, "problems", None)  # nodegraph.comfy_format.UnsupportedWorkflow
-    if unsupported is not None:
+    """The answer to a ``/prompt`` that cannot be queued: a malformed body or workflow, or one that fails import
+    (every unsupported node type or value, by the client's node id) or validation (every error, by node: under the
+    client's ids when ``report`` gives them)."""
+    if isinstance(problem, UnsupportedWorkflow):
         out: dict[str, dict] = {}
-        for p in unsupported:
+        for p in problem.problems:
             entry = out.setdefault(str(p.node_id), {"errors": [], "dependent_outputs": [],
                                                     "class_type": p.class_type})
             entry["errors"].append({"type": "unsupported", "message": p.message, "details": str(p),
