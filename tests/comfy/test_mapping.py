@@ -300,3 +300,22 @@ def test_every_fixture_gives_a_workflow_the_registry_accepts(kind, name, setting
     except ng.ValidationFailed as failed:
         assert {e.code for e in failed.errors} <= {"not_an_option"}, failed.errors
         assert all(e.input in ("ckpt", "vae", "control_net", "loras", "image") for e in failed.errors), failed.errors
+
+
+def test_the_readme_counts_the_fixtures_that_import():
+    from pathlib import Path
+
+    counts = {}
+    for kind in ("api", "ui"):
+        imported = 0
+        for name in names(kind):
+            try:
+                cf.load_document(api(name) if kind == "api" else ui(name), nodes)
+                imported += 1
+            except cf.UnsupportedWorkflow:
+                pass
+        counts[kind] = (imported, len(names(kind)))
+    total = tuple(map(sum, zip(*counts.values())))
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").split())
+    assert (f"{total[0]} of {total[1]} import ({counts['api'][0]} of {counts['api'][1]} API prompts, "
+            f"{counts['ui'][0]} of {counts['ui'][1]} editor files)") in readme
