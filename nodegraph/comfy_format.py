@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any
 
 from .workflow import Limits, Workflow, WorkflowError, _check_depth, from_json
 
@@ -36,7 +37,7 @@ MUTED, BYPASSED = 2, 4  # litegraph node modes ("never", "bypass")
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20
 MAX_SUBGRAPH_DEPTH = 16
 
-WidgetNames = Callable[[str], Optional[list]]
+WidgetNames = Callable[[str], list | None]
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,12 @@ class _Node:
 
 
 def _links_by_id(links: Any, where: str) -> dict:
-    """{link id: (origin id, origin slot, target id, target slot, type)} from arrays (0.4) or objects (schema 1)."""
+    """{link id: (origin id, origin slot, target id, target slot, type)} from arrays (0.4) or objects (schema 1),
+    listed or keyed by id (older saves); empty entries are skipped."""
     table = {}
-    for link in links or ():
+    for link in (links.values() if isinstance(links, dict) else links or ()):
+        if link is None:
+            continue
         if isinstance(link, list) and len(link) >= 5:
             lid, origin, oslot, target, tslot = link[:5]
             ltype = link[5] if len(link) > 5 else None
@@ -434,7 +438,7 @@ def ui_to_api(doc: dict, widget_names: WidgetNames, limits: Limits = Limits()) -
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_document(doc: Any, library: Any, settings: "Settings | None" = None,
+def load_document(doc: Any, library: Any, settings: Settings | None = None,
                   limits: Limits = Limits()) -> tuple[Workflow, str]:
     """Any supported document (decoded JSON, or its text) as our Workflow, with the format it was in."""
     if isinstance(doc, (str, bytes)):

@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from nodegraph import Link, Settings, Workflow
 from nodegraph.comfy_format import UI_ONLY_WIDGETS, Unsupported, UnsupportedWorkflow, auto_layout, check_api, is_link
@@ -235,7 +236,7 @@ def _is_t2i_adapter(settings: Settings, name: str) -> bool:
     return path.is_dir() and config_class(path) == "T2IAdapter"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schedule_offered(sampler: str, schedule: str) -> bool:
     """Whether our Sampler's ``sampler`` has ``schedule`` (diffusers' scheduler class takes its option)."""
     from ..schedulers import SAMPLERS, SCHEDULES
@@ -312,12 +313,12 @@ def _ksampler(im: _Import, nid: str, ct: str, i: dict) -> None:
                     "%d steps of a %d-step schedule (steps / denoise), nodegraph runs %d of %d steps (steps x "
                     "strength, as diffusers' image-to-image)", nid, ct, denoise, denoise, steps,
                     int(steps / denoise), int(steps * denoise), steps)
-    common = dict(model=i.get("model", ABSENT), positive=i.get("positive", ABSENT),
-                  negative=i.get("negative", ABSENT), latent=i.get("latent_image", ABSENT), seed=seed,
-                  guidance=i.get("cfg", ABSENT), strength=denoise)
+    common = {"model": i.get("model", ABSENT), "positive": i.get("positive", ABSENT),
+              "negative": i.get("negative", ABSENT), "latent": i.get("latent_image", ABSENT), "seed": seed,
+              "guidance": i.get("cfg", ABSENT), "strength": denoise}
     if ours == LCM:
-        schedule_id = im.add(f"{nid}:schedule", "LCMScheduler", parent=nid, model=i.get("model", ABSENT), steps=steps)
-        im.add(nid, "LCMSampler", schedule=Link(schedule_id, "schedule"), **common)
+        im.add(nid, "LCMSampler", schedule=Link(f"{nid}:schedule", "schedule"), **common)
+        im.add(f"{nid}:schedule", "LCMScheduler", parent=nid, model=i.get("model", ABSENT), steps=steps)
     else:
         im.add(nid, "Sampler", steps=steps, sampler=ours, schedule=schedule, **common)
     im.out(nid, "latent")

@@ -220,3 +220,10 @@ def test_an_api_link_to_a_node_that_is_not_there_is_refused():
     prompt["3"]["inputs"]["model"] = ["40", 0]
     with pytest.raises(ng.WorkflowError, match="links to node 40"):
         cf.load_document(prompt, nodes)
+
+
+def test_links_saved_by_id_or_with_empty_entries_are_read():
+    doc = ui("txt2img")
+    doc["links"] = {str(link[0]): link for link in doc["links"]} | {"99": None}
+    prompt, _ = to_api(doc)
+    assert graph(prompt) == graph(api("txt2img"))
