@@ -176,7 +176,6 @@ class _Flattener:
         self.subgraphs = {d["id"]: d for d in defs if isinstance(d, dict) and "id" in d}
         self.nodes: dict[str, _Node] = {}
         self.sources: dict[tuple[str, int], tuple[str, int]] = {}
-        self.offsets: dict[str, tuple[float, float]] = {}
         self._expand(doc.get("nodes") or [], doc.get("links"), "", (), (0, 0))
 
     def _expand(self, nodes: list, links: Any, prefix: str, stack: tuple, offset: tuple) -> None:
@@ -236,15 +235,9 @@ class _Flattener:
                 node.out_sources[tslot] = (f"{inner_prefix}in" if origin == SUBGRAPH_INPUT
                                            else f"{inner_prefix}{origin}", oslot)
         # widgets promoted onto the instance: their values, by the subgraph input they stand for
-        node.promoted = _promoted_values(node, definition)
-
-
-def _promoted_values(node: _Node, definition: dict) -> dict[int, Any]:
-    values = node.widgets_values
-    if not isinstance(values, list):
-        return {}
-    widget_slots = [slot for slot, inp in enumerate(node.inputs) if isinstance(inp, dict) and inp.get("widget")]
-    return {slot: value for slot, value in zip(widget_slots, values)}
+        if isinstance(node.widgets_values, list):
+            slots = [slot for slot, inp in enumerate(node.inputs) if isinstance(inp, dict) and inp.get("widget")]
+            node.promoted = dict(zip(slots, node.widgets_values))
 
 
 def _type_of(slot: Any) -> Any:
@@ -260,6 +253,13 @@ def _types_match(a: Any, b: Any) -> bool:
 
 
 _NONE = object()
+
+
+@dataclass(frozen=True)
+class _Value:
+    """What an input resolves to when a value, not an output, feeds it (a widget promoted onto a subgraph)."""
+
+    value: Any
 
 
 def _primitive_value(node: _Node) -> Any:
@@ -292,8 +292,9 @@ class _Converter:
         self.graph, self.widget_names = graph, widget_names
         self.nodes, self.sources = graph.nodes, graph.sources
 
-    def resolve(self, origin: tuple[str, int] | None, want: Any) -> tuple[str, int] | None:
-        """Follow reroutes, subgraph boundaries and bypassed nodes to the node that really produces a value."""
+    def resolve(self, origin: tuple[str, int] | None, want: Any) -> tuple[str, int] | _Value | None:
+        """Follow reroutes, subgraph boundaries and bypassed nodes to the node that really produces a value (``want``:
+        the type the input takes, which picks a bypassed node's input)."""
         seen = set()
         while origin is not None:
             if origin in seen:
@@ -307,10 +308,9 @@ class _Converter:
                 origin = self.sources.get((oid, 0))
             elif node.instance_of is not None:
                 instance = self.nodes[node.instance_of]
-                promoted = getattr(instance, "promoted", {})
                 origin = self.sources.get((instance.id, slot))
-                if origin is None and slot in promoted:
-                    return ("value", slot, instance.id)  # type: ignore[return-value]
+                if origin is None and slot in instance.promoted:
+                    return _Value(instance.promoted[slot])
             elif node.out_sources is not None:
                 origin = node.out_sources.get(slot)
             elif node.mode == BYPASSED:
@@ -355,7 +355,7 @@ class _Converter:
         for nid in muted:
             for slot, inp in enumerate(self.nodes[nid].inputs):
                 source = self.resolve(self.sources.get((nid, slot)), _type_of(inp))
-                if source is not None and source[0] != "value":
+                if isinstance(source, tuple):
                     uses.setdefault(source[0], set()).add(nid)
         for nid, node in real.items():
             inputs = self.widget_values(node)
@@ -367,8 +367,8 @@ class _Converter:
                 source = self.resolve(self.sources.get((nid, slot)), _type_of(inp))
                 if source is None or name is None:
                     continue  # as in the browser: an input whose source is gone is left out (a widget keeps its value)
-                if source[0] == "value":  # a widget promoted onto a subgraph instance
-                    inputs[name] = self.nodes[source[2]].promoted[source[1]]  # type: ignore[misc]
+                if isinstance(source, _Value):
+                    inputs[name] = source.value
                     continue
                 origin = self.nodes[source[0]]
                 if origin.type == PRIMITIVE:

@@ -227,3 +227,18 @@ def test_links_saved_by_id_or_with_empty_entries_are_read():
     doc["links"] = {str(link[0]): link for link in doc["links"]} | {"99": None}
     prompt, _ = to_api(doc)
     assert graph(prompt) == graph(api("txt2img"))
+
+
+def test_a_widget_promoted_onto_a_subgraph_node_sets_the_inner_widget():
+    sampler = _node(1, "KSampler", [("seed", "INT", 1)], [("LATENT", "LATENT", None)],
+                    [42, "fixed", 4, 3.0, "euler", "normal", 1.0])
+    sampler["inputs"][0]["widget"] = {"name": "seed"}
+    inner = _subgraph("sampling", [sampler], [[1, -10, 0, 1, 0, "INT"]], [{"name": "seed", "type": "INT"}], [])
+    outer = _node(7, "sampling", [("seed", "INT", None)], [], [777])
+    outer["inputs"][0]["widget"] = {"name": "seed"}
+    doc = {"version": 0.4, "links": [], "definitions": {"subgraphs": [inner]}, "nodes": [outer]}
+    prompt, _ = to_api(doc)
+    assert prompt["7:1"]["inputs"]["seed"] == 777 and prompt["7:1"]["inputs"]["steps"] == 4
+    del outer["widgets_values"]  # no value on the subgraph's node: the inner widget keeps its own
+    prompt, _ = to_api(doc)
+    assert prompt["7:1"]["inputs"]["seed"] == 42
