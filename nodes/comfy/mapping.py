@@ -87,22 +87,26 @@ class _Import:
         return {k: v for k, v in inputs.items() if k in schema.names}
 
     def link(self, ref: Ref, nid: str, name: str) -> Link | None:
+        owner = self.parent.get(nid, nid)
         seen = set()
         target: Link | Ref | None = ref
         while isinstance(target, Ref):
+            source = self.api.get(target.node, {}).get("class_type", "?")
             if target in seen:
-                break
+                self.problem(owner, self.api[owner]["class_type"], f"its input goes round in a loop through node "
+                                                                   f"{target.node} ({source})", name)
+                return None
             seen.add(target)
             found = self.outputs.get((target.node, target.index))
             if found is None:
-                source = self.api.get(target.node, {}).get("class_type", "?")
                 count = len(SCHEMAS[source].outputs) if source in SCHEMAS else 0
-                self.problem(self.parent.get(nid, nid), self.api[self.parent.get(nid, nid)]["class_type"],
-                             f"links to output {target.index} of node {target.node} ({source}), which has "
-                             f"{count} output{'s' * (count != 1)}", name)
+                why = (f"which has {count} output{'s' * (count != 1)}" if target.index >= count
+                       else "which passes on an input it was not given")
+                self.problem(owner, self.api[owner]["class_type"], f"links to output {target.index} of node "
+                                                                   f"{target.node} ({source}), {why}", name)
                 return None
             target = found
-        return target if isinstance(target, Link) else None
+        return target
 
     # --- helpers for the converters ---------------------------------------------------------------------------------
 

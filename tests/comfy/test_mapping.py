@@ -253,6 +253,18 @@ def test_a_link_to_an_output_the_node_lacks_is_reported():
         to_workflow(prompt)
 
 
+def test_pass_through_nodes_without_their_input_or_in_a_loop_are_reported():
+    prompt = api("clip_skip")
+    del prompt["2"]["inputs"]["clip"]
+    with pytest.raises(cf.UnsupportedWorkflow, match=r"node 2 \(CLIPSetLastLayer\), which passes on an input it "
+                                                     r"was not given"):
+        to_workflow(prompt)
+    prompt["2"]["inputs"]["clip"] = ["20", 0]
+    prompt["20"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["2", 0], "stop_at_clip_layer": -1}}
+    with pytest.raises(cf.UnsupportedWorkflow, match="goes round in a loop"):
+        to_workflow(prompt)
+
+
 def test_editor_layout_is_kept_and_added_nodes_sit_by_theirs():
     prompt, data = cf.ui_to_api(ui("inpaint_grow"), nodes.comfy.widget_names)
     wf = to_workflow(prompt, data)
