@@ -5,6 +5,8 @@ their pipeline does: the penultimate layers side by side, and the second encoder
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from nodegraph import Int, Node, Output, Socket, String
@@ -92,4 +94,20 @@ class CLIPEncode(Node):
         return Conditioning(encode_text(clip, text, clip_skip or None, ctx.log, vocabulary), (text,), clip)
 
 
-NODES = [CLIPEncode]
+class ConditioningCombine(Node):
+    """Sample two prompts together: at every step the UNet predicts the noise for each and the sampler averages
+    the predictions (then applies guidance against the negative), as ComfyUI's ConditioningCombine does for prompts
+    over the whole image. Use it to blend subjects or styles ("a cat" + "an oil painting"). SD 1.x/2.x models;
+    ControlNets and T2I-Adapters do not work on combined prompts yet."""
+
+    category = "conditioning"
+    conditioning_1 = Socket(CONDITIONING)
+    conditioning_2 = Socket(CONDITIONING)
+    outputs = (Output("conditioning", CONDITIONING),)
+
+    def run(self, ctx, conditioning_1: Conditioning, conditioning_2: Conditioning):
+        return replace(conditioning_1, also=(*conditioning_1.also, replace(conditioning_2, also=()),
+                                             *conditioning_2.also))
+
+
+NODES = [CLIPEncode, ConditioningCombine]

@@ -86,9 +86,10 @@ class _Tokens:
 
     def for_batch(self, batch: int) -> torch.Tensor:
         layout = UNET_BATCH.get()
-        if layout is not None and layout.cfg and batch == 2 * layout.images:  # [uncond x N, cond x N]
+        # [uncond x N, cond x N (x combined prompts)]
+        if layout is not None and layout.cfg and batch > layout.images and batch % layout.images == 0:
             n = layout.images
-            return torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
+            return torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(batch - n, -1, -1)])
         return self.cond.expand(batch, -1, -1)
 
 

@@ -65,12 +65,13 @@ MakeSteps = Callable[[str, float, torch.Generator, torch.device], Steps]
 
 @dataclass
 class _Guidance:
-    embeds: torch.Tensor  # [N or 2N, tokens, dim]
+    embeds: torch.Tensor  # [(uncond) + prompts x N, tokens, dim]
     cfg: bool
     scale: float
     w_embedding: torch.Tensor | None
     controls: Any = None  # ControlNet / T2I-Adapter controls (nodes.control.UNetControls), or None
     added: dict | None = None  # SDXL's added conditioning: pooled text embeddings and size/crop "time ids"
+    prompts: int = 1  # combined prompts (ConditioningCombine), whose noise predictions are averaged
 
 
 def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioning | None, guidance: float,
@@ -79,6 +80,15 @@ def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioni
     embeds = _repeat(positive.embeds, batch)
     cfg = guidance > 1.0 and not model.lcm_distilled
     xl = getattr(model.unet.config, "addition_embed_type", None) == "text_time"
+    if positive.also:  # combined prompts: every one is predicted in the same UNet call, side by side
+        if xl or positive.extras or any(c.extras for c in positive.also):
+            raise ValueError("combined prompts (ConditioningCombine) work with SD 1.x/2.x models without "
+                             "ControlNets or T2I-Adapters for now")
+        for other in positive.also:
+            if other.embeds.shape[1:] != positive.embeds.shape[1:]:
+                raise ValueError(f"combined prompts must come from the same CLIP: {tuple(other.embeds.shape)} "
+                                 f"vs {tuple(positive.embeds.shape)}")
+        embeds = torch.cat([embeds, *(_repeat(c.embeds, batch) for c in positive.also)])
     if xl and positive.pooled is None:
         raise ValueError("this SDXL model needs a prompt encoded by an SDXL CLIP (both text encoders, "
                          "with the pooled embedding)")
@@ -105,6 +115,8 @@ def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioni
     if model.lcm_distilled:
         w_embedding = lcm_math.guidance_embedding(guidance, model.unet.config.time_cond_proj_dim, batch,
                                                   dtype=dtype, device=device)
+        if positive.also:
+            w_embedding = torch.cat([w_embedding] * (1 + len(positive.also)))
     added = None
     if xl:
         pooled = _repeat(positive.pooled[:, None], batch)[:, 0]
@@ -118,7 +130,7 @@ def _prepare_guidance(model: Model, positive: Conditioning, negative: Conditioni
         if added is not None:
             raise ValueError("animating an SDXL model is not supported yet: use an SD 1.5 model and motion module")
         embeds = embeds.repeat_interleave(latent_shape[2], dim=0)
-    return _Guidance(embeds.to(device), cfg, guidance, w_embedding, added=added)
+    return _Guidance(embeds.to(device), cfg, guidance, w_embedding, added=added, prompts=1 + len(positive.also))
 
 
 def _repeat(embeds: torch.Tensor, batch: int) -> torch.Tensor:
@@ -146,7 +158,8 @@ def _attach_controls(g: _Guidance, model: Model, positive: Conditioning, latent_
 
 def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
                    extra_channels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
-    model_input = torch.cat([latents] * 2) if g.cfg else latents
+    copies = g.prompts + g.cfg
+    model_input = torch.cat([latents] * copies) if copies > 1 else latents
     # controls see the latents only (as in diffusers' ControlNet inpainting), never the inpainting channels
     control = g.controls(step, model_input, t, g.embeds, g.added) if g.controls is not None else {}
     if extra_channels is not None:
@@ -155,6 +168,11 @@ def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
         control = {**control, "added_cond_kwargs": g.added}
     eps = unet(model_input, t, encoder_hidden_states=g.embeds, timestep_cond=g.w_embedding,
                return_dict=False, **control)[0]
+    if g.prompts > 1:  # the combined prompts' predictions, averaged (the unconditional one stays apart)
+        parts = eps.chunk(copies)
+        eps = torch.stack(parts[g.cfg:]).mean(dim=0)
+        if g.cfg:
+            eps = torch.cat([parts[0], eps])
     if g.cfg:
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + g.scale * (eps_cond - eps_uncond)

@@ -173,13 +173,16 @@ class Conditioning:
     clip: Clip | None = None  # the encoder, so a sampler needing an unconditional embedding can make one
     extras: tuple = ()
     pooled: torch.Tensor | None = None
+    # Other prompts sampled alongside this one (ConditioningCombine): the sampler averages their noise predictions.
+    also: tuple["Conditioning", ...] = ()
 
     @property
     def batch(self) -> int:
         return int(self.embeds.shape[0])
 
     def __nodegraph_nbytes__(self) -> int:
-        return self.embeds.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
+        own = self.embeds.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
+        return own + sum(c.__nodegraph_nbytes__() for c in self.also)
 
 
 @dataclass(frozen=True, eq=False)

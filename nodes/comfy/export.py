@@ -40,6 +40,8 @@ SIMPLE: dict[str, tuple[str, dict[str, str], dict[str, int]]] = {
     "T2IAdapterApply": ("ControlNetApply", {"conditioning": "conditioning", "adapter": "control_net",
                                             "image": "image", "strength": "strength"}, {"conditioning": 0}),
     "ConditioningZeroOut": ("ConditioningZeroOut", {"conditioning": "conditioning"}, {"conditioning": 0}),
+    "ConditioningCombine": ("ConditioningCombine", {"conditioning_1": "conditioning_1",
+                                                    "conditioning_2": "conditioning_2"}, {"conditioning": 0}),
     "FreeU": ("FreeU", {k: k for k in ("model", "b1", "b2", "s1", "s2")}, {"model": 0}),
 }
 #: our Sampler's sampler -> ComfyUI sampler_name; schedule -> scheduler

@@ -535,6 +535,12 @@ def _zero_out(im: _Import, nid: str, ct: str, i: dict) -> None:
     im.out(nid, "conditioning")
 
 
+def _combine(im: _Import, nid: str, ct: str, i: dict) -> None:
+    im.add(nid, "ConditioningCombine", conditioning_1=i.get("conditioning_1", ABSENT),
+           conditioning_2=i.get("conditioning_2", ABSENT))
+    im.out(nid, "conditioning")
+
+
 def _freeu(im: _Import, nid: str, ct: str, i: dict) -> None:
     im.add(nid, "FreeU", model=i.get("model", ABSENT), **{k: i.get(k, ABSENT) for k in ("b1", "b2", "s1", "s2")})
     im.out(nid, "model")
@@ -552,12 +558,10 @@ CONVERTERS: dict[str, Converter] = {
     "ControlNetLoader": _controlnet_loader, "DiffControlNetLoader": _controlnet_loader,
     "T2IAdapterLoader": _controlnet_loader, "ControlNetApply": _controlnet_apply,
     "ControlNetApplyAdvanced": _controlnet_apply, "Canny": _canny, "ConditioningZeroOut": _zero_out, "FreeU": _freeu,
-    "GrowMask": _grow_mask,
+    "GrowMask": _grow_mask, "ConditioningCombine": _combine,
 }
-#: why a known ComfyUI type has no converter
-UNSUPPORTED = {
-    "ConditioningCombine": "not supported yet: nodegraph has no node that combines two conditionings",
-}
+#: why a known ComfyUI type has no converter (the ones ComfyUI's core has but nodegraph does not yet)
+UNSUPPORTED: dict[str, str] = {}
 
 
 def to_workflow(api: dict, ui: dict | None = None, settings: Settings | None = None) -> Workflow:

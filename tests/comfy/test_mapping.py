@@ -189,13 +189,13 @@ def test_everything_unsupported_is_refused_at_once():
     with pytest.raises(cf.UnsupportedWorkflow) as err:
         to_workflow(api("unsupported"))
     found = [(p.node_id, p.class_type, p.input) for p in err.value.problems]
-    assert found == [("4", "ConditioningCombine", None), ("6", "KSampler", "sampler_name"),
+    assert found == [("4", "ConditioningSetArea", None), ("6", "KSampler", "sampler_name"),
                      ("6", "KSampler", "scheduler"), ("7", "KSamplerAdvanced", "end_at_step"),
                      ("7", "KSamplerAdvanced", "return_with_leftover_noise"), ("8", "UpscaleModelLoader", None),
                      ("10", "ImageUpscaleWithModel", None)]
     message = str(err.value)
     assert "nothing ran (7 problems)" in message
-    for text in ("ConditioningCombine): not supported yet", "'dpmpp_3m_sde'", "'kl_optimal'",
+    for text in ("node 4 (ConditioningSetArea)", "'dpmpp_3m_sde'", "'kl_optimal'",
                  "return_with_leftover_noise 'enable'", "node 8 (UpscaleModelLoader)"):
         assert text in message
 
@@ -331,3 +331,23 @@ def test_the_readme_counts_the_fixtures_that_import():
     readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").split())
     assert (f"{total[0]} of {total[1]} import ({counts['api'][0]} of {counts['api'][1]} API prompts, "
             f"{counts['ui'][0]} of {counts['ui'][1]} editor files)") in readme
+
+
+def test_conditioning_combine_maps_to_ours_and_back():
+    from nodes.comfy import to_api
+
+    prompt = api("txt2img")
+    positive = next(k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode")
+    prompt["90"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "an oil painting", "clip": prompt[positive]
+                                                               ["inputs"]["clip"]}}
+    prompt["91"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": [positive, 0],
+                                                                   "conditioning_2": ["90", 0]}}
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    prompt[sampler]["inputs"]["positive"] = ["91", 0]
+    wf = to_workflow(prompt)
+    assert wf.nodes["91"].type == "ConditioningCombine"
+    assert inputs(wf, "91") == {"conditioning_1": L(positive, "conditioning"),
+                                "conditioning_2": L("90", "conditioning")}
+    exported = to_api(wf)["91"]
+    assert (exported["class_type"], exported["inputs"]) == ("ConditioningCombine", {"conditioning_1": [positive, 0],
+                                                                                    "conditioning_2": ["90", 0]})
