@@ -26,7 +26,7 @@ from .library import BUILTIN, NoLibrary, load_library
 from .registry import Registry, RegistryError, build_registry
 from .settings import DTYPES, MEMORY_FORMATS, Settings
 from .validate import ValidationFailed
-from .workflow import PNG_KEY, PNG_SIGNATURE, Limits, Workflow, WorkflowError, png_text
+from .workflow import PNG_KEY, Limits, Workflow, WorkflowError, read_document
 
 def parse_set(items: Sequence[str]) -> list[tuple[str, str, Any]]:
     """``NODE.INPUT=VALUE`` overrides; VALUE is JSON when it parses as JSON, text otherwise."""
@@ -169,18 +169,8 @@ def load_any(path: str | Path, library, settings: Settings, *, editor_first: boo
     (``import``, which keeps the editor's layout, titles, groups and notes)."""
     from .comfy_format import load_document
 
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
-    if data.startswith(PNG_SIGNATURE):
-        chunks = png_text(data)
-        keys = (PNG_KEY, "workflow", "prompt") if editor_first else (PNG_KEY, "prompt", "workflow")
-        text = next((chunks[k] for k in keys if k in chunks), None)
-        if text is None:
-            raise WorkflowError(f"{path} is a PNG without a workflow in it (neither ours nor ComfyUI's)")
-        data = text.encode("utf-8")
+    keys = (PNG_KEY, "workflow", "prompt") if editor_first else (PNG_KEY, "prompt", "workflow")
+    data = read_document(path, keys, what="a workflow (neither ours nor ComfyUI's)")
     return load_document(data, library, settings, Limits())
 
 

@@ -157,17 +157,25 @@ def loads(text: str | bytes, limits: Limits = Limits()) -> Workflow:
 
 def load(path: str | Path, limits: Limits = Limits()) -> Workflow:
     """Read a workflow from a JSON file, or from a PNG that carries one (as SaveImage writes them)."""
+    return loads(read_document(path), limits)
+
+
+def read_document(path: str | Path, png_keys: tuple[str, ...] = (), what: str = "a nodegraph workflow"
+                  ) -> bytes | str:
+    """A workflow file's JSON text: the file itself, or from a PNG the first of ``png_keys`` among its text
+    chunks; a WorkflowError naming the file otherwise."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise WorkflowError(f"cannot read workflow {path}: {exc.strerror or exc}") from None
-    if data.startswith(PNG_SIGNATURE):
-        text = png_text(data).get(PNG_KEY)
-        if text is None:
-            raise WorkflowError(f"{path} is a PNG without a nodegraph workflow in it")
-        return loads(text, limits)
-    return loads(data, limits)
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    chunks = png_text(data)
+    text = next((chunks[k] for k in png_keys or (PNG_KEY,) if k in chunks), None)
+    if text is None:
+        raise WorkflowError(f"{path} is a PNG without {what} in it")
+    return text
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

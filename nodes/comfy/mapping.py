@@ -381,16 +381,6 @@ def _model_sampling(im: _Import, nid: str, ct: str, i: dict) -> None:
     im.alias(nid, 0, i.get("model"))  # eps is the model's own; lcm is what our LCM sampler does anyway
 
 
-def _vae_decode(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "VAEDecode", vae=i.get("vae", ABSENT), latent=i.get("samples", ABSENT))
-    im.out(nid, "image")
-
-
-def _vae_encode(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "VAEEncode", vae=i.get("vae", ABSENT), image=i.get("pixels", ABSENT))
-    im.out(nid, "latent")
-
-
 def _vae_encode_for_inpaint(im: _Import, nid: str, ct: str, i: dict) -> None:
     mask = im.add(f"{nid}:mask", "GrowMask", parent=nid, mask=i.get("mask", ABSENT),
                   pixels=i.get("grow_mask_by", 6))
@@ -409,36 +399,6 @@ def _set_latent_noise_mask(im: _Import, nid: str, ct: str, i: dict) -> None:
     im.add(nid, "InpaintEncode", vae=encoder.get("vae", ABSENT), image=encoder.get("pixels", ABSENT),
            mask=i.get("mask", ABSENT))
     im.out(nid, "latent")
-
-
-def _latent_upscale(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "LatentUpscale", latent=i.get("samples", ABSENT), method=i.get("upscale_method", ABSENT),
-           width=i.get("width", ABSENT), height=i.get("height", ABSENT), crop=i.get("crop", ABSENT))
-    im.out(nid, "latent")
-
-
-def _latent_upscale_by(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "LatentUpscaleBy", latent=i.get("samples", ABSENT), method=i.get("upscale_method", ABSENT),
-           scale=i.get("scale_by", ABSENT))
-    im.out(nid, "latent")
-
-
-def _image_scale(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "ImageScale", image=i.get("image", ABSENT), method=i.get("upscale_method", ABSENT),
-           width=i.get("width", ABSENT), height=i.get("height", ABSENT), crop=i.get("crop", ABSENT))
-    im.out(nid, "image")
-
-
-def _image_scale_total(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "ImageScaleToTotalPixels", image=i.get("image", ABSENT), method=i.get("upscale_method", ABSENT),
-           megapixels=i.get("megapixels", ABSENT))
-    im.out(nid, "image")
-
-
-def _image_pad(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "ImagePadForOutpaint", image=i.get("image", ABSENT),
-           **{k: i.get(k, ABSENT) for k in ("left", "top", "right", "bottom", "feathering")})
-    im.out(nid, "image", "mask")
 
 
 def _save_image(im: _Import, nid: str, ct: str, i: dict) -> None:
@@ -530,35 +490,44 @@ def _canny(im: _Import, nid: str, ct: str, i: dict) -> None:
     im.out(nid, "image")
 
 
-def _zero_out(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "ConditioningZeroOut", conditioning=i.get("conditioning", ABSENT))
-    im.out(nid, "conditioning")
+def _renamed(ours: str, inputs: dict[str, str], *outputs: str) -> Converter:
+    """A ComfyUI node that is one of ours with its inputs renamed ({our input: theirs}) and outputs in order."""
+    def convert(im: _Import, nid: str, ct: str, i: dict) -> None:
+        im.add(nid, ours, **{name: i.get(theirs, ABSENT) for name, theirs in inputs.items()})
+        im.out(nid, *outputs)
+    return convert
 
 
-def _combine(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "ConditioningCombine", conditioning_1=i.get("conditioning_1", ABSENT),
-           conditioning_2=i.get("conditioning_2", ABSENT))
-    im.out(nid, "conditioning")
-
-
-def _freeu(im: _Import, nid: str, ct: str, i: dict) -> None:
-    im.add(nid, "FreeU", model=i.get("model", ABSENT), **{k: i.get(k, ABSENT) for k in ("b1", "b2", "s1", "s2")})
-    im.out(nid, "model")
+def _same(*names: str) -> dict[str, str]:
+    return {name: name for name in names}
 
 
 CONVERTERS: dict[str, Converter] = {
     "CheckpointLoaderSimple": _checkpoint, "CheckpointLoader": _checkpoint, "VAELoader": _vae_loader,
     "CLIPSetLastLayer": _clip_set_last_layer, "CLIPTextEncode": _clip_text_encode, "EmptyLatentImage": _empty_latent,
     "KSampler": _ksampler, "KSamplerAdvanced": _ksampler, "ModelSamplingDiscrete": _model_sampling,
-    "VAEDecode": _vae_decode, "VAEEncode": _vae_encode, "VAEEncodeForInpaint": _vae_encode_for_inpaint,
-    "SetLatentNoiseMask": _set_latent_noise_mask, "LatentUpscale": _latent_upscale,
-    "LatentUpscaleBy": _latent_upscale_by, "ImageScale": _image_scale, "ImageScaleToTotalPixels": _image_scale_total,
-    "ImagePadForOutpaint": _image_pad, "SaveImage": _save_image, "PreviewImage": _preview_image,
-    "LoadImage": _load_image, "LoraLoader": _lora, "LoraLoaderModelOnly": _lora,
+    "VAEDecode": _renamed("VAEDecode", {"vae": "vae", "latent": "samples"}, "image"),
+    "VAEEncode": _renamed("VAEEncode", {"vae": "vae", "image": "pixels"}, "latent"),
+    "VAEEncodeForInpaint": _vae_encode_for_inpaint, "SetLatentNoiseMask": _set_latent_noise_mask,
+    "LatentUpscale": _renamed("LatentUpscale", {"latent": "samples", "method": "upscale_method",
+                                                **_same("width", "height", "crop")}, "latent"),
+    "LatentUpscaleBy": _renamed("LatentUpscaleBy", {"latent": "samples", "method": "upscale_method",
+                                                    "scale": "scale_by"}, "latent"),
+    "ImageScale": _renamed("ImageScale", {"method": "upscale_method", **_same("image", "width", "height", "crop")},
+                           "image"),
+    "ImageScaleToTotalPixels": _renamed("ImageScaleToTotalPixels",
+                                        {"method": "upscale_method", **_same("image", "megapixels")}, "image"),
+    "ImagePadForOutpaint": _renamed("ImagePadForOutpaint",
+                                    _same("image", "left", "top", "right", "bottom", "feathering"), "image", "mask"),
+    "SaveImage": _save_image, "PreviewImage": _preview_image, "LoadImage": _load_image,
+    "LoraLoader": _lora, "LoraLoaderModelOnly": _lora,
     "ControlNetLoader": _controlnet_loader, "DiffControlNetLoader": _controlnet_loader,
     "T2IAdapterLoader": _controlnet_loader, "ControlNetApply": _controlnet_apply,
-    "ControlNetApplyAdvanced": _controlnet_apply, "Canny": _canny, "ConditioningZeroOut": _zero_out, "FreeU": _freeu,
-    "GrowMask": _grow_mask, "ConditioningCombine": _combine,
+    "ControlNetApplyAdvanced": _controlnet_apply, "Canny": _canny, "GrowMask": _grow_mask,
+    "ConditioningZeroOut": _renamed("ConditioningZeroOut", _same("conditioning"), "conditioning"),
+    "ConditioningCombine": _renamed("ConditioningCombine", _same("conditioning_1", "conditioning_2"),
+                                    "conditioning"),
+    "FreeU": _renamed("FreeU", _same("model", "b1", "b2", "s1", "s2"), "model"),
 }
 #: why a known ComfyUI type has no converter (the ones ComfyUI's core has but nodegraph does not yet)
 UNSUPPORTED: dict[str, str] = {}

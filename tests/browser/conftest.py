@@ -8,29 +8,18 @@ browser context (empty localStorage, so the page starts from the default example
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ..serving import running_server
 
 CHROMIUM = os.environ.get("NODEGRAPH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 VIEWPORT = {"width": 1280, "height": 800}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,34 +47,8 @@ def server_dirs(tmp_path_factory, sync_playwright_or_skip) -> dict[str, Path]:
 
 @pytest.fixture(scope="package")
 def server(server_dirs) -> str:
-    port = _free_port()
-    env = {**os.environ, "NODEGRAPH_TEMP": str(server_dirs["temp"]), "HF_HUB_OFFLINE": "1"}
-    log = open(server_dirs["data"] / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nodegraph", "serve", "--port", str(port), "--models", str(server_dirs["models"]),
-         "--input", str(server_dirs["input"]), "--output", str(server_dirs["output"]), "--data",
-         str(server_dirs["data"]), "--node-path", str(HERE / "nodepkg"), "--device", "cpu"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/object_info", timeout=5) as resp:
-                json.load(resp)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.close()
-                raise RuntimeError("the server did not start:\n" + (server_dirs["data"] / "server.log").read_text())
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server(server_dirs, "--node-path", str(HERE / "nodepkg")) as url:
+        yield url
 
 
 @pytest.fixture(scope="package")

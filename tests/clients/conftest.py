@@ -8,25 +8,12 @@ installed (they come with the ``test`` extras).
 from __future__ import annotations
 
 import io
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..serving import running_server
 
 
 @pytest.fixture(scope="package")
@@ -41,34 +28,8 @@ def server_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="package")
 def server(server_dirs) -> str:
     """The URL of a running ``nodegraph serve`` (the demo models are embedded: no model files needed)."""
-    port = _free_port()
-    env = {**os.environ, "NODEGRAPH_TEMP": str(server_dirs["temp"]), "HF_HUB_OFFLINE": "1"}
-    log = open(server_dirs["data"] / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nodegraph", "serve", "--port", str(port), "--models", str(server_dirs["models"]),
-         "--input", str(server_dirs["input"]), "--output", str(server_dirs["output"]), "--data",
-         str(server_dirs["data"]), "--device", "cpu"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/system_stats", timeout=5) as resp:
-                json.load(resp)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.close()
-                raise RuntimeError("the server did not start:\n" + (server_dirs["data"] / "server.log").read_text())
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server(server_dirs, probe="/system_stats") as url:
+        yield url
 
 
 @pytest.fixture

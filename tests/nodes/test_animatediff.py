@@ -225,17 +225,27 @@ def test_a_lora_under_the_motion_module_matches_the_pipeline_with_that_lora(exec
     sd = pipelines["sd"]
     path = write_tiny_lora(sd.unet, sd.text_encoder, motion_models / "loras" / "video-style.safetensors",
                            fmt="kohya", rank=4, alpha=4.0, seed=31, text=False, std=0.2)
-    pipe = reference(DDIMScheduler.from_config(sd.scheduler.config))
-    pipe.load_lora_weights(str(path), adapter_name="style")
+    expected = _with_lora(reference(DDIMScheduler.from_config(sd.scheduler.config)), path)
+    _assert_lora_video(executor, "video-style.safetensors", expected, model_from="ckpt", model_into="anim")
+
+
+def _with_lora(pipe, path):
+    """The reference pipeline's frames with the LoRA file loaded into it."""
+    pipe.load_lora_weights(str(path), adapter_name="lora")
     try:
-        expected = pipe("a red cube", num_frames=8, num_inference_steps=3, guidance_scale=7.5,
-                        generator=generator(3), height=64, width=64, output_type="np").frames
+        return pipe("a red cube", num_frames=8, num_inference_steps=3, guidance_scale=7.5, generator=generator(3),
+                    height=64, width=64, output_type="np").frames
     finally:
         pipe.unload_lora_weights()
+
+
+def _assert_lora_video(executor, lora: str, expected, *, model_from: str, model_into: str) -> None:
+    """A LoRAStack reading node ``model_from``'s model feeds node ``model_into``: the video changes, and it is the
+    reference's."""
     wf = video_graph()
-    wf.add("lora", "LoRAStack", model=L("ckpt", "model"), clip=L("ckpt", "clip"),
-           loras=[{"lora": "video-style.safetensors", "strength_model": 1.0, "strength_clip": 1.0}])
-    wf.set("anim", "model", L("lora", "model"))
+    wf.add("lora", "LoRAStack", model=L(model_from, "model"), clip=L("ckpt", "clip"),
+           loras=[{"lora": lora, "strength_model": 1.0, "strength_clip": 1.0}])
+    wf.set(model_into, "model", L("lora", "model"))
     got = ours(executor, wf)
     assert max_diff(got, ours(executor, video_graph())) > 1e-3  # the LoRA acts
     assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
@@ -257,16 +267,5 @@ def test_a_motion_lora_after_the_motion_module_matches_the_pipeline(executor, re
     path = motion_models / "loras" / "motion-zoom.safetensors"
     path.parent.mkdir(exist_ok=True)
     save_file(tensors, path)
-    pipe.load_lora_weights(str(path), adapter_name="zoom")
-    try:
-        expected = pipe("a red cube", num_frames=8, num_inference_steps=3, guidance_scale=7.5,
-                        generator=generator(3), height=64, width=64, output_type="np").frames
-    finally:
-        pipe.unload_lora_weights()
-    wf = video_graph()
-    wf.add("lora", "LoRAStack", model=L("anim", "model"), clip=L("ckpt", "clip"),
-           loras=[{"lora": "motion-zoom.safetensors", "strength_model": 1.0, "strength_clip": 1.0}])
-    wf.set("sample", "model", L("lora", "model"))
-    got = ours(executor, wf)
-    assert max_diff(got, ours(executor, video_graph())) > 1e-3  # the motion LoRA acts
-    assert max_diff(got, expected.reshape(got.shape)) <= TOLERANCE
+    _assert_lora_video(executor, "motion-zoom.safetensors", _with_lora(pipe, path), model_from="anim",
+                       model_into="sample")
