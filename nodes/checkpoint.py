@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nodegraph import Combo, Folder, Node, Output, Settings, file_identity
 
-from . import devices
+from . import devices, previews
 from .loading import CHECKPOINT_SUFFIXES, is_checkpoint_folder, load_components, looks_like_hub_id
 from .values import CLIP, MODEL, VAE, Clip, Model, Vae
 
@@ -100,7 +100,9 @@ class LoadCheckpoint(Node):
     def run(self, ctx, ckpt, base):
         c = load(ctx.settings, ckpt, base)
         vae = Vae(c.vae, ckpt)
-        return (Model(c.unet, c.scheduler_config, c.family, ckpt, latent_scale=vae.scale_factor),
+        model = Model(c.unet, c.scheduler_config, c.family, ckpt, latent_scale=vae.scale_factor)
+        previews.attach(model, vae)  # sampler previews in this VAE's colours (nodes/previews.py)
+        return (model,
                 Clip(c.tokenizer, c.text_encoder, c.family, ckpt, tokenizer_2=c.tokenizer_2,
                      text_encoder_2=c.text_encoder_2),
                 vae)

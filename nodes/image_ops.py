@@ -5,7 +5,8 @@ ConditioningZeroOut do what ComfyUI's nodes of the same names are documented to 
 map onto them; where a choice is ours it is said in the node's help text. Resizing goes through
 ``torch.nn.functional.interpolate`` (half-pixel centres, no antialiasing), Pillow for Lanczos, and our own
 spherical-linear "bislerp" for latents. LoadVAE reads the ``vae`` model folder: diffusers folders, and
-original-layout single files converted by :mod:`nodes.loading.vae`.
+original-layout single files converted by :mod:`nodes.loading.vae`; LoadTinyVAE reads ``vae_approx``, where
+ComfyUI keeps TAESD as madebyollin's encoder/decoder pair, converted here to diffusers' AutoencoderTiny.
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype, allow_pic
 class LoadVAE(Node):
     """Load a VAE from the models folder's vae/ subfolder, to use in place of a checkpoint's own (VAEDecode,
     VAEEncode, InpaintEncode). A diffusers folder (config.json + weights) of an AutoencoderKL, or of an
-    AutoencoderTiny (TAESD, for fast decoding only); or a single original-layout file such as
+    AutoencoderTiny (TAESD: fast and approximate; see also LoadTinyVAE); or a single original-layout file such as
     sd-vae-ft-mse-original, read as an SD 1.x/2.x VAE (scaling factor 0.18215: for SDXL's VAE use its diffusers
     folder). .ckpt/.pt pickles are refused unless nodegraph runs with --allow-pickle."""
 
@@ -370,5 +371,161 @@ class LoadVAE(Node):
         return Vae(module, vae)
 
 
+# --- LoadTinyVAE: TAESD in ComfyUI's vae_approx/ ------------------------------------------------------------------
+
+def is_tiny_vae_folder(path: Path) -> bool | None:
+    """A diffusers AutoencoderTiny folder is one entry; other folders are searched."""
+    return is_vae_folder(path)
+
+
+VAE_APPROX = Folder("vae_approx", what="tiny VAEs (TAESD: taesd_decoder/_encoder.safetensors pairs, or "
+                    "AutoencoderTiny diffusers folders)", suffixes=(".safetensors", ".pth"),
+                    entry_dir=is_tiny_vae_folder, flag="--models")
+
+
+def _block_indices(state: dict[str, torch.Tensor]) -> list[tuple[int, str, torch.Tensor]]:
+    """(index, "conv" or "block", weight of the entry's first convolution) for each layer with weights, in order."""
+    layers: dict[int, tuple[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if rest == "weight":
+            layers[int(head)] = ("conv", value)
+        elif rest == "conv.0.weight":
+            layers[int(head)] = ("block", value)
+    return [(i, *layers[i]) for i in sorted(layers)]
+
+
+def tiny_config_from_original(encoder: dict[str, torch.Tensor] | None,
+                              decoder: dict[str, torch.Tensor]) -> dict:
+    """AutoencoderTiny's config read from the shapes of madebyollin's TAESD layout: the encoder is
+    conv, blocks, (stride-2 conv, blocks) x 3, conv; the decoder Clamp, conv, ReLU, (blocks, Upsample, conv) x 3,
+    blocks, conv. Block counts and widths are counted from the convolutions between them."""
+    def groups(layers):
+        counts, widths, n = [], [], 0
+        for _, kind, weight in layers[1:]:
+            if kind == "block":
+                n += 1
+                width = int(weight.shape[0])
+            else:
+                counts.append(n)
+                widths.append(width if n else int(weight.shape[1]))
+                n = 0
+        return counts, widths
+
+    dec = _block_indices(decoder)
+    dec_counts, dec_widths = groups(dec)
+    config = {"latent_channels": int(dec[0][2].shape[1]), "out_channels": int(dec[-1][2].shape[0]),
+              "decoder_block_out_channels": tuple(dec_widths), "num_decoder_blocks": tuple(dec_counts)}
+    if encoder is not None:
+        enc = _block_indices(encoder)
+        counts, widths = groups(enc)
+        # the encoder's groups start with their conv: the first block count belongs to the first conv's group
+        config.update(in_channels=int(enc[0][2].shape[1]), encoder_block_out_channels=tuple(widths),
+                      num_encoder_blocks=tuple(counts))
+    else:  # TAESD's shape, mirrored from the decoder
+        config.update(encoder_block_out_channels=tuple(reversed(dec_widths)),
+                      num_encoder_blocks=tuple(reversed(dec_counts)))
+    return config
+
+
+# madebyollin's Decoder starts with a weightless Clamp() that diffusers' DecoderTiny does in forward (tanh(x/3)*3):
+# its layer i is diffusers' layer i - 1. The encoders' layers line up.
+DECODER_SHIFT = 1
+
+
+def tiny_from_original(encoder: dict[str, torch.Tensor] | None,
+                       decoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """madebyollin TAESD key names (``1.weight``, ``3.conv.0.weight``) -> AutoencoderTiny's."""
+    out = {}
+    for key, value in (encoder or {}).items():
+        out[f"encoder.layers.{key}"] = value
+    for key, value in decoder.items():
+        head, _, rest = key.partition(".")
+        out[f"decoder.layers.{int(head) - DECODER_SHIFT}.{rest}"] = value
+    return out
+
+
+def tiny_to_original(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """AutoencoderTiny's state dict -> (encoder, decoder) in madebyollin's layout: the inverse of
+    tiny_from_original."""
+    encoder, decoder = {}, {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".layers.")
+        head, _, tail = rest.partition(".")
+        if part == "encoder":
+            encoder[rest] = value
+        else:
+            decoder[f"{int(head) + DECODER_SHIFT}.{tail}"] = value
+    return encoder, decoder
+
+
+class _NoEncoder(torch.nn.Module):
+    def forward(self, x):
+        raise ValueError("this tiny VAE was loaded without its encoder file (taesd_encoder.safetensors next to the "
+                         "decoder): it can only decode")
+
+
+def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if not allow_pickle:
+        raise ValueError(f"{path.name}: a pickle; run nodegraph with --allow-pickle to read it")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_tiny_files(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> torch.nn.Module:
+    """An AutoencoderTiny from one half of a TAESD pair (``taesd_decoder.safetensors``, ``taesdxl_encoder.pth``):
+    the other half is read from next to it when it is there; without the encoder the VAE only decodes."""
+    from diffusers import AutoencoderTiny
+
+    from .loading import ready
+
+    stem = path.stem
+    if "encoder" not in stem and "decoder" not in stem:
+        raise ValueError(f"{path.name}: a TAESD file is named *_decoder or *_encoder")
+    decoder_path = path.with_name(stem.replace("encoder", "decoder") + path.suffix)
+    encoder_path = path.with_name(stem.replace("decoder", "encoder") + path.suffix)
+    if not decoder_path.is_file():
+        raise ValueError(f"{path.name}: its decoder {decoder_path.name} is not in the folder")
+    decoder = _read_weights(decoder_path, allow_pickle)
+    encoder = _read_weights(encoder_path, allow_pickle) if encoder_path.is_file() else None
+    module = AutoencoderTiny(**tiny_config_from_original(encoder, decoder))
+    state = tiny_from_original(encoder, decoder)
+    strict = encoder is not None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or (strict and missing) or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"{path.name}: not a TAESD layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if encoder is None:
+        module.encoder = _NoEncoder()
+    return ready(module, device, dtype)
+
+
+class LoadTinyVAE(Node):
+    """Load a tiny VAE (TAESD, TAESDXL: diffusers' AutoencoderTiny) from the models folder's vae_approx/, where
+    ComfyUI keeps them: choose taesd_decoder.safetensors (or its _encoder) and the pair is read together; an
+    AutoencoderTiny diffusers folder works too. Its decodes are approximate and cost a fraction of the full
+    VAE's (about 1 M weights per half against tens of millions); use it in place of the checkpoint's VAE in
+    VAEDecode and VAEEncode. TAESD fits SD 1.x/2.x latents, TAESDXL SDXL's. Without the _encoder file it only
+    decodes."""
+
+    category = "loaders"
+    vae = Combo(options=VAE_APPROX)
+    outputs = (Output("vae", VAE),)
+
+    def run(self, ctx, vae):
+        path = VAE_APPROX.locate(ctx.settings, vae)
+        device = devices.device(ctx.settings)
+        dtype = devices.dtype(ctx.settings, device)
+        if path.is_dir():
+            module = _load_folder(path, device, dtype, ctx.settings.allow_pickle)
+        else:
+            module = load_tiny_files(path, device, dtype, ctx.settings.allow_pickle)
+        if devices.channels_last(ctx.settings, device):
+            module.to(memory_format=torch.channels_last)
+        return Vae(module, vae)
+
+
 NODES = [ImageScale, ImageScaleToTotalPixels, ImagePadForOutpaint, GrowMask, LatentUpscale, LatentUpscaleBy,
-         ConditioningZeroOut, LoadVAE]
+         ConditioningZeroOut, LoadVAE, LoadTinyVAE]

@@ -1,7 +1,8 @@
 """Latents and the VAE: EmptyLatent, VAEEncode, InpaintEncode, VAEDecode.
 
 Pre- and post-processing follow diffusers' ``VaeImageProcessor`` exactly (pixels to [-1, 1], decode output back
-to [0, 1] with a clamp). Encoders return the posterior unsampled: the sampler draws the sample from its own seeded
+to [0, 1] with a clamp). A tiny VAE (AutoencoderTiny) goes through the same code: diffusers' pipelines divide by
+its ``scaling_factor`` of 1.0 too. Encoders return the posterior unsampled: the sampler draws the sample from its own seeded
 generator, where diffusers draws it. The latent geometry (channels, pixels per latent cell) comes from the VAE's
 config, never from a constant.
 """
@@ -80,14 +81,26 @@ def vae_mode(vae: Vae, tiled: bool = False, sliced: bool = False):
         module.use_tiling = module.use_slicing = False
 
 
+def is_tiny(vae: Vae) -> bool:
+    """A tiny VAE (diffusers' AutoencoderTiny: TAESD, TAESDXL) encodes to latents, not to a distribution; it works
+    in the latents the UNet sees (its config's scaling_factor is 1.0), so the scaling below is a no-op for it."""
+    return type(vae.vae).__name__ == "AutoencoderTiny"
+
+
 def _layout(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input in the layout of the VAE's weights: oneDNN is fastest when both are channels_last."""
     return x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(module) else x
 
 
 def encode(vae: Vae, x: torch.Tensor, tiled: bool = False, sliced: bool = False) -> Posterior:
+    """The posterior of images [B, 3, H, W] in [-1, 1]. A tiny VAE (AutoencoderTiny) has no distribution: its
+    encoder gives the latents themselves, a posterior with zero spread (so a sampler's draw is the latents, as
+    diffusers' ``retrieve_latents`` reads ``.latents``)."""
     with vae_mode(vae, tiled, sliced) as module, torch.inference_mode():
-        dist = module.encode(_layout(module, x)).latent_dist
+        out = module.encode(_layout(module, x))
+    if not hasattr(out, "latent_dist"):
+        return Posterior(out.latents, torch.zeros_like(out.latents), vae.scaling_factor)
+    dist = out.latent_dist
     return Posterior(dist.mean, dist.std, vae.scaling_factor)
 
 
@@ -104,7 +117,10 @@ class VAEEncode(Node):
 
     def run(self, ctx, vae, image, tiled, sliced):
         x = to_vae_input(image, vae, ctx.settings.max_image_size)
-        return Latent(posterior=encode(vae, x, tiled, sliced))
+        posterior = encode(vae, x, tiled, sliced)
+        if is_tiny(vae):  # deterministic latents: nothing for the sampler to draw
+            return Latent(samples=posterior.mode())
+        return Latent(posterior=posterior)
 
 
 class InpaintEncode(Node):

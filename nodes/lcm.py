@@ -12,7 +12,8 @@ from nodegraph import Float, Int, Node, Output, Socket, String
 
 from . import lcm_math
 from .lcm_math import LCMSchedulerConfig
-from .sampling import latent_preview, sample
+from .previews import preview
+from .sampling import sample
 from .values import CONDITIONING, LATENT, MODEL, SCHEDULE, Latent, Schedule
 
 
@@ -75,7 +76,7 @@ class LCMSampler(Node):
         previews = ctx.settings.previews
 
         def on_step(i: int, total: int, denoised: torch.Tensor) -> None:
-            ctx.progress(i + 1, total, latent_preview(denoised) if previews else None)
+            ctx.progress(i + 1, total, preview(model, denoised) if previews else None)
 
         out = sample(model, positive, latent, lcm_steps(schedule), seed=seed, guidance=guidance, strength=strength,
                      negative=negative, on_step=on_step)

@@ -296,17 +296,12 @@ def _check_channels(model: Model, latent: Latent, expected: int) -> None:
 
 
 def latent_preview(latents: torch.Tensor, size: int = 64):
-    """A cheap look at the first image of a latent batch: its first three channels, each stretched to 0-255.
-    No VAE runs, so it costs microseconds; colours are only indicative."""
-    from PIL import Image
+    """A cheap look at the first image of a latent batch without its VAE: its first three channels, each stretched
+    to 0-255 (colours only indicative). Samplers that hold a checkpoint's model use :func:`nodes.previews.preview`,
+    in the VAE's colours."""
+    from .previews import stretch_preview
 
-    x = (latents[0, :3] if latents.ndim == 4 else latents[0, :3, 0]).float()  # a video: its first frame
-    lo = x.amin(dim=(1, 2), keepdim=True)
-    hi = x.amax(dim=(1, 2), keepdim=True)
-    x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(x)
-    image.thumbnail((size, size))
-    return image
+    return stretch_preview(latents, size)
 
 
 

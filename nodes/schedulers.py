@@ -19,7 +19,8 @@ import torch
 
 from nodegraph import Combo, Float, Int, Node, Output, Socket
 
-from .sampling import latent_preview, sample
+from .previews import preview
+from .sampling import sample
 from .values import CONDITIONING, LATENT, MODEL, Latent, Model
 
 #: sampler name -> (diffusers scheduler class, options)
@@ -148,7 +149,7 @@ class Sampler(Node):
         previews = ctx.settings.previews
 
         def on_step(i: int, total: int, denoised: torch.Tensor) -> None:
-            ctx.progress(i + 1, total, latent_preview(denoised) if previews else None)
+            ctx.progress(i + 1, total, preview(model, denoised) if previews else None)
 
         out = sample(model, positive, latent, make_steps, seed=seed, guidance=guidance, strength=strength,
                      negative=negative, on_step=on_step)

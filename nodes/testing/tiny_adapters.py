@@ -372,3 +372,30 @@ def motion_adapter_to_original(adapter_dir: Path | str, out_path: Path | str) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, path, metadata=_ST_METADATA)
     return path
+
+
+def build_tiny_taesd(out_dir: Path | str, original_dir: Path | str | None = None, seed: int = 0,
+                     prefix: str = "taesd") -> Path:
+    """Write a tiny random AutoencoderTiny (TAESD's layout with 8 channels and fewer blocks) as a diffusers
+    folder, and with ``original_dir`` also as madebyollin's two files ``{prefix}_encoder.safetensors`` and
+    ``{prefix}_decoder.safetensors`` (ComfyUI's vae_approx/ layout)."""
+    from diffusers import AutoencoderTiny
+
+    from nodes.image_ops import tiny_to_original
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                              num_encoder_blocks=(1, 2, 1, 1), num_decoder_blocks=(1, 1, 2, 1))
+        with torch.no_grad():  # wider weights than the default init, so that decoded colours vary visibly
+            for param in vae.parameters():
+                param.mul_(1.5)
+    out = Path(out_dir)
+    vae.save_pretrained(out)
+    if original_dir is not None:
+        encoder, decoder = tiny_to_original(vae.state_dict())
+        folder = Path(original_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in encoder.items()}, folder / f"{prefix}_encoder.safetensors")
+        save_file({k: v.contiguous() for k, v in decoder.items()}, folder / f"{prefix}_decoder.safetensors")
+    return out
