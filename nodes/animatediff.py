@@ -19,7 +19,7 @@ import torch
 
 from nodegraph import Boolean, Combo, Folder, Int, Node, NodeOutput, Output, Socket, String
 
-from . import devices
+from . import devices, previews
 from .images import save_files, tensor_to_pils
 from .latent import latent_geometry
 from .values import IMAGE, LATENT, MODEL, VAE, Latent, Model, param_bytes
@@ -138,7 +138,9 @@ class ApplyMotionModule(Node):
         ready(unet, device, model.dtype, clone=False)
         if devices.channels_last(ctx.settings, device):
             unet.to(memory_format=torch.channels_last)
-        return replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
+        animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
+        previews.share(model, animated)
+        return animated
 
 
 class EmptyLatentVideo(Node):

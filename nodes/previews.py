@@ -41,6 +41,13 @@ def attach(model: Model, vae: Vae) -> None:
     _VAE_OF[model.unet] = vae
 
 
+def share(model: Model, derived: Model) -> None:
+    """``derived`` (a model built over ``model``'s UNet, such as an animated one) previews in the same colours."""
+    vae = _VAE_OF.get(model.unet)
+    if vae is not None:
+        _VAE_OF[derived.unet] = vae
+
+
 def projection(vae: Vae, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached (weight [C, 3], bias [3]) that maps a latent cell to the mean colour in [0, 1] of the pixels
     ``vae`` decodes it to; fitted on the first call for this VAE module."""

@@ -269,3 +269,20 @@ def test_a_motion_lora_after_the_motion_module_matches_the_pipeline(executor, re
     save_file(tensors, path)
     _assert_lora_video(executor, "motion-zoom.safetensors", _with_lora(pipe, path), model_from="anim",
                        model_into="sample")
+
+
+def test_video_previews_show_the_first_frame_in_the_vae_colours(executor, motion_models):
+    frames = []
+    unsubscribe = executor.events.subscribe(
+        lambda e: frames.append(e.data["preview"]) if e.type == "node_progress" and "preview" in e.data else None)
+    executor.settings = executor.settings.replace(previews=True)
+    try:
+        result = executor.run(video_graph())
+    finally:
+        unsubscribe()
+    assert result.status == "success", result.errors
+    assert len(frames) == 3 and all(f.size == frames[0].size for f in frames)
+    from nodes import previews
+
+    model = result.output("anim", "model")
+    assert previews._VAE_OF.get(model.unet) is not None  # the animated model previews through its VAE
