@@ -2,8 +2,9 @@
 
 What the checkpoints folder may hold, recognised by *content*, never by file extension (:func:`detect`):
 
-* ``"diffusers"``: a diffusers pipeline folder (``model_index.json``). Each component is loaded with its own
-  ``from_pretrained(..., local_files_only=True)``; the tokenizer folder may lack ``tokenizer.json``.
+* ``"diffusers"``: a diffusers pipeline folder (``model_index.json``). Each component is built from its
+  ``config.json`` and its safetensors streamed in, tensor by tensor (:mod:`.assemble`); anything less plain goes
+  through its own ``from_pretrained(..., local_files_only=True)``. The tokenizer folder may lack ``tokenizer.json``.
 * ``"unet_folder"``: a lone UNet folder (``config.json`` of a ``UNet2DConditionModel`` + weights), such as the
   ``unet/`` of an LCM-distilled model. It is loaded over a full ``base=`` checkpoint, which gives the rest.
 * ``"safetensors"``: an original-layout (LDM / sgm) single file of the SD 1.x, SD 2.x, SDXL or SSD-1B family.
@@ -26,10 +27,11 @@ from .detect import config_class, detect, detect_family, indices, is_checkpoint_
 from .errors import CheckpointError, few, first_line
 from .hub import looks_like_hub_id
 from .vae import load_vae_file
-from .weights import CHECKPOINT_SUFFIXES, is_safetensors, read_header, read_weights
+from .weights import CHECKPOINT_SUFFIXES, StreamedSafetensors, is_safetensors, read_header, read_weights
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CONFIGS_DIR", "FAMILIES", "CheckpointError", "Components", "config_class",
+    "CHECKPOINT_SUFFIXES", "CONFIGS_DIR", "FAMILIES", "CheckpointError", "Components", "StreamedSafetensors",
+    "config_class",
     "derive_configs", "detect", "detect_family", "family_config_dir", "few", "first_line", "head_count", "indices",
     "is_checkpoint_folder", "is_safetensors", "list_checkpoints", "load_components", "load_vae_file",
     "looks_like_hub_id",

@@ -1,21 +1,42 @@
 """Model components from a checkpoint: :func:`load_components` builds the UNet, VAE, text encoder(s) and
 tokenizer(s) of a diffusers folder, a UNet folder over a base, or an original-layout single file, ready to run.
 
-A diffusers folder's components load with their own ``from_pretrained(..., local_files_only=True)``. A single file's
-are built on the meta device from the derived configurations; diffusers' converters (``convert_ldm_*``) rename the
-weights and a strict ``load_state_dict`` takes them, so a missing or unexpected weight is an error, never a silent
-random initialisation.
+Every model is built on the meta device from its configuration (a folder's ``config.json``, or the configurations
+derived for a single file), then given its weights: a :class:`~.weights.StreamedSafetensors` reads each tensor
+from the file when it is asked for, already in the requested dtype, diffusers' converters (``convert_ldm_*``) rename
+a single file's keys on the way, and a strict ``load_state_dict(assign=True)`` takes them, so a missing or
+unexpected weight is an error, never a silent random initialisation. Nothing holds a second copy of the weights:
+no memory map of the file beside the model, no float32 model beside its bfloat16 cast. A folder component that is
+not one plain safetensors file of the model's own key names (sharded weights, a pickle, legacy attention names)
+falls back to its ``from_pretrained(..., local_files_only=True)``, then :func:`ready`.
 
-Memory and bit-exactness: safetensors are memory-mapped, and a tensor viewed in the map sits at the file offset of
-its data, 8-byte aligned at best. CPU kernels give results that differ at the 1e-7 level depending on that
-alignment. Measured on the tiny SD model: our components loaded from a diffusers folder *without* copying are
-bit-identical to ``LatentConsistencyModelPipeline.from_pretrained(folder)``'s (which also maps the same files); after
-cloning (aligned memory) the UNet output differs from that pipeline by 6.6e-7, and equals it exactly once the
-pipeline's weights are cloned too. ``clone_weights=True`` (the default) copies every mapped tensor into memory of its
-own (:func:`ready`): results then depend only on the weights, not on the file layout (a single file and the
-diffusers folder it was written from give identical images), and the loaded model no longer depends on the file
-staying unchanged. Pass ``clone_weights=False`` to keep the mapped tensors (bit-identical to diffusers' ordinary
-loading).
+Memory and bit-exactness: safetensors are memory-mapped by their library, and a tensor viewed in the map sits at
+the file offset of its data, 8-byte aligned at best. CPU kernels give results that differ at the 1e-7 level
+depending on that alignment. Measured on the tiny SD model: our components loaded from a diffusers folder *without*
+copying are bit-identical to ``LatentConsistencyModelPipeline.from_pretrained(folder)``'s (which also maps the same
+files); in memory of their own (aligned) the UNet output differs from that pipeline by 6.6e-7, and equals it
+exactly once the pipeline's weights are cloned too. ``clone_weights=True`` (the default) gives every tensor memory
+of its own (streamed, or copied by :func:`ready`): results then depend only on the weights, not on the file layout
+(a single file and the diffusers folder it was written from give identical images), and the loaded model no
+longer depends on the file staying unchanged. Pass ``clone_weights=False`` to keep the mapped tensors
+(bit-identical to diffusers' ordinary loading; the file's pages then count in the process's memory as well).
+
+``python benchmarks/load_memory.py`` on the 2-core development machine (random-weight SD1.5-size model: UNet 860M,
+VAE 84M, CLIP-L; page cache warm; one process per load, medians of 2; every weight read once after the load, as
+a first run would, before the peak is taken; base = the interpreter with torch, diffusers and transformers
+imported, 0.48 GB, included in the peak)::
+
+    engine                                   dtype    load s +touch s load peak peak GB weights GB peak/weights (peak-base)/weights
+    diffusers from_pretrained (folder)       float32     0.5      0.2      0.58    4.80       4.26         1.13                1.01
+    nodegraph load_components (folder)       float32     3.3      0.2      4.82    4.82       4.26         1.13                1.02
+    nodegraph load_components (single file)  float32     1.8      0.2      4.77    4.77       4.26         1.12                1.01
+    diffusers from_pretrained (folder)       bfloat16    1.3      0.7      5.67    5.67       2.13         2.66                2.44
+    nodegraph load_components (folder)       bfloat16    1.9      0.7      2.78    2.86       2.13         1.34                1.12
+    nodegraph load_components (single file)  bfloat16    1.7      0.5      2.79    2.88       2.13         1.35                1.13
+
+Before streaming the same loads peaked at 7.35 GB (folder) and 8.7 GB (single file) in float32, 5.6 and 6.7 GB
+in bfloat16. diffusers' float32 load is only a memory map (its pages are read on first use); ours copies 4.3 GB into
+aligned memory of the process's own, which costs the difference in load time.
 """
 
 from __future__ import annotations
@@ -33,7 +54,7 @@ from .configs import derive_configs, family_config_dir, read_json
 from .detect import TEXT_ENCODERS, detect, detect_family, require_parts
 from .errors import CheckpointError, few, first_line
 from .hub import fetch
-from .weights import read_header, read_pickle, read_safetensors
+from .weights import StreamedSafetensors, read_header, read_pickle, read_safetensors
 
 CLIP_BPE_DIR = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -136,11 +157,15 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         return _load_diffusers(path, opts, unet_over)
     if kind == "safetensors":
         shapes = read_header(path)
-        return _load_single_file(path, shapes, lambda: read_safetensors(path), opts, config_dir, unet_over)
+        if not opts.clone:  # keep the memory-mapped tensors, as asked
+            return _load_single_file(path, shapes, lambda _: read_safetensors(path), opts, config_dir, unet_over)
+        # Streamed: each tensor read once, into its final dtype, straight into the model being built.
+        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype), opts, config_dir,
+                                 unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        return _load_single_file(path, shapes, lambda: tensors, opts, config_dir, unet_over)
+        return _load_single_file(path, shapes, lambda _: tensors, opts, config_dir, unet_over)
     raise CheckpointError(f"{path}: a {kind} cannot be loaded here")
 
 
@@ -264,6 +289,10 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
         kwargs["subfolder"] = subfolder
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True  # never unpickle a .bin silently
+    if opts.clone:
+        streamed = _streamed_component(cls, folder, where, kwargs["variant"], opts)
+        if streamed is not None:
+            return streamed
     try:
         with quiet_transformers():
             model = cls.from_pretrained(folder, **kwargs)
@@ -273,6 +302,41 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
             hint = " Its weights are a pickle (.bin): convert them to safetensors, or allow pickles (--allow-pickle)."
         raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}.{hint}") from e
     return _placed(model, opts)
+
+
+def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None, opts: _Options) -> torch.nn.Module | None:
+    """A folder component built on the meta device and given its weights file tensor by tensor, in their final
+    dtype (:class:`StreamedSafetensors`): the same values as ``from_pretrained`` then :func:`ready`, without the
+    memory-mapped file and the model's copy side by side. None when the folder is not that simple (sharded
+    weights, pickles, renamed legacy keys...): ``from_pretrained`` then handles it."""
+    from accelerate import init_empty_weights
+
+    stem = "diffusion_pytorch_model" if cls.__module__.startswith("diffusers") else "model"
+    weights = where / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+    if not weights.is_file() or not (where / "config.json").is_file():
+        return None
+    config = read_json(where / "config.json")
+    try:
+        with init_empty_weights():
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
+        fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
+        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype)
+    except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
+        return None
+    expected = set(model.state_dict())
+    names = {(k if k in expected or not k.startswith("text_model.") else k[len("text_model."):]): k for k in tensors}
+    if expected - set(names) or any(k not in expected and not k.endswith(_IGNORABLE) for k in names):
+        return None
+    model.load_state_dict({k: tensors[names[k]] for k in expected}, strict=True, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    # What from_pretrained records: where the model came from, and (transformers) the dtype it was read in.
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(_name_or_path=folder)
+    else:
+        model.config._name_or_path = str(folder)
+        model.config.dtype = tensors.file_dtype()
+    return ready(model, opts.device, opts.dtype, clone=False)
 
 
 @contextlib.contextmanager
@@ -336,8 +400,11 @@ def _assemble_tokenizer(settings_dir: Path, out: Path, vocab_size: int | None) -
 # --- single files ---------------------------------------------------------------------------
 
 
-def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]], read: Callable[[], dict[str, torch.Tensor]],
-                      opts: _Options, config_dir: Path | None, unet_over: UNetOver | None) -> Components:
+def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
+                      read: Callable[[torch.dtype | None], Mapping[str, torch.Tensor]], opts: _Options,
+                      config_dir: Path | None, unet_over: UNetOver | None, streamed: bool = False) -> Components:
+    """``read(dtype)`` gives the file's tensors; with ``streamed``, a :class:`StreamedSafetensors` that reads each
+    one when converted, already cast to ``dtype`` (then nothing is cast or copied again after assembly)."""
     try:
         family = detect_family(shapes)
     except CheckpointError as e:
@@ -353,7 +420,11 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]], read: Cal
     else:
         configs = {name: read_json(config_dir / name / "config.json")
                    for name in ("unet", "vae", *TEXT_ENCODERS[family])}
-    tensors = read()
+    classes = [_model_class(c) for c in ("UNet2DConditionModel", "AutoencoderKL",
+                                           *(_text_class(index, n, settings_dir) for n in TEXT_ENCODERS[family]))]
+    # A model that keeps some modules in float32 casts itself in ready(): read those weights as they are.
+    cast = streamed and not any(getattr(c, "_keep_in_fp32_modules", None) for c in classes)
+    tensors = read(opts.dtype if cast else None)
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     settings_origin = f"from {config_dir}" if config_dir else "derived from the header"
@@ -362,18 +433,19 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]], read: Cal
     for name, (prefix, kind) in TEXT_ENCODERS[family].items():
         text[name] = _build(_text_class(index, name, settings_dir), configs[name],
                             lambda model, p=prefix, k=kind: _convert_text(tensors, model, p, k), name.replace("_", " "),
-                            origin, opts)
+                            origin, opts, streamed)
         tokenizer_name = name.replace("text_encoder", "tokenizer")
         text[tokenizer_name] = _load_tokenizer(settings_dir / tokenizer_name, configs[name]["vocab_size"])
     if unet_over:
         unet = unet_over(configs["unet"])
     else:
         unet = _build("UNet2DConditionModel", configs["unet"],
-                      lambda _: convert_ldm_unet_checkpoint(tensors, configs["unet"]), "UNet", origin, opts)
+                      lambda _: convert_ldm_unet_checkpoint(tensors, configs["unet"]), "UNet", origin, opts,
+                      streamed)
     return Components(
         unet=unet,
         vae=_build("AutoencoderKL", configs["vae"], lambda _: convert_ldm_vae_checkpoint(tensors, configs["vae"]),
-                   "VAE", origin, opts),
+                   "VAE", origin, opts, streamed),
         scheduler_config=read_json(settings_dir / "scheduler" / "scheduler_config.json"),
         family=family,
         source=f"single file {origin}",
@@ -388,12 +460,16 @@ def _convert_text(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, p
         return convert_open_clip_checkpoint(model, tensors, prefix=prefix)
     # The transformers layout needs only the prefix removed (keep "text_model."; _build fits it to the model).
     strip = prefix[: -len("text_model.")]
-    return {k[len(strip):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(strip):]: tensors[k] for k in tensors if k.startswith(prefix)}  # each tensor read once
 
 
 def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module], dict], what: str, origin: str,
-           opts: _Options) -> torch.nn.Module:
-    """Build a model from ``config`` without allocating weights, then give it the converted tensors (strictly)."""
+           opts: _Options, streamed: bool = False) -> torch.nn.Module:
+    """Build a model from ``config`` without allocating weights, then give it the converted tensors (strictly).
+
+    ``streamed``: the tensors were read into memory of their own (see :class:`StreamedSafetensors`); they are
+    assigned as they are, and only views (a fused q/k/v split in three, a 1x1 convolution seen as a linear
+    layer) get their own contiguous copy, as cloning gave before, so no second copy of the model is ever made."""
     from accelerate import init_empty_weights
 
     cls = _model_class(class_name)
@@ -424,4 +500,11 @@ def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module]
         model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
     except Exception as e:  # noqa: BLE001 - shape mismatches
         raise CheckpointError(f"{origin}: the {what} weights do not fit: {first_line(e)}") from e
-    return _placed(model, opts)
+    del state
+    if not streamed:
+        return _placed(model, opts)
+    for _, t in _tensors(model):
+        if t.device.type == "cpu" and (t.storage_offset() or not t.is_contiguous()
+                                       or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t.data = t.data.contiguous().clone()
+    return ready(model, opts.device, opts.dtype, clone=False)

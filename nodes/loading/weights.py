@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -88,7 +90,19 @@ def read_header(path: Path | str) -> dict[str, tuple[int, ...]]:
     The header is validated against the file size, so a truncated download or a corrupt file is reported here,
     with the reason, rather than as a crash deep inside a loader.
     """
-    p = Path(path)
+    return {name: entry.shape for name, entry in _read_entries(Path(path))[1].items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: str  # the safetensors name ("F32", "BF16"...)
+    shape: tuple[int, ...]
+    begin: int  # offsets in the data section
+    end: int
+
+
+def _read_entries(p: Path) -> tuple[int, dict[str, _Entry]]:
+    """Where the data section starts, and each tensor's entry, from a header checked against the file size."""
     size = p.stat().st_size
     with p.open("rb") as f:
         head = f.read(8)
@@ -104,7 +118,7 @@ def read_header(path: Path | str) -> dict[str, tuple[int, ...]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: corrupt safetensors file: the header is not a JSON object")
     data_size = size - 8 - n
-    shapes: dict[str, tuple[int, ...]] = {}
+    entries: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -122,8 +136,90 @@ def read_header(path: Path | str) -> dict[str, tuple[int, ...]]:
             raise CheckpointError(
                 f"{p}: truncated safetensors file: tensor {name!r} needs bytes up to {end} of the data section but "
                 f"the file holds only {data_size}. The download is probably incomplete; fetch the file again.")
-        shapes[name] = shape
-    return shapes
+        entries[name] = _Entry(dtype, shape, begin, end)
+    return 8 + n, entries
+
+
+_SPLIT_BYTES = 8 << 20  # larger tensors are read in two halves at once: first touches of fresh memory dominate
+_READERS: list = []
+
+
+def _read_into(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:
+    def part(start: int, stop: int) -> None:
+        while start < stop:
+            got = os.preadv(fd, [view[start:stop]], offset + start)
+            if not got:
+                raise CheckpointError(f"{path}: the file ended inside tensor {key!r}")
+            start += got
+
+    if len(view) < _SPLIT_BYTES or (os.cpu_count() or 1) < 2:
+        part(0, len(view))
+        return
+    if not _READERS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READERS.append(ThreadPoolExecutor(1, thread_name_prefix="safetensors-read"))
+    half = (len(view) // 2) & ~4095
+    other = _READERS[0].submit(part, half, len(view))
+    part(0, half)
+    other.result()
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class StreamedSafetensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from the file only when asked for, into memory of its own
+    (plain reads, no memory map), floating-point ones cast to ``dtype`` (None keeps the file's).
+
+    A loader that takes each tensor once and drops what it does not keep holds at most its model's weights in
+    their final dtype plus the one tensor being read: never the file's copy beside the model's. Memory-mapped
+    reading (safetensors' ``load_file`` / ``safe_open``) counts every page read in the process's RSS until the map
+    is closed, so reading a whole model through a map peaks at the file's size plus the model's.
+    Asking twice for a key reads it twice: take each once.
+    """
+
+    def __init__(self, path: Path | str, dtype: torch.dtype | None = None):
+        self.path = Path(path)
+        self.dtype = dtype
+        self._start, self._entries = _read_entries(self.path)
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        torch_dtype = _TORCH_DTYPES.get(entry.dtype)
+        if torch_dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has the unsupported dtype {entry.dtype}")
+        nbytes = entry.end - entry.begin
+        cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
+        if cast:  # read into one reused buffer: no file-dtype copy is allocated (and left to fragment the heap)
+            if self._scratch.numel() < nbytes:
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            raw = self._scratch[:nbytes]
+        else:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        with self.path.open("rb", buffering=0) as f:
+            _read_into(f.fileno(), memoryview(raw.numpy()), self._start + entry.begin, self.path, key)
+        tensor = raw.view(torch_dtype).reshape(entry.shape)
+        return tensor.to(self.dtype) if cast else tensor
+
+    def file_dtype(self) -> torch.dtype | None:
+        """The dtype of the file's first floating-point tensor (None if it has none)."""
+        return next((d for d in (_TORCH_DTYPES.get(e.dtype) for e in self._entries.values())
+                     if d is not None and d.is_floating_point), None)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -292,6 +292,61 @@ def test_device_and_dtype_are_applied(tiny):
         assert {p.device for p in module.parameters()} == {CPU}
 
 
+def test_streamed_safetensors_read_each_tensor_into_memory_of_its_own(tiny):
+    from nodes.loading.weights import StreamedSafetensors
+
+    path = tiny.sd / "unet" / "diffusion_pytorch_model.safetensors"
+    mapped = load_file(path)
+    as_is, as_bf16 = StreamedSafetensors(path), StreamedSafetensors(path, torch.bfloat16)
+    assert list(as_is) == list(as_bf16) and set(as_is) == set(mapped) and len(as_is) == len(mapped)
+    for key, expected in mapped.items():
+        t, b = as_is[key], as_bf16[key]
+        assert t.dtype == expected.dtype and torch.equal(t, expected), key
+        assert b.dtype == torch.bfloat16 and torch.equal(b, expected.to(torch.bfloat16)), key
+        assert t.data_ptr() % 64 == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_a_large_tensor_is_read_whole(tmp_path):
+    from nodes.loading.weights import StreamedSafetensors
+
+    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: read in two halves at once
+    save_file({"big": big, "empty": torch.zeros(0), "ids": torch.arange(5)}, tmp_path / "w.safetensors")
+    streamed = StreamedSafetensors(tmp_path / "w.safetensors", torch.float16)
+    assert torch.equal(streamed["big"], big.half())
+    assert streamed["empty"].shape == (0,) and torch.equal(streamed["ids"], torch.arange(5))  # integers never cast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["sd", "single"])
+def test_loads_stream_each_tensor_once_into_the_values_of_a_mapped_load(tiny, monkeypatch, which, dtype):
+    """Folders and single files are read tensor by tensor, each once, in the requested dtype: the same values as
+    loading the memory-mapped weights and casting them afterwards."""
+    from nodes.loading.weights import StreamedSafetensors
+
+    read: list[str] = []
+    original = StreamedSafetensors.__getitem__
+
+    def spy(self, key):
+        read.append(f"{self.path}:{key}")
+        return original(self, key)
+
+    monkeypatch.setattr(StreamedSafetensors, "__getitem__", spy)
+    streamed = load_components(getattr(tiny, which), device=CPU, dtype=dtype)
+    monkeypatch.undo()
+    mapped = load_components(getattr(tiny, which), device=CPU, dtype=dtype, clone_weights=False)
+    assert read and len(read) == len(set(read))
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(streamed, name), getattr(mapped, name))
+        assert {p.dtype for p in getattr(streamed, name).parameters()} == {dtype}
+        assert all(p.data_ptr() % 64 == 0 for p in getattr(streamed, name).parameters())
+        assert config_of(getattr(streamed, name)) == config_of(getattr(mapped, name))
+
+
+def config_of(model) -> dict:
+    config = model.config
+    return dict(config) if hasattr(config, "keys") else config.to_dict()  # diffusers' FrozenDict, transformers'
+
+
 # --------------------------------------------------------------------------------------------
 # Single files
 # --------------------------------------------------------------------------------------------
