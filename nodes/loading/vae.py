@@ -5,7 +5,7 @@ Such a file holds weights but no configuration: the sizes come from the tensor s
 VAE configuration the package ships (:func:`.configs.derive_configs` does the same for a full checkpoint's VAE), so
 the scaling factor is SD's 0.18215 and norm groups that shapes cannot reveal take the shipped value (or the largest
 divisor of the channel counts below it). Weights are converted by diffusers' ``convert_ldm_vae_checkpoint`` and
-loaded strictly, as a full checkpoint's are.
+loaded strictly, streamed tensor by tensor, as a full checkpoint's are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .assemble import _build, _Options
 from .configs import _derive_vae, family_config_dir, read_json
 from .detect import VAE
 from .errors import CheckpointError
-from .weights import file_kind, read_header, read_pickle, read_safetensors
+from .weights import StreamedSafetensors, file_kind, read_header, read_pickle, read_safetensors
 
 #: Where a VAE's keys may sit in a file (diffusers' converter recognises the same); none, for a bare VAE file.
 _PREFIXES = (VAE, "vae.")
@@ -35,7 +35,8 @@ def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.
         read = lambda: tensors
     else:
         shapes = read_header(path)
-        read = lambda: read_safetensors(path)
+        # Streamed (each tensor once, in its final dtype) unless the mapped tensors are to be kept.
+        read = (lambda: StreamedSafetensors(path, dtype)) if clone_weights else (lambda: read_safetensors(path))
     prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in shapes)), "")
     own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if "encoder.conv_in.weight" not in own:
@@ -54,4 +55,5 @@ def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.
 
     return _build("AutoencoderKL", config, lambda _: convert_ldm_vae_checkpoint(tensors, config), "VAE",
                   f"{path} (an original-layout VAE)",
-                  _Options(torch.device(device), dtype, allow_pickle, clone_weights))
+                  _Options(torch.device(device), dtype, allow_pickle, clone_weights),
+                  streamed=isinstance(tensors, StreamedSafetensors))
