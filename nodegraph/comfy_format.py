@@ -11,13 +11,12 @@ widget names and how they map onto ours is the node library's business (``Librar
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .workflow import Limits, Workflow, WorkflowError, _check_depth, from_json
+from .workflow import Limits, Workflow, WorkflowError, _check_depth, from_json, parse_json
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -442,17 +441,8 @@ def load_document(doc: Any, library: Any, settings: Settings | None = None,
                   limits: Limits = Limits()) -> tuple[Workflow, str]:
     """Any supported document (decoded JSON, or its text) as our Workflow, with the format it was in."""
     if isinstance(doc, (str, bytes)):
-        size = len(doc.encode("utf-8") if isinstance(doc, str) else doc)
-        if size > limits.max_bytes:
-            raise WorkflowError(f"the document is {size} bytes, over the limit of {limits.max_bytes}")
-        try:
-            doc = json.loads(doc)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WorkflowError(f"the document is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise WorkflowError(f"the document is nested deeper than {limits.max_depth} levels") from None
-    _check_depth(doc, limits.max_depth)
-    fmt = detect(doc)
+        doc = parse_json(doc, limits)
+    fmt = detect(doc)  # looks at the top level only; each reader below checks the nesting
     if fmt == NODEGRAPH:
         return from_json(doc, limits), fmt
     comfy = getattr(library, "comfy", None)
@@ -462,8 +452,6 @@ def load_document(doc: Any, library: Any, settings: Settings | None = None,
         api, ui = ui_to_api(doc, comfy.widget_names, limits)
     else:
         api, ui = check_api(doc, limits), None
-    if settings is None:
-        return comfy.to_workflow(api, ui), fmt
     return comfy.to_workflow(api, ui, settings=settings), fmt
 
 

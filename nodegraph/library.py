@@ -20,8 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
-from .folders import Folder, folders_of
-from .registry import Registry, RegistryError
+from .registry import RegistryError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -86,8 +85,3 @@ def load_library(name: str = BUILTIN) -> Library:
     if missing:
         raise RegistryError(f"node library {name!r} lacks {', '.join(missing)} (see nodegraph.library.Library)")
     return module  # type: ignore[return-value]
-
-
-def model_folders(registry: Registry) -> dict[str, Folder]:
-    """The model folders that the registered node types read, by name (``GET /models``)."""
-    return folders_of(registry)

@@ -34,9 +34,9 @@ from aiohttp import web
 from . import comfy_protocol as comfy
 from .assets import shipped_workflows, web_dir, workflows_dir
 from .executor import Executor
-from .folders import FILE_FOLDERS, Folder
+from .folders import FILE_FOLDERS, Folder, folders_of
 from .history import History
-from .library import Library, NoLibrary, model_folders
+from .library import Library, NoLibrary
 from .paths import UnsafePath, safe_join
 from .prompt_queue import PromptQueue
 from .settings import Settings
@@ -434,11 +434,11 @@ async def system_stats(request: web.Request) -> web.Response:
 
 async def models_index(request: web.Request) -> web.Response:
     """The model folders the node types read (ComfyUI's folder names), whether or not they exist yet."""
-    return web.json_response(list(model_folders(request.app["executor"].registry)))
+    return web.json_response(list(folders_of(request.app["executor"].registry)))
 
 
 async def models_list(request: web.Request) -> web.Response:
-    folder = model_folders(request.app["executor"].registry).get(request.match_info["folder"])
+    folder = folders_of(request.app["executor"].registry).get(request.match_info["folder"])
     if folder is None:
         raise web.HTTPNotFound(text=f"no model folder {request.match_info['folder']!r}")
     names = await asyncio.get_running_loop().run_in_executor(None, folder.names, _settings(request))

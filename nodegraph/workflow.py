@@ -143,6 +143,11 @@ class Workflow:
 
 def loads(text: str | bytes, limits: Limits = Limits()) -> Workflow:
     """Parse a workflow from JSON text."""
+    return from_json(parse_json(text, limits), limits)
+
+
+def parse_json(text: str | bytes, limits: Limits = Limits()) -> Any:
+    """Untrusted JSON text, decoded within the size and nesting limits (a WorkflowError otherwise)."""
     size = len(text.encode("utf-8") if isinstance(text, str) else text)
     if size > limits.max_bytes:
         raise WorkflowError(f"the document is {size} bytes, over the limit of {limits.max_bytes}")
@@ -152,7 +157,7 @@ def loads(text: str | bytes, limits: Limits = Limits()) -> Workflow:
         raise WorkflowError(f"the document is not valid JSON: {exc}") from None
     except RecursionError:
         raise WorkflowError(f"the document is nested deeper than {limits.max_depth} levels") from None
-    return from_json(doc, limits)
+    return doc
 
 
 def load(path: str | Path, limits: Limits = Limits()) -> Workflow:

@@ -366,21 +366,14 @@ class LoadVAE(Node):
         if (module.dtype == torch.float16 and getattr(config, "force_upcast", False)
                 and math.isclose(float(config.scaling_factor), SDXL_SCALING_FACTOR)):
             module.to(torch.float32)  # SDXL's VAE overflows in float16, as LoadCheckpoint knows
-        if devices.channels_last(ctx.settings, device):
-            module.to(memory_format=torch.channels_last)
-        return Vae(module, vae)
+        return _as_vae(ctx, module, vae, device)
 
 
 # --- LoadTinyVAE: TAESD in ComfyUI's vae_approx/ ------------------------------------------------------------------
 
-def is_tiny_vae_folder(path: Path) -> bool | None:
-    """A diffusers AutoencoderTiny folder is one entry; other folders are searched."""
-    return is_vae_folder(path)
-
-
 VAE_APPROX = Folder("vae_approx", what="tiny VAEs (TAESD: taesd_decoder/_encoder.safetensors pairs, or "
                     "AutoencoderTiny diffusers folders)", suffixes=(".safetensors", ".pth"),
-                    entry_dir=is_tiny_vae_folder, flag="--models")
+                    entry_dir=is_vae_folder, flag="--models")
 
 
 def _block_indices(state: dict[str, torch.Tensor]) -> list[tuple[int, str, torch.Tensor]]:
@@ -522,9 +515,14 @@ class LoadTinyVAE(Node):
             module = _load_folder(path, device, dtype, ctx.settings.allow_pickle)
         else:
             module = load_tiny_files(path, device, dtype, ctx.settings.allow_pickle)
-        if devices.channels_last(ctx.settings, device):
-            module.to(memory_format=torch.channels_last)
-        return Vae(module, vae)
+        return _as_vae(ctx, module, vae, device)
+
+
+def _as_vae(ctx, module: torch.nn.Module, name: str, device: torch.device) -> Vae:
+    """A loaded VAE as the VAE value, its convolutions in the layout the settings ask for on ``device``."""
+    if devices.channels_last(ctx.settings, device):
+        module.to(memory_format=torch.channels_last)
+    return Vae(module, name)
 
 
 NODES = [ImageScale, ImageScaleToTotalPixels, ImagePadForOutpaint, GrowMask, LatentUpscale, LatentUpscaleBy,

@@ -140,10 +140,9 @@ class Sampler(Node):
             negative=None):
         if negative is not None and model.lcm_distilled:
             ctx.log.warning("an LCM-distilled model takes no negative prompt: the negative input is ignored")
-        make_scheduler(model.scheduler_config, sampler, schedule)  # a bad pair fails before any work
+        scheduler = make_scheduler(model.scheduler_config, sampler, schedule)  # a bad pair fails before any work
 
         def make_steps(mode: str, strength: float, generator: torch.Generator, device: torch.device):
-            scheduler = make_scheduler(model.scheduler_config, sampler, schedule)
             return SchedulerSteps(scheduler, mode, steps, strength, generator, device, eta)
 
         previews = ctx.settings.previews
