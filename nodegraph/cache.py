@@ -22,17 +22,31 @@ from typing import Any, Hashable
 class CacheEntry:
     values: tuple
     ui: dict
-    nbytes: int
+    nbytes: int  # the memory its values hold, each storage once (storages shared with other entries included)
+    storages: tuple = ()  # ((storage key, bytes), ...) without repeats
+    models: bool = False  # it holds model weights (a value marked ``__nodegraph_model__``)
 
 
 class ResultCache:
-    """An LRU map from node keys to results, bounded by a count of entries and an estimate of bytes."""
+    """An LRU map from node keys to results, bounded by a count of entries and by the memory they hold.
+
+    The memory is counted per storage, not per value: values report the tensor storages they hold
+    (``__nodegraph_storages__``, see :func:`storages_of`), and a storage reached from several entries (a checkpoint's
+    UNet under its LoadCheckpoint and under every LoRA or FreeU handle built on it, a text encoder held by the
+    conditioning it encoded) is counted once, while any entry holds it. Over the budget, least recently used entries
+    go first until the total fits; an entry whose weights others still hold frees nothing, so eviction goes on.
+
+    Evicting mid-run never breaks the run: the executor keeps its own references to the values a run computed or
+    read, so an evicted entry's memory is released when the run that uses it ends.
+    """
 
     def __init__(self, max_entries: int = 10_000, max_bytes: int = 8 * 1024**3):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._refs: dict[Hashable, list[int]] = {}  # storage key -> [entries holding it, its bytes]
         self._bytes = 0
+        self.evictions = 0
         self._lock = threading.Lock()  # the server reads statistics from another thread
 
     def get(self, key: str) -> CacheEntry | None:
@@ -43,20 +57,43 @@ class ResultCache:
             return entry
 
     def put(self, key: str, values: tuple, ui: dict) -> None:
-        entry = CacheEntry(values, ui, estimate_nbytes(values))
+        # walking a model's tensors takes a moment: done outside the lock
+        storages = _unique(storages_of(values))
+        entry = CacheEntry(values, ui, sum(n for _, n in storages), storages, any(map(is_model, values)))
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._release(old)
+            if entry.nbytes > self.max_bytes:
+                return  # it cannot fit however much goes: keep what is there (a budget of 0 caches nothing)
             self._entries[key] = entry
-            self._bytes += entry.nbytes
+            self._hold(entry)
             while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
                 _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
+                self._release(evicted)
+                self.evictions += 1
+
+    def _hold(self, entry: CacheEntry) -> None:
+        for skey, nbytes in entry.storages:
+            ref = self._refs.get(skey)
+            if ref is None:
+                self._refs[skey] = [1, nbytes]
+                self._bytes += nbytes
+            else:
+                ref[0] += 1
+
+    def _release(self, entry: CacheEntry) -> None:
+        for skey, _ in entry.storages:
+            ref = self._refs[skey]
+            ref[0] -= 1
+            if ref[0] == 0:
+                del self._refs[skey]
+                self._bytes -= ref[1]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._refs.clear()
             self._bytes = 0
 
     def __len__(self) -> int:
@@ -67,27 +104,74 @@ class ResultCache:
 
     @property
     def nbytes(self) -> int:
+        """The memory the entries hold, each storage counted once."""
         return self._bytes
 
     def stats(self) -> dict:
-        return {"entries": len(self._entries), "bytes": self._bytes,
-                "max_entries": self.max_entries, "max_bytes": self.max_bytes}
+        """For ``/system_stats``: ``bytes`` is the memory held (each storage once; ``shared_bytes`` is what
+        counting per entry would have added); ``model_entries`` / ``model_bytes`` are the entries holding model
+        weights and the memory they hold together."""
+        with self._lock:
+            entries = list(self._entries.values())
+            total, storages = self._bytes, len(self._refs)
+        model_storages = {skey: n for e in entries if e.models for skey, n in e.storages}
+        return {"entries": len(entries), "bytes": total, "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes, "model_entries": sum(e.models for e in entries),
+                "model_bytes": sum(model_storages.values()), "storages": storages,
+                "shared_bytes": sum(e.nbytes for e in entries) - total, "evictions": self.evictions}
 
 
-def estimate_nbytes(value: Any, _depth: int = 0) -> int:
-    """A cheap estimate of the memory a value holds. Arrays and tensors report ``nbytes``; other objects may define
-    ``__nodegraph_nbytes__()`` (e.g. a handle to model weights); containers are summed."""
+def is_model(value: Any) -> bool:
+    """Whether a value holds model weights (its class sets ``__nodegraph_model__ = True``)."""
+    return bool(getattr(type(value), "__nodegraph_model__", False))
+
+
+def tensor_storage(tensor: Any) -> tuple[Hashable, int]:
+    """The storage key and size of an array-like with ``untyped_storage()`` (a torch tensor, duck-typed: the engine
+    does not import torch). Two views of one storage have one key; the key holds while the storage lives."""
+    storage = tensor.untyped_storage()
+    ptr = storage.data_ptr()
+    if not ptr:  # no memory of its own (empty, or on the meta device)
+        return ("object", id(tensor)), 0
+    return ("storage", str(tensor.device), ptr), int(storage.nbytes())
+
+
+def storages_of(value: Any, _depth: int = 0) -> list[tuple[Hashable, int]]:
+    """(key, bytes) of the memory a value holds, for counting each storage once across cache entries.
+
+    A value may define ``__nodegraph_storages__()`` returning such pairs (a model handle: its weights' storages,
+    keyed with :func:`tensor_storage`); tensors are keyed by their storage; other objects count once each, under
+    their identity, by ``__nodegraph_nbytes__()`` when they define it, else ``nbytes`` (arrays) or their own size;
+    containers add their items. Keys of identity are valid while the cache holds the value, as it does."""
+    method = getattr(value, "__nodegraph_storages__", None)
+    if method is not None and not isinstance(value, type):
+        return list(method())
+    if callable(getattr(value, "untyped_storage", None)):
+        return [tensor_storage(value)]
+    own = ("object", id(value))
     sizer = getattr(value, "__nodegraph_nbytes__", None)
     if sizer is not None and not isinstance(value, type):
-        return int(sizer())
+        return [(own, int(sizer()))]
     nbytes = getattr(value, "nbytes", None)
     if isinstance(nbytes, int):
-        return nbytes
+        return [(own, nbytes)]
+    out = [(own, sys.getsizeof(value))]
     if _depth < 4 and isinstance(value, (tuple, list, set, frozenset)):
-        return sys.getsizeof(value) + sum(estimate_nbytes(v, _depth + 1) for v in value)
-    if _depth < 4 and isinstance(value, dict):
-        return sys.getsizeof(value) + sum(estimate_nbytes(v, _depth + 1) for v in value.values())
-    return sys.getsizeof(value)
+        for item in value:
+            out += storages_of(item, _depth + 1)
+    elif _depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            out += storages_of(item, _depth + 1)
+    return out
+
+
+def _unique(pairs: list[tuple[Hashable, int]]) -> tuple[tuple[Hashable, int], ...]:
+    return tuple(dict(pairs).items())
+
+
+def estimate_nbytes(value: Any) -> int:
+    """The memory a value holds, each storage once (see :func:`storages_of`)."""
+    return sum(n for _, n in _unique(storages_of(value)))
 
 
 def static_key(type_name: str, version: int, literals: dict[str, Any]) -> str:

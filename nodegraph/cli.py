@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,8 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
-    p.add_argument("--cache-gb", type=float, default=8.0,
-                   help="memory budget of the result cache, estimated (default 8 GB); 0 caches nothing")
+    p.add_argument("--cache-gb", type=float, default=None,
+                   help="memory budget of the result cache: models and results, each tensor counted once "
+                        "(default: $NODEGRAPH_CACHE_GB or 8); least recently used go first; 0 caches nothing")
     p.add_argument("--no-builtin", action="store_true",
                    help="leave out the built-in node library (only the --node-path packages)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the nodes do")
@@ -126,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        cache = _cache(args)
         library = NoLibrary() if args.no_builtin else load_library(BUILTIN)
         library.configure(settings)
         registry = build_registry(args.node_path, library)
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve  # imported late: aiohttp is only needed for the server
         return serve(registry, settings, library, host=args.host, port=args.port, token=args.token,
-                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=_cache(args))
+                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=cache)
     if args.command in ("import", "export"):
         return _cmd_convert(args, library, settings)
     try:
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             for node, name, value in parse_set(args.set):
                 workflow.set(node, name, value)
-        executor = Executor(registry, cache=_cache(args), settings=settings)
+        executor = Executor(registry, cache=cache, settings=settings)
         plan = executor.compile(workflow)
     except (WorkflowError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -208,8 +211,23 @@ def _cmd_convert(args, library, settings: Settings) -> int:
     return 0
 
 
+#: The result cache's budget in GiB when --cache-gb is not given (not a Settings field: it changes no result).
+CACHE_GB_ENV = "NODEGRAPH_CACHE_GB"
+DEFAULT_CACHE_GB = 8.0
+
+
 def _cache(args) -> ResultCache:
-    return ResultCache(max_bytes=int(args.cache_gb * 1024**3))
+    """The result cache, its memory budget from --cache-gb, else $NODEGRAPH_CACHE_GB, else 8 GiB."""
+    gb = getattr(args, "cache_gb", None)
+    if gb is None:
+        raw = os.environ.get(CACHE_GB_ENV, "").strip()
+        try:
+            gb = float(raw) if raw else DEFAULT_CACHE_GB
+        except ValueError:
+            raise ValueError(f"${CACHE_GB_ENV}={raw!r}: expected a number of GiB, e.g. 4") from None
+    if not gb >= 0 or gb == float("inf"):
+        raise ValueError(f"the cache budget must be a finite number of GiB >= 0, not {gb}")
+    return ResultCache(max_bytes=int(gb * 1024**3))
 
 
 def _cmd_nodes(registry: Registry, settings: Settings, args) -> int:
