@@ -11,6 +11,14 @@ Rows and history entries have ComfyUI's shapes (``/queue``, ``/history``). Promp
 arrival. A prompt imported from ComfyUI's format carries ``report``, which names its nodes by the ids its client
 sent: every event, output and history entry of it is told under those ids.
 
+Every accepted prompt is in the store (``History``'s queue table) before ``put`` returns, and leaves it only with its
+history entry (one transaction), or when a client deletes it. ``restore`` reloads what a previous process left:
+prompts waiting run in their order, each compiled again against the current node library (one that no longer
+compiles gets a history entry with status ``error``); the prompt that was running gets one with status
+``interrupted``, unless its client asked for ``extra_data.requeue_on_restart``, and then it runs again, first. A
+prompt cancelled because the server is stopping is left in the store, as after a crash, for the next start to
+settle.
+
 What clients hear of a run's end (``executing`` with ``node: null``, ``execution_success`` and the queue's
 ``status``) goes out only once the history entry holding the run's outputs is written: several clients fetch
 ``/history/{prompt_id}`` the moment they hear it.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -29,7 +38,7 @@ from typing import Any, Callable, Protocol
 from . import events as ev
 from .events import Event, EventBus
 from .executor import RunResult
-from .history import History
+from .history import History, QueuedRow
 from .validate import Plan
 from .workflow import Workflow
 
@@ -38,6 +47,9 @@ log = logging.getLogger("nodegraph.queue")
 Message = tuple[str, Any]  # (type, data): what a protocol makes of an event
 Send = Callable[[str, Any, "str | None"], None]  # type, data, the client it is for (None: every client); any thread
 STATUS = {"success": "success", "failed": "error", "cancelled": "interrupted"}  # run status -> history status_str
+REQUEUE = "requeue_on_restart"  # the extra_data key: run the prompt again if the server dies while it runs
+RESTARTED = "the server stopped while the prompt ran; it was not run again (queue it with extra_data." \
+            f"{REQUEUE}: true for that)"
 
 
 class Runner(Protocol):
@@ -56,6 +68,14 @@ class NodeNames(Protocol):
     def __call__(self, node_id: str) -> str | None: ...  # the client's id of our node; None: do not tell
 
     def class_type(self, node_id: str, ours: str | None) -> str | None: ...  # the client's type of its node
+
+
+class Compile(Protocol):
+    """How a stored prompt becomes a run again after a restart (the server's reading of ``/prompt``): its
+    workflow, plan and client node names; raises when it no longer loads or validates (the message says why)."""
+
+    def __call__(self, document: Any, targets: list[str] | None, extra: dict
+                 ) -> tuple[Workflow, Plan, NodeNames | None]: ...
 
 
 class RunProtocol(Protocol):
@@ -82,10 +102,21 @@ class QueueItem:
     plan: Any = None
     report: NodeNames | None = None  # our node ids -> the client's
     seq: int = 0  # arrival, for prompts of the same number
+    targets: list[str] | None = None  # the output nodes the client asked for (None: all), to compile it again
+    resumed: bool = False  # it was running when the server stopped and runs again before anything else
 
     def as_row(self) -> list:
         return [self.number, self.prompt_id, self.document, {**self.extra, "client_id": self.client_id},
                 self.outputs]
+
+    @property
+    def order(self) -> tuple:
+        return (not self.resumed, self.number, self.seq)
+
+    def record(self) -> dict:
+        """What the store keeps of it: enough to compile it again, or to write its history entry without that."""
+        return {"prompt": self.document, "client_id": self.client_id, "extra": self.extra, "targets": self.targets,
+                "outputs": self.outputs}
 
 
 class PromptQueue:
@@ -121,10 +152,11 @@ class PromptQueue:
 
     def put(self, workflow: Workflow, document: dict, plan: Plan, client_id: str | None, extra: dict,
             front: bool = False, *, number: float | None = None, prompt_id: str | None = None,
-            report: NodeNames | None = None) -> QueueItem:
-        """Queue a compiled prompt. ``number`` places it (default: after everything queued, or before everything
-        with ``front``); ``prompt_id`` is the client's choice of id (ValueError when that id is waiting or running);
-        ``report`` names its nodes for the client."""
+            report: NodeNames | None = None, targets: list[str] | None = None) -> QueueItem:
+        """Queue a compiled prompt; it is in the store when this returns. ``number`` places it (default: after
+        everything queued, or before everything with ``front``); ``prompt_id`` is the client's choice of id
+        (ValueError when that id is waiting or running); ``report`` names its nodes for the client; ``targets`` are
+        the output nodes the client asked for, kept to compile it again after a restart."""
         with self._cond:
             if prompt_id is not None and any(i.prompt_id == prompt_id for i in self._items()):
                 raise ValueError(f"a prompt with id {prompt_id!r} is already queued")
@@ -133,12 +165,63 @@ class PromptQueue:
                 number = -self._counter if front else self._counter
             outputs = [report(o) or o for o in plan.targets] if report else plan.targets
             item = QueueItem(number, prompt_id or str(uuid.uuid4()), workflow, document, client_id, extra, outputs,
-                             plan, report, self._counter)
-            self._pending.append(item)
-            self._pending.sort(key=lambda i: (i.number, i.seq))
-            self._cond.notify()
+                             plan, report, self._counter, targets)
+            try:
+                self.history.enqueue(item.prompt_id, item.number, item.seq, item.record())
+            except sqlite3.IntegrityError:  # a row left by an earlier process, not reloaded (restore not run)
+                raise ValueError(f"a prompt with id {item.prompt_id!r} is already queued") from None
+            self._add(item)
         self._status()
         return item
+
+    def _add(self, item: QueueItem) -> None:
+        self._pending.append(item)
+        self._pending.sort(key=lambda i: i.order)
+        self._cond.notify()
+
+    def restore(self, compile: Compile) -> list[str]:
+        """Take up what the store holds from an earlier process (call it before ``start``): the prompt that was
+        running is settled as interrupted, or queued first when its client asked for that; the others are compiled
+        again and queued in their order, or settled with an error when they no longer compile. Returns the ids of
+        the prompts queued again."""
+        queued = []
+        for row in self.history.queued():
+            extra = row.record.get("extra") or {}
+            if row.running and extra.get(REQUEUE) is not True:
+                self._settle(row, "interrupted", self._interrupted(row.prompt_id))
+                continue
+            try:
+                workflow, plan, report = compile(row.record["prompt"], row.record.get("targets"), extra)
+            except Exception as exc:  # whatever it is, the queue goes on without it
+                log.warning("queued prompt %s no longer runs: %s", row.prompt_id, exc)
+                problem = RuntimeError(f"the prompt was queued before the server restarted and no longer "
+                                       f"validates against its nodes: {exc}")
+                self._settle(row, "error", [list(self.protocol.crashed(row.prompt_id, problem))])
+                continue
+            with self._cond:
+                self._counter = max(self._counter, row.seq, abs(int(row.number)))
+                self._add(QueueItem(row.number, row.prompt_id, workflow, row.record["prompt"],
+                                    row.record.get("client_id"), extra, row.record.get("outputs") or plan.targets,
+                                    plan, report, row.seq, row.record.get("targets"), resumed=row.running))
+            queued.append(row.prompt_id)
+        return queued
+
+    def _interrupted(self, prompt_id: str) -> list[list]:
+        """The history messages of a run the restart cut short: its end as the protocol tells an interrupted run's,
+        each naming the restart as the reason."""
+        end = Event(ev.RUN_FINISHED, prompt_id, None, {"status": "cancelled"})
+        return [[kind, {**data, "reason": RESTARTED} if isinstance(data, dict) else data]
+                for kind, data in self.protocol.translate(end, prompt_id) if self.protocol.recorded((kind, data))]
+
+    def _settle(self, row: QueuedRow, status: str, messages: list[list]) -> None:
+        """The history entry of a stored prompt that will not run (which takes it out of the store)."""
+        record = row.record
+        prompt = [row.number, row.prompt_id, record.get("prompt"),
+                  {**(record.get("extra") or {}), "client_id": record.get("client_id")}, record.get("outputs") or []]
+        self.history.add(row.prompt_id, row.number, {
+            "prompt": prompt, "outputs": {},
+            "status": {"status_str": status, "completed": False, "messages": messages},
+            "meta": {"settled": time.time()}})
 
     def _items(self) -> list[QueueItem]:
         return self._pending + ([self.running] if self.running is not None else [])
@@ -151,15 +234,16 @@ class PromptQueue:
     def delete(self, prompt_ids: list[str]) -> int:
         wanted = set(prompt_ids)
         with self._cond:
-            before = len(self._pending)
+            removed = [i.prompt_id for i in self._pending if i.prompt_id in wanted]
             self._pending = [i for i in self._pending if i.prompt_id not in wanted]
-            removed = before - len(self._pending)
+            self.history.dequeue(removed)
         if removed:
             self._status()
-        return removed
+        return len(removed)
 
     def clear(self) -> None:
         with self._cond:
+            self.history.dequeue([i.prompt_id for i in self._pending])
             self._pending.clear()
         self._status()
 
@@ -181,6 +265,7 @@ class PromptQueue:
                 if self._stop:
                     return
                 item = self.running = self._pending.pop(0)
+                self.history.mark_running(item.prompt_id)
             try:
                 self._run(item)
             except Exception:  # the queue must keep going whatever one prompt does
@@ -226,6 +311,8 @@ class PromptQueue:
                 tell(message, now=False)
         finally:
             unsubscribe()
+        if status == "interrupted" and self._stop:
+            return  # cut short by the server stopping: left in the store, and the next start settles it
         # Clients read /history/{prompt_id} as soon as they hear that the run ended: write it before telling them.
         try:
             self.history.add(item.prompt_id, item.number, {

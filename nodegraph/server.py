@@ -98,6 +98,8 @@ def create_app(executor: Executor, config: ServerConfig, history: History,
 
     async def on_startup(app: web.Application) -> None:
         hub.loop = asyncio.get_running_loop()
+        # what an earlier process accepted and did not finish: settled or queued again before anything new
+        queue.restore(lambda document, targets, extra: _compile(app, document, targets, extra))
         queue.start()
 
     async def on_shutdown(app: web.Application) -> None:
@@ -224,33 +226,44 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _load_document(request: web.Request, document: Any) -> tuple[Workflow, "comfy.ClientIds | None"]:
+def _load_document(app: web.Application, document: Any) -> tuple[Workflow, "comfy.ClientIds | None"]:
     """A workflow from a document in our format or ComfyUI's (API or UI), and, for ComfyUI's, the client's names
     of its nodes. Raises WorkflowError or ValidationFailed (a ComfyUI document with unsupported nodes or values)."""
     if not isinstance(document, dict) or "format" in document:
         return from_json(document), None
     from .comfy_format import load_document
 
-    workflow, kind = load_document(document, request.app["library"], _settings(request))
+    workflow, kind = load_document(document, app["library"], app["executor"].settings)
     return workflow, comfy.ClientIds.of(document, kind)
 
 
-async def post_prompt(request: web.Request) -> web.Response:
-    report = None
+def _compile(app: web.Application, document: Any, targets: list[str] | None, extra: dict):
+    """A prompt's workflow, plan and client node names, as ``/prompt`` reads it and as a restart reads a stored one
+    again. Raises WorkflowError or ValidationFailed (with ``report``: the client's names of the nodes)."""
+    workflow, report = _load_document(app, document)
     try:
-        asked = comfy.PromptRequest.parse(await _json_body(request))
-        workflow, report = _load_document(request, asked.document)
-        plan = request.app["executor"].compile(workflow, asked.targets)
-    except (comfy.PromptRequestError, WorkflowError, ValidationFailed) as exc:
-        return web.json_response(comfy.prompt_refused(exc, report), status=400)
-    extra_pnginfo = asked.extra.get("extra_pnginfo")
+        plan = app["executor"].compile(workflow, targets)
+    except ValidationFailed as exc:
+        exc.report = report
+        raise
+    extra_pnginfo = extra.get("extra_pnginfo")
     if isinstance(extra_pnginfo, dict):
         # what ComfyUI writes into the PNGs a prompt saves: it travels with the workflow that output nodes embed
         workflow.meta = {**(workflow.meta or {}), "extra_pnginfo": extra_pnginfo}
+    return workflow, plan, report
+
+
+async def post_prompt(request: web.Request) -> web.Response:
+    """Queue a prompt; it is in the store (and survives a restart) before the answer goes out."""
+    try:
+        asked = comfy.PromptRequest.parse(await _json_body(request))
+        workflow, plan, report = _compile(request.app, asked.document, asked.targets, asked.extra)
+    except (comfy.PromptRequestError, WorkflowError, ValidationFailed) as exc:
+        return web.json_response(comfy.prompt_refused(exc, getattr(exc, "report", None)), status=400)
     try:
         item = request.app["queue"].put(workflow, asked.document, plan, asked.client_id, asked.extra,
                                         front=asked.front, number=asked.number, prompt_id=asked.prompt_id,
-                                        report=report)
+                                        report=report, targets=asked.targets)
     except ValueError as exc:
         return web.json_response(comfy.prompt_refused(str(exc)), status=400)
     return web.json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": {}})
@@ -262,7 +275,7 @@ async def import_document(request: web.Request) -> web.Response:
     document = await _json_body(request)
     report = None
     try:
-        workflow, report = _load_document(request, document)
+        workflow, report = _load_document(request.app, document)
     except (WorkflowError, ValidationFailed) as exc:
         return web.json_response(comfy.prompt_refused(exc, report), status=400)
     return web.json_response(workflow.to_json())
