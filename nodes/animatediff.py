@@ -22,7 +22,7 @@ from nodegraph import Boolean, Combo, Folder, Int, Node, NodeOutput, Output, Soc
 from . import devices, previews
 from .images import save_files, tensor_to_pils
 from .latent import latent_geometry
-from .values import IMAGE, LATENT, MODEL, VAE, Latent, Model, param_bytes
+from .values import IMAGE, LATENT, MODEL, VAE, Latent, Model, field_storages, param_bytes
 
 MOTION_MODULE = "MOTION_MODULE"
 
@@ -48,6 +48,9 @@ class MotionModule:
 
     adapter: torch.nn.Module
     name: str
+
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.adapter)

@@ -27,7 +27,7 @@ from .devices import cpu_generator
 from .images import tensor_to_pils
 from .lcm import parse_timesteps
 from .lcm_math import randn_like_diffusers
-from .values import IMAGE, param_bytes
+from .values import IMAGE, field_storages, param_bytes
 
 CONSISTENCY_MODEL = "CONSISTENCY_MODEL"
 PIPELINE = "ConsistencyModelPipeline"
@@ -86,6 +86,9 @@ class ConsistencyModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.unet)

@@ -53,7 +53,7 @@ from .loading import (
     ready,
     unet_layout,
 )
-from .values import CONDITIONING, IMAGE, param_bytes
+from .values import CONDITIONING, IMAGE, field_storages, param_bytes
 
 CONTROL_NET, T2I_ADAPTER = "CONTROL_NET", "T2I_ADAPTER"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "controlnet-sd1"
@@ -88,6 +88,9 @@ class ControlNet:
         """Pixels per latent cell the hint encoder assumes (one stride-2 convolution per level after the first)."""
         return 2 ** (len(self.net.config.conditioning_embedding_out_channels) - 1)
 
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
+
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.net)
 
@@ -102,6 +105,9 @@ class Adapter:
     @property
     def downscale(self) -> int:
         return int(self.adapter.config.downscale_factor)
+
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.adapter)

@@ -33,7 +33,7 @@ from nodegraph import Combo, Float, Folder, Node, Output, Socket
 from . import devices
 from .images import tensor_to_pils
 from .loading import CheckpointError, few, first_line, quiet_transformers, read_weights, ready
-from .values import IMAGE, MODEL, UNET_BATCH, Model, param_bytes
+from .values import IMAGE, MODEL, UNET_BATCH, Model, field_storages, param_bytes
 
 IP_ADAPTER = "IP_ADAPTER"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -68,6 +68,9 @@ class IPAdapter:
     @property
     def cross_attention_dim(self) -> int:
         return int(self.to_k[0].in_features)
+
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return (param_bytes(self.projection) + param_bytes(self.encoder)
@@ -176,6 +179,8 @@ class IPAdapterPatch:
         finally:
             for attn, old in reversed(previous):
                 attn.set_processor(old)
+
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return self.cond.nbytes + self.uncond.nbytes

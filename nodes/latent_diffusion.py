@@ -25,7 +25,7 @@ from . import devices
 from .images import resize_to_multiple
 from .sampling import latent_preview
 from .schedulers import SAMPLERS, SchedulerSteps, make_scheduler
-from .values import CLIP, IMAGE, MODEL, VAE, Clip, Model, Vae, param_bytes
+from .values import CLIP, IMAGE, MODEL, VAE, Clip, Model, Vae, field_storages, param_bytes
 
 SUPER_RESOLUTION, TEXT_TO_IMAGE = "LDMSuperResolutionPipeline", "LDMTextToImagePipeline"
 #: The classes each component of an LDM folder may be (model_index.json names them); the UNet's depends on the
@@ -153,6 +153,9 @@ class Upscaler:
     def factor(self) -> int:
         """How many times larger the output is: the autoencoder's downscale factor."""
         return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.unet) + param_bytes(self.vqvae)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from nodegraph import Combo, Float, Folder, ListOf, Node, Output, Settings, Socket, file_identity
 
 from .loading import is_safetensors
-from .values import CLIP, MODEL, Clip, Model
+from .values import CLIP, MODEL, Clip, Model, field_storages
 
 #: How many LoRA patches have been prepared (one per LoRAStack run that patches anything): tests count re-patching.
 PATCH_BUILDS = 0
@@ -474,6 +474,8 @@ class LoraPatch:
             finally:
                 for handle in handles:
                     handle.remove()
+
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         seen, total = set(), 0

@@ -12,12 +12,15 @@ MASK (float [B, H, W] in [0, 1], 1 = repaint).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Hashable, Iterator, Mapping, Protocol
 
 import torch
+
+from nodegraph.cache import storages_of, tensor_storage
 
 from . import lcm_math
 from .lcm_math import LCMSchedulerConfig
@@ -28,6 +31,38 @@ MODEL, CLIP, VAE, CONDITIONING, LATENT, SCHEDULE, IMAGE, MASK = (
 
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def storages(*parts: Any) -> Iterator[tuple[Hashable, int]]:
+    """(key, bytes) of each tensor storage ``parts`` hold, for the result cache, which counts each storage once
+    however many values share it: a module's parameters and buffers, tensors, the fields of values (dataclasses) and
+    the items of containers; values that define ``__nodegraph_storages__`` answer for themselves. Anything else
+    (names, configs, tokenizers) is small and left out."""
+    seen: set[int] = set()
+    stack = list(parts)
+    while stack:
+        part = stack.pop()
+        if part is None or isinstance(part, (str, bytes, int, float, bool)) or id(part) in seen:
+            continue
+        seen.add(id(part))
+        if isinstance(part, torch.Tensor):
+            yield tensor_storage(part)
+        elif isinstance(part, torch.nn.Module):
+            for tensor in (*part.parameters(), *part.buffers()):
+                yield tensor_storage(tensor)
+        elif isinstance(part, (tuple, list, set, frozenset)):
+            stack.extend(part)
+        elif isinstance(part, Mapping):
+            stack.extend(part.values())
+        elif hasattr(part, "__nodegraph_storages__") or hasattr(part, "__nodegraph_nbytes__"):
+            yield from storages_of(part)
+        elif dataclasses.is_dataclass(part) and not isinstance(part, type):
+            stack.extend(getattr(part, f.name) for f in dataclasses.fields(part))
+
+
+def field_storages(value: Any) -> Iterator[tuple[Hashable, int]]:
+    """The storages a value (a dataclass) holds through its fields: its ``__nodegraph_storages__``."""
+    return storages(*(getattr(value, f.name) for f in dataclasses.fields(value)))
 
 
 @dataclass(frozen=True)
@@ -97,6 +132,10 @@ class Model:
                 stack.enter_context(patch.apply(self.unet))
             yield self.unet
 
+    __nodegraph_model__ = True
+    # its weights and its patches' (a LoRA's factors), shared with every handle on the same UNet
+    __nodegraph_storages__ = field_storages
+
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.unet)
 
@@ -136,6 +175,9 @@ class Clip:
                 stack.enter_context(patch.apply(self.text_encoder_2))
             yield self.text_encoder_2
 
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
+
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.text_encoder) + (param_bytes(self.text_encoder_2) if self.text_encoder_2 else 0)
 
@@ -159,6 +201,9 @@ class Vae:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    __nodegraph_model__ = True
+    __nodegraph_storages__ = field_storages
+
     def __nodegraph_nbytes__(self) -> int:
         return param_bytes(self.vae)
 
@@ -179,6 +224,9 @@ class Conditioning:
     @property
     def batch(self) -> int:
         return int(self.embeds.shape[0])
+
+    # the encoder it keeps alive too (``clip``): evicting the checkpoint alone does not free the text encoder
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         own = self.embeds.nbytes + (self.pooled.nbytes if self.pooled is not None else 0)
@@ -224,6 +272,8 @@ class Latent:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple((self.samples if self.samples is not None else self.posterior.mean).shape)
+
+    __nodegraph_storages__ = field_storages
 
     def __nodegraph_nbytes__(self) -> int:
         tensors = [self.samples, self.mask]
