@@ -65,13 +65,15 @@ def system_info(settings: Settings) -> list[dict]:
     from . import devices
 
     chosen = devices.device(settings)
+    precision = str(devices.dtype(settings, chosen)).removeprefix("torch.")  # beyond ComfyUI's keys: what runs
     info = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free_bytes, total = torch.cuda.mem_get_info(i)
             info.append({"name": torch.cuda.get_device_name(i), "type": "cuda", "index": i, "vram_total": total,
-                         "vram_free": free_bytes, "torch_vram_total": total, "torch_vram_free": free_bytes})
+                         "vram_free": free_bytes, "torch_vram_total": total, "torch_vram_free": free_bytes,
+                         "dtype": precision})
     else:
         info.append({"name": str(chosen), "type": chosen.type, "index": None, "vram_total": 0, "vram_free": 0,
-                     "torch_vram_total": 0, "torch_vram_free": 0})
+                     "torch_vram_total": 0, "torch_vram_free": 0, "dtype": precision})
     return info
