@@ -20,9 +20,11 @@ from nodegraph.history import History
 
 from ..engine import toy
 from ..serving import running_server
-from .test_api import folders, make_app, workflow  # noqa: F401 (folders: a fixture)
+from . import test_api
+from .test_api import make_app, workflow
 
 HERE = Path(__file__).resolve().parent
+folders = test_api.folders  # the toy server's folders (a fixture)
 
 
 def until(condition, what: str, timeout: float = 30):
