@@ -23,7 +23,7 @@ class CacheEntry:
     values: tuple
     ui: dict
     nbytes: int  # the memory its values hold, each storage once (storages shared with other entries included)
-    storages: tuple = ()  # ((storage key, bytes), ...) without repeats
+    storages: tuple = ()  # the keys of the storages it holds, each once (the key objects are shared: see _hold)
     models: bool = False  # it holds model weights (a value marked ``__nodegraph_model__``)
 
 
@@ -44,7 +44,7 @@ class ResultCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-        self._refs: dict[Hashable, list[int]] = {}  # storage key -> [entries holding it, its bytes]
+        self._refs: dict[Hashable, list] = {}  # storage key -> [entries holding it, its bytes, the key itself]
         self._bytes = 0
         self.evictions = 0
         self._lock = threading.Lock()  # the server reads statistics from another thread
@@ -59,31 +59,35 @@ class ResultCache:
     def put(self, key: str, values: tuple, ui: dict) -> None:
         # walking a model's tensors takes a moment: done outside the lock
         storages = _unique(storages_of(values))
-        entry = CacheEntry(values, ui, sum(n for _, n in storages), storages, any(map(is_model, values)))
+        nbytes = sum(n for _, n in storages)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._release(old)
-            if entry.nbytes > self.max_bytes:
+            if nbytes > self.max_bytes:
                 return  # it cannot fit however much goes: keep what is there (a budget of 0 caches nothing)
-            self._entries[key] = entry
-            self._hold(entry)
+            self._entries[key] = CacheEntry(values, ui, nbytes, self._hold(storages), any(map(is_model, values)))
             while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
                 _, evicted = self._entries.popitem(last=False)
                 self._release(evicted)
                 self.evictions += 1
 
-    def _hold(self, entry: CacheEntry) -> None:
-        for skey, nbytes in entry.storages:
+    def _hold(self, storages: tuple[tuple[Hashable, int], ...]) -> tuple:
+        """Count the entry's storages in; returns their keys. An entry holds the key objects already known rather
+        than its own copies: a conditioning holds its text encoder's hundreds of tensors, and its bookkeeping
+        would otherwise outweigh its embeddings (and grow outside the budget)."""
+        keys = []
+        for skey, nbytes in storages:
             ref = self._refs.get(skey)
             if ref is None:
-                self._refs[skey] = [1, nbytes]
+                ref = self._refs[skey] = [0, nbytes, skey]
                 self._bytes += nbytes
-            else:
-                ref[0] += 1
+            ref[0] += 1
+            keys.append(ref[2])
+        return tuple(keys)
 
     def _release(self, entry: CacheEntry) -> None:
-        for skey, _ in entry.storages:
+        for skey in entry.storages:
             ref = self._refs[skey]
             ref[0] -= 1
             if ref[0] == 0:
@@ -114,10 +118,11 @@ class ResultCache:
         with self._lock:
             entries = list(self._entries.values())
             total, storages = self._bytes, len(self._refs)
-        model_storages = {skey: n for e in entries if e.models for skey, n in e.storages}
+            model_storages = {skey for e in entries if e.models for skey in e.storages}
+            model_bytes = sum(self._refs[skey][1] for skey in model_storages)
         return {"entries": len(entries), "bytes": total, "max_entries": self.max_entries,
                 "max_bytes": self.max_bytes, "model_entries": sum(e.models for e in entries),
-                "model_bytes": sum(model_storages.values()), "storages": storages,
+                "model_bytes": model_bytes, "storages": storages,
                 "shared_bytes": sum(e.nbytes for e in entries) - total, "evictions": self.evictions}
 
 
