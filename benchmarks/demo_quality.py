@@ -14,9 +14,10 @@ for sampling). Rows:
                   steps, guidance ``--lcm-guidance`` (w = g - 1 goes into the guidance embedding);
 * ``teacher+LCM-LoRA N`` with ``--lora FILE``: StableDiffusionPipeline with the teacher, an LCMScheduler and that
                   LCM-LoRA at guidance ``--lora-guidance`` (1: no CFG);
-* ``graph LCM N`` the LCM through a nodegraph graph, one run per caption with a new prompt and seed (the images
-                  equal the pipeline's up to float rounding: channels_last weights on the CPU; the time is what a
-                  user of the engine waits for an image).
+* ``graph LCM N, DTYPE`` the LCM through a nodegraph graph, one run per caption with a new prompt and seed, in each
+                  of ``--graph-dtypes`` (in float32 the images equal the pipeline's up to float rounding:
+                  channels_last weights on the CPU; bfloat16 is the default on CPUs that compute it natively, and
+                  the row says whether it draws as well; the time is what a user of the engine waits for an image).
 
 Columns give the fraction fully correct on seen / held-out / all captions, the per-attribute accuracy on
 all 200, and the time for one image (batch 1, median of ``--timing-runs``) at ``--threads`` threads.
@@ -129,11 +130,13 @@ def vae_recon(vae, items) -> list:
     return list(rec)
 
 
-def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "cpu") -> tuple[list, float]:
+def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "cpu",
+               dtype: str | None = None) -> tuple[list, float]:
     """The same captions and seeds through a nodegraph graph (LoadCheckpoint -> CLIPEncode -> LCMScheduler ->
     EmptyLatent -> LCMSampler -> VAEDecode), one run per caption, each with a new prompt and seed (so the prompt is
     encoded, the latent sampled and decoded every time; only the loaded checkpoint is reused from the cache).
-    Returns the images and the median time of a run in ms."""
+    ``dtype`` None is the engine's own choice for the device. Returns the images and the median time of a run in
+    ms."""
     import shutil
     import tempfile
 
@@ -153,7 +156,7 @@ def graph_runs(model: Path, items, steps: int, guidance: float, device: str = "c
         wf.add("decode", "VAEDecode", vae=L("ckpt", "vae"), latent=L("sample", "latent"))
         wf.outputs = ["decode"]
         executor = ng.Executor(ng.build_registry(), settings=ng.Settings(models_dir=Path(tmp), device=device,
-                                                                         output_dir=Path(tmp) / "out"))
+                                                                         output_dir=Path(tmp) / "out", dtype=dtype))
         executor.run(wf)  # load the checkpoint (not timed)
         images, times = [], []
         for i, (caption, _) in enumerate(items):
@@ -199,6 +202,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="1: lowest batch-1 latency at this model size")
     p.add_argument("--device", default="cpu", help="where the pipelines and graphs run (the targets are the CPU's)")
     p.add_argument("--skip-graph", action="store_true", help="leave out the graph rows")
+    p.add_argument("--graph-dtypes", nargs="+", default=["float32", "bfloat16"],
+                   help="precisions of the graph rows ('auto': the engine's choice for the device)")
     p.add_argument("--teacher-guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--lcm-guidance", type=float, default=3.0)
     p.add_argument("--lcm-steps", type=int, nargs="+", default=[1, 2, 4])
@@ -265,20 +270,22 @@ def main(argv=None) -> dict:
                 args.timing_runs,
             )
 
-    for n in [] if args.skip_graph else args.lcm_steps:
-        name = f"graph LCM {n} step{'s' if n > 1 else ''}, g {args.lcm_guidance:g}"
-        images, ms = graph_runs(args.model, items, n, args.lcm_guidance, args.device)
-        rows[name] = {**summarise(images, items), "ms": ms}
+    for dtype in [] if args.skip_graph else args.graph_dtypes:
+        for n in args.lcm_steps:
+            name = f"graph LCM {n} step{'s' if n > 1 else ''}, g {args.lcm_guidance:g}, {dtype}"
+            images, ms = graph_runs(args.model, items, n, args.lcm_guidance, args.device,
+                                    None if dtype == "auto" else dtype)
+            rows[name] = {**summarise(images, items), "ms": ms}
 
     where = f"{args.threads} threads" if args.device == "cpu" else args.device
     print(f"\ndemo model {args.model} - judge on {len(items)} captions ({sum(h for _, h in items)} held-out), "
           f"{where}\n")
-    header = f"| {'':30} | seen | held-out | all correct | shape | colour | background | ms/image |"
+    header = f"| {'':40} | seen | held-out | all correct | shape | colour | background | ms/image |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, r in rows.items():
         ms = "-" if np.isnan(r["ms"]) else f"{r['ms']:.1f}"
-        print(f"| {name:30} | {r['seen']:4.0%} | {r['held_out']:8.0%} | {r['correct']:11.0%} | {r['shape']:5.0%} "
+        print(f"| {name:40} | {r['seen']:4.0%} | {r['held_out']:8.0%} | {r['correct']:11.0%} | {r['shape']:5.0%} "
               f"| {r['colour']:6.0%} | {r['background']:10.0%} | {ms:>8} |")
 
     if args.grid:
