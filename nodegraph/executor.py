@@ -3,7 +3,10 @@
 For each planned node, in order: if an input's source failed, was skipped or was cancelled, the node is skipped;
 otherwise its key is computed from its literals and its inputs' keys, and a cached result is reused or the node runs.
 A failing node is recorded with its traceback and only its dependants are skipped: independent branches still run,
-so their outputs are saved. Cancellation is checked between nodes and, through the context, inside long nodes.
+so their outputs are saved. A node that runs out of memory (``MemoryError``, torch's ``OutOfMemoryError``) ends the
+run instead: the nodes after it are skipped, and the results this run put in the cache are released, so that the next
+prompt starts with the memory given back. Cancellation is checked between nodes and, through the context, inside long
+nodes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .validate import Plan, compile_workflow
 from .workflow import Link, Workflow
 
 RAN, CACHED, FAILED, SKIPPED, CANCELLED = "ran", "cached", "failed", "skipped", "cancelled"
+OUT_OF_MEMORY_HINT = ("Try a smaller image size or batch, keep fewer results cached (--cache-gb), or unload models "
+                      "(POST /free) and run it again.")
 
 
 class Cancelled(Exception):
@@ -134,6 +139,8 @@ class _RunState:
     bus: EventBus
     workflow: Workflow | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    out_of_memory: str | None = None  # the node that ran out of memory: the run stops there
+    cached: list[str] = field(default_factory=list)  # the keys this run put in the cache
     _workflow_json: dict | None = None
 
     def workflow_json(self) -> dict | None:
@@ -243,6 +250,7 @@ class Executor:
             if state.cancel_event.is_set():
                 records[node.id] = NodeRecord(CANCELLED, name)
                 continue
+            blocked = blocked or state.out_of_memory
             if blocked is not None:
                 records[node.id] = NodeRecord(SKIPPED, name)
                 state.publish(ev.NODE_SKIPPED, node.id, {"because_of": blocked})
@@ -261,6 +269,8 @@ class Executor:
 
         if plan.fixed_keys and len(keys) == len(plan.order):
             plan.key_memo[memo_key] = keys
+        if state.out_of_memory is not None:
+            _forget(self.cache, state.cached)
         if state.cancel_event.is_set():
             status = "cancelled"
         elif any(r.status == FAILED for r in records.values()):
@@ -300,7 +310,12 @@ class Executor:
             return NodeRecord(CANCELLED, node_type.name, time.perf_counter() - started)
         except Exception as exc:
             duration = time.perf_counter() - started
-            error = {"type": node_type.name, "exception_type": type(exc).__name__, "message": str(exc),
+            message = str(exc)
+            if _is_out_of_memory(exc):
+                state.out_of_memory = node.id
+                first = message.strip().splitlines()[0].rstrip(".") if message.strip() else type(exc).__name__
+                message = f"{node_type.name} (node {node.id}) ran out of memory: {first}. {OUT_OF_MEMORY_HINT}"
+            error = {"type": node_type.name, "exception_type": type(exc).__name__, "message": message,
                      "traceback": traceback.format_exc()}
             state.publish(ev.NODE_FAILED, node.id, error)
             return NodeRecord(FAILED, node_type.name, duration, error)
@@ -309,6 +324,7 @@ class Executor:
         if node_ui:
             ui[node.id] = node_ui
         self.cache.put(key, out, node_ui)
+        state.cached.append(key)
         state.publish(ev.NODE_FINISHED, node.id, {"duration": duration, **({"ui": node_ui} if node_ui else {})})
         return NodeRecord(RAN, node_type.name, duration)
 
@@ -330,6 +346,21 @@ def _choices_still_valid(plan: Plan, settings: Settings) -> bool:
             if computed and spec.check(value, settings):
                 return False
     return True
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """``MemoryError``, or torch's ``OutOfMemoryError`` (CUDA, MPS; by name: the engine does not import torch)."""
+    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+
+
+def _forget(cache: ResultCache, keys: list[str]) -> None:
+    """Drop ``keys`` from ``cache`` (what an out-of-memory run cached), releasing what they hold."""
+    # ResultCache has no removal of single entries; this does what its eviction does, under its lock.
+    with cache._lock:
+        for key in keys:
+            entry = cache._entries.pop(key, None)
+            if entry is not None:
+                cache._release(entry)
 
 
 def _named(node_type, out: tuple) -> dict[str, Any]:
