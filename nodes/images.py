@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from nodegraph import Combo, Int, Node, NodeOutput, Output, Socket, String
-from nodegraph.folders import INPUT
+from nodegraph.folders import INPUT, OUTPUT
 from nodegraph.paths import safe_join
 from nodegraph.workflow import PNG_KEY
 
@@ -61,12 +61,21 @@ class LoadImage(Node):
 
     def run(self, ctx, image):
         path = IMAGES.locate(ctx.settings, image)
+        limit = ctx.settings.max_image_size
         try:
             with Image.open(path) as pil:
-                pil = ImageOps.exif_transpose(pil)
-                pil.load()
-        except (OSError, SyntaxError) as exc:
+                # the header's size is judged before any pixel is decoded: a small file may declare a huge image
+                too_large = pil.width > limit or pil.height > limit
+                if not too_large:
+                    pil = ImageOps.exif_transpose(pil)
+                    pil.load()
+        except Image.DecompressionBombError as exc:  # Pillow's own limit, on pixels in all, met while opening
+            raise ValueError(f"{image!r} is refused as a decompression bomb: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # ValueError: Pillow's limit on text chunks
             raise ValueError(f"{image!r} is not a readable image: {exc}") from None
+        if too_large:
+            raise ValueError(f"{image!r} is {pil.width}x{pil.height} pixels, over the size limit of {limit} pixels "
+                             f"per side (raise it with NODEGRAPH_MAX_SIZE, or scale the image down)")
         if "A" in pil.getbands() or (pil.mode == "P" and "transparency" in pil.info):
             alpha = np.array(pil.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
             mask = torch.from_numpy(1.0 - alpha)[None]
@@ -147,12 +156,27 @@ def save_files(folder: Path, prefix: str, suffix: str, writers: list) -> list[di
     entries = []
     for write in writers:
         name = f"{stem}_{counter:05d}{suffix}"
-        partial = target.parent / f".{name}.partial"
-        write(partial)
-        os.replace(partial, target.parent / name)  # a crash never leaves a half-written file under the final name
+        write_atomically(target.parent / name, write)
         entries.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder})
         counter += 1
     return entries
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write`` on a hidden temporary name beside ``path``, then rename it to ``path``: a crash never leaves a
+    half-written file under the final name, and a failed write (a full disk) leaves no file at all. The error of a
+    failed write names the file."""
+    partial = path.parent / f".{path.name}.partial"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        message = f"cannot write {path}: {exc.strerror or exc}"
+        # OSError(errno, ...) keeps the subclass (PermissionError...) and the errno (ENOSPC) for callers
+        raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
 
 
 def save_pngs(images: torch.Tensor, folder: Path, prefix: str, ctx) -> list[dict]:
@@ -170,7 +194,7 @@ class SaveImage(Node):
     category = "image"
     output_node = True
     images = Socket(IMAGE)
-    filename_prefix = String(default="nodegraph")
+    filename_prefix = String(default="nodegraph", path_within=OUTPUT)
 
     def run(self, ctx, images, filename_prefix):
         entries = save_pngs(images, ctx.output_dir, filename_prefix, ctx)

@@ -226,6 +226,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, memory-mapped (see ``ready`` for why they are copied afterwards)."""
     from safetensors.torch import load_file
 
+    _read_entries(Path(path))  # a truncated or lying header is reported as such, naming the tensor, before reading
     try:
         return load_file(path)
     except Exception as e:  # noqa: BLE001
