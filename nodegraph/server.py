@@ -376,7 +376,7 @@ async def upload_image(request: web.Request) -> web.Response:
     subfolder = str(form.get("subfolder", ""))
     overwrite = str(form.get("overwrite", "")).lower() in ("1", "true", "yes")
     data = upload.file.read()
-    name = _image_name(Path(upload.filename or "upload").name, _image_format(data))
+    name = _image_name(Path(upload.filename or "upload").name, _image_format(data, _settings(request).max_image_size))
     target = _file_folder(kind).path(_settings(request), f"{subfolder}/{name}" if subfolder else name)
     if target.exists() and not overwrite:
         stem, suffix, n = target.stem, target.suffix, 1
@@ -385,22 +385,38 @@ async def upload_image(request: web.Request) -> web.Response:
             n += 1
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # never a half-written file under the final name
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, target)  # never a half-written file under the final name
+    except OSError as exc:  # a full disk, a read-only folder: no partial file is left
+        partial.unlink(missing_ok=True)
+        log.warning("upload of %s failed: %s", target, exc)
+        raise web.HTTPInsufficientStorage(text=f"cannot store {target.name!r} in the {kind} folder: "
+                                               f"{exc.strerror or exc}") from None
     return web.json_response({"name": target.name, "subfolder": subfolder, "type": kind})
 
 
-def _image_format(data: bytes) -> str:
-    """The image format of ``data`` as Pillow names it (PNG, JPEG, WEBP, ...); 415 when it is not an image."""
-    try:
-        from PIL import Image
+def _image_format(data: bytes, max_size: int) -> str:
+    """The image format of ``data`` as Pillow names it (PNG, JPEG, WEBP, ...); 415 when it is not an image, 413 when
+    its header declares more than ``max_size`` pixels per side (judged before any pixel is decoded)."""
+    from PIL import Image
 
+    try:
         with Image.open(io.BytesIO(data)) as image:
-            kind = image.format
-            image.verify()
+            kind, (width, height) = image.format, image.size
+            if width <= max_size and height <= max_size:
+                image.verify()
+    except Image.DecompressionBombError as exc:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_size, actual_size=len(data),
+                                            text=f"the image is refused as a decompression bomb: {exc}") from None
     except Exception:
         raise web.HTTPUnsupportedMediaType(text="the file is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF)") \
             from None
+    if width > max_size or height > max_size:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=max_size, actual_size=len(data),
+            text=f"the image is {width}x{height} pixels, over the size limit of {max_size} pixels per side "
+                 f"(NODEGRAPH_MAX_SIZE)")
     if kind not in IMAGE_FORMATS:
         raise web.HTTPUnsupportedMediaType(text=f"{kind} images are not accepted (PNG, JPEG, WebP, GIF, BMP or "
                                                 f"TIFF)")
