@@ -104,6 +104,9 @@ async def test_a_node_that_raises_fails_its_run_with_the_node_and_message_and_th
     error = error_of(entry)
     assert error["node_id"] == "2" and error["node_type"] == "Fail"
     assert error["exception_message"] == "boom on 2" and error["exception_type"] == "RuntimeError"
+    # nothing of the failed node was kept: run again, it runs again; what finished before it is reused
+    _, again = await run_prompt(client, wf.to_json())
+    assert again["status"]["status_str"] == "error" and toy.RUNS["Fail"] == 2 and toy.RUNS["Const"] == 1
     await assert_idle_and_working(client)
 
 
