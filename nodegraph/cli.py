@@ -54,6 +54,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a folder of extra node packages (repeatable)")
     p.add_argument("--device", help="torch device for the diffusion nodes (default: cuda > mps > cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default per device)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile models where the node library can: the first run of each image size is slow "
+                        "(a minute or more), later ones faster; for long-running servers ($NODEGRAPH_COMPILE)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
@@ -119,7 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """The process's settings: the environment's, then what the command line gives."""
     return Settings.from_env(models_dir=args.models, input_dir=args.input, output_dir=getattr(args, "output", None),
                              device=args.device, dtype=args.dtype, memory_format=args.memory_format,
-                             allow_pickle=args.allow_pickle or None)
+                             allow_pickle=args.allow_pickle or None, compile=args.compile)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

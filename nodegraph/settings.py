@@ -7,7 +7,7 @@ Nothing in the process keeps a mutable copy of its own, so two executors with di
 side (the tests do).
 
 Environment variables give the defaults: ``NODEGRAPH_MODELS``, ``NODEGRAPH_INPUT``, ``NODEGRAPH_OUTPUT``,
-``NODEGRAPH_TEMP``, ``NODEGRAPH_DEVICE``, ``NODEGRAPH_DTYPE``, ``NODEGRAPH_MAX_SIZE``.
+``NODEGRAPH_TEMP``, ``NODEGRAPH_DEVICE``, ``NODEGRAPH_DTYPE``, ``NODEGRAPH_MAX_SIZE``, ``NODEGRAPH_COMPILE`` (1/0).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 _PATHS = ("models_dir", "input_dir", "output_dir", "temp_dir")
 _ENV = {"models_dir": "NODEGRAPH_MODELS", "input_dir": "NODEGRAPH_INPUT", "output_dir": "NODEGRAPH_OUTPUT",
         "temp_dir": "NODEGRAPH_TEMP", "device": "NODEGRAPH_DEVICE", "dtype": "NODEGRAPH_DTYPE",
-        "max_image_size": "NODEGRAPH_MAX_SIZE"}
+        "max_image_size": "NODEGRAPH_MAX_SIZE", "compile": "NODEGRAPH_COMPILE"}
 
 
 def _default_temp() -> Path:
@@ -48,6 +48,7 @@ class Settings:
     allow_pickle: bool = False  # pickle checkpoints (.ckpt, .pt) are refused unless the user opts in
     max_image_size: int = 4096  # pixels per side: a typo of 51200 should be an error, not an out-of-memory
     previews: bool = False  # whether samplers send preview images with their progress (the server asks for them)
+    compile: bool = False  # compile models where the node library can (slow first runs, faster later ones)
 
     def __post_init__(self) -> None:
         for name in _PATHS:
@@ -84,7 +85,7 @@ class Settings:
     def fingerprint(self) -> tuple:
         """The settings that change what a node computes from the same inputs (device, precision, layout, ...);
         the executor mixes them into cache keys. Folders are not here: files are identified by their own path."""
-        return (self.device, self.dtype, self.memory_format, self.allow_pickle, self.max_image_size)
+        return (self.device, self.dtype, self.memory_format, self.allow_pickle, self.max_image_size, self.compile)
 
     def to_json(self) -> dict:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
@@ -92,6 +93,11 @@ class Settings:
 
 
 def _parse(name: str, variable: str, raw: str) -> Any:
+    if name == "compile":
+        flag = raw.strip().lower()
+        if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{variable}={raw!r}: say 1 or 0")
+        return flag in ("1", "true", "yes", "on")
     if name == "max_image_size":
         try:
             return int(raw)

@@ -79,7 +79,7 @@ class LCMSampler(Node):
             ctx.progress(i + 1, total, preview(model, denoised) if previews else None)
 
         out = sample(model, positive, latent, lcm_steps(schedule), seed=seed, guidance=guidance, strength=strength,
-                     negative=negative, on_step=on_step)
+                     negative=negative, on_step=on_step, compile_unet=ctx.settings.compile)
         return Latent(samples=out)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from . import lcm_math
+from . import compilation, lcm_math
 from .devices import cpu_generator
 from .values import Conditioning, Latent, Model, unet_batch
 
@@ -181,12 +181,12 @@ def _predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, g: _Guidance,
 
 def sample(model: Model, positive: Conditioning, latent: Latent, make_steps: MakeSteps, *, seed: int,
            guidance: float, strength: float = 1.0, negative: Conditioning | None = None,
-           on_step=None) -> torch.Tensor:
+           on_step=None, compile_unet: bool = False) -> torch.Tensor:
     """Denoise ``latent`` (empty: text-to-image; encoded: image-to-image; with a mask: inpainting) and return the
-    final latents."""
+    final latents. ``compile_unet``: run the UNet compiled where it can be (Settings.compile, nodes.compilation)."""
     if latent.mask is not None:
         return _inpaint(model, positive, latent, make_steps, seed=seed, guidance=guidance, strength=strength,
-                        negative=negative, on_step=on_step)
+                        negative=negative, on_step=on_step, compile_unet=compile_unet)
     device, dtype = model.device, positive.embeds.dtype
     generator = cpu_generator(seed)
     batch = latent.shape[0]
@@ -211,12 +211,13 @@ def sample(model: Model, positive: Conditioning, latent: Latent, make_steps: Mak
 
     g = _prepare_guidance(model, positive, negative, guidance, latent.shape, dtype, device)
     _attach_controls(g, model, positive, latent.shape, len(steps.timesteps), device)
-    latents, denoised = _loop(model, g, steps, latents, dtype, batch, on_step=on_step)
+    latents, denoised = _loop(model, g, steps, latents, dtype, batch, on_step=on_step, compile_unet=compile_unet)
     return steps.output(latents, denoised).to(dtype)
 
 
 def _inpaint(model: Model, positive: Conditioning, latent: Latent, make_steps: MakeSteps, *, seed: int,
-             guidance: float, strength: float, negative: Conditioning | None, on_step) -> torch.Tensor:
+             guidance: float, strength: float, negative: Conditioning | None, on_step,
+             compile_unet: bool) -> torch.Tensor:
     """StableDiffusionInpaintPipeline's loop (see the module docstring)."""
     if latent.posterior is None or latent.masked_image is None:
         raise ValueError("inpainting needs a latent from InpaintEncode (the image, its mask and the masked image)")
@@ -254,15 +255,18 @@ def _inpaint(model: Model, positive: Conditioning, latent: Latent, make_steps: M
         extra = torch.cat([mask, masked], dim=1)
         if g.cfg:
             extra = torch.cat([extra] * 2)
-    latents, _ = _loop(model, g, steps, latents, dtype, batch, extra=extra, after_step=put_back, on_step=on_step)
+    latents, _ = _loop(model, g, steps, latents, dtype, batch, extra=extra, after_step=put_back, on_step=on_step,
+                       compile_unet=compile_unet)
     return latents
 
 
 def _loop(model: Model, g: _Guidance, steps: Steps, latents: torch.Tensor, dtype: torch.dtype, batch: int, *,
-          extra: torch.Tensor | None = None, after_step=None, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+          extra: torch.Tensor | None = None, after_step=None, on_step=None,
+          compile_unet: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     denoised = latents
     total = len(steps.timesteps)
     with model.applied() as unet, torch.inference_mode(), unet_batch(batch, g.cfg):
+        unet = compilation.unet_for(model, unet, compile_unet)
         for i, t in enumerate(steps.timesteps):
             latents = latents.to(dtype)
             eps = _predict_noise(unet, steps.scale(latents, t), steps.unet_timestep(t), g, extra, step=i)

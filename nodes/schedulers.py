@@ -151,7 +151,7 @@ class Sampler(Node):
             ctx.progress(i + 1, total, preview(model, denoised) if previews else None)
 
         out = sample(model, positive, latent, make_steps, seed=seed, guidance=guidance, strength=strength,
-                     negative=negative, on_step=on_step)
+                     negative=negative, on_step=on_step, compile_unet=ctx.settings.compile)
         return Latent(samples=out)
 
 
