@@ -308,10 +308,17 @@ class Executor:
         except Cancelled:
             state.cancel_event.set()
             return NodeRecord(CANCELLED, node_type.name, time.perf_counter() - started)
-        except Exception as exc:
+        except BaseException as exc:
+            # A node's sys.exit() or KeyboardInterrupt would end the server's worker thread: there it is the node's
+            # failure. On the main thread (the command line) it may be the user's Ctrl-C, which must stop the run.
+            if not isinstance(exc, Exception) and threading.current_thread() is threading.main_thread():
+                raise
             duration = time.perf_counter() - started
             message = str(exc)
-            if _is_out_of_memory(exc):
+            if not isinstance(exc, Exception):
+                message = (f"{node_type.name} (node {node.id}) raised {type(exc).__name__}({message}) to stop the "
+                           f"process")
+            elif _is_out_of_memory(exc):
                 state.out_of_memory = node.id
                 first = message.strip().splitlines()[0].rstrip(".") if message.strip() else type(exc).__name__
                 message = f"{node_type.name} (node {node.id}) ran out of memory: {first}. {OUT_OF_MEMORY_HINT}"

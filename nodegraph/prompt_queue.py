@@ -268,7 +268,7 @@ class PromptQueue:
                 self.history.mark_running(item.prompt_id)
             try:
                 self._run(item)
-            except Exception:  # the queue must keep going whatever one prompt does
+            except BaseException:  # the queue must keep going whatever one prompt does (even sys.exit())
                 log.exception("prompt %s crashed the worker", item.prompt_id)
             finally:
                 with self._cond:
@@ -301,7 +301,7 @@ class PromptQueue:
         try:
             result = self.runner.run(item.plan, run_id=item.prompt_id)
             status, outputs = STATUS[result.status], _reported_outputs(result.ui, item.report)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: on this thread nothing else would write the history entry
             log.exception("prompt %s failed outside any node", item.prompt_id)
             status = "error"
             tell(self.protocol.crashed(item.prompt_id, exc))

@@ -1,7 +1,7 @@
-"""Hostile files, through the real nodes and the server's file routes: corrupt, truncated and lying weight files, pickles,
-weights of no known family, decompression bombs and images declaring huge sizes, a disk that fills while saving,
-symlinks out of every folder, and encoded or Unicode look-alike traversal in ``/view``, ``/upload`` and file-name
-inputs. Each is refused with an error that names the node, the file and the reason, and nothing outside the configured
+"""Hostile files, through the real nodes and the server's file routes: corrupt, truncated and lying weight files,
+pickles, weights of no known family, decompression bombs and images declaring huge sizes, a disk that fills while
+saving, symlinks out of every folder, and encoded or Unicode look-alike traversal in ``/view``, ``/upload`` and
+file-name inputs. Each is refused with an error that names the node, the file and the reason, and nothing outside the configured
 folders is read or written."""
 
 from __future__ import annotations

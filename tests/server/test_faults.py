@@ -5,7 +5,6 @@ runs."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
@@ -16,7 +15,10 @@ from nodegraph.history import History
 from nodegraph.server import ServerConfig, create_app
 
 from ..engine import toy
-from .test_api import folders, receive_until, workflow  # noqa: F401 (folders is a fixture)
+from . import test_api
+from .test_api import receive_until, workflow
+
+folders = test_api.folders  # the toy server's folders (a fixture)
 
 MODELS = Folder("checkpoints", what="checkpoints", suffixes=(".safetensors",))
 
@@ -42,13 +44,13 @@ class ReadModel(Node):
         return MODELS.locate(ctx.settings, ckpt).read_text()
 
 
-def make_app(folders, tmp_path, registry=None):  # noqa: F811 (folders is the fixture's value)
+def make_app(folders, tmp_path, registry=None):
     executor = ng.Executor(registry or Registry([*toy.ALL, Hungry, ReadModel]), settings=folders.settings)
     return create_app(executor, ServerConfig(), History(tmp_path / "data" / "history.sqlite3"))
 
 
 @pytest.fixture
-async def client(aiohttp_client, folders, tmp_path):  # noqa: F811
+async def client(aiohttp_client, folders, tmp_path):
     toy.RUNS.clear()
     toy.Steps.hooks = []
     yield await aiohttp_client(make_app(folders, tmp_path))
@@ -134,7 +136,7 @@ async def test_running_out_of_memory_ends_the_run_says_what_to_do_and_releases_i
     wf.add(4, "Show", value=ng.Link("3", "x"))
     wf.add(5, "Const", value=9)  # an independent branch: skipped if after node 3, else released with the rest
     wf.add(6, "Show", value=ng.Link("5", "value"))
-    prompt_id, entry = await run_prompt(client, wf.to_json())
+    _, entry = await run_prompt(client, wf.to_json())
     assert entry["status"]["status_str"] == "error"
     error = error_of(entry)
     assert error["node_id"] == "3" and error["exception_type"] == type(Hungry.error).__name__
@@ -238,7 +240,7 @@ def text_to_image(steps: int) -> dict:
 
 
 async def test_cancelling_in_the_middle_of_a_sampler_step_stops_within_that_step(aiohttp_client, folders, tmp_path,
-                                                                                 tiny_models, monkeypatch):  # noqa: F811
+                                                                                 tiny_models, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     settings = folders.settings.replace(models_dir=tiny_models, dtype="float32", device="cpu")
@@ -255,7 +257,7 @@ async def test_cancelling_in_the_middle_of_a_sampler_step_stops_within_that_step
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", counting_forward)
-    prompt_id, entry = await run_prompt(client, text_to_image(steps=4))
+    _, entry = await run_prompt(client, text_to_image(steps=4))
     assert entry["status"]["status_str"] == "interrupted"
     assert len(calls) == 2  # the step under way finished; no other began
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
@@ -263,3 +265,17 @@ async def test_cancelling_in_the_middle_of_a_sampler_step_stops_within_that_step
     calls.clear()
     _, entry = await run_prompt(client, text_to_image(steps=1))
     assert entry["status"]["status_str"] == "success" and len(calls) == 1
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+async def test_a_node_that_exits_fails_its_run_and_the_worker_goes_on(client, error):
+    Hungry.error = error  # what a careless custom node may do: sys.exit() or raise KeyboardInterrupt itself
+    wf = ng.Workflow()
+    wf.add(1, "Const", value=2)
+    wf.add(2, "Hungry", x=ng.Link("1", "value"))
+    wf.add(3, "Show", value=ng.Link("2", "x"))
+    _, entry = await run_prompt(client, wf.to_json())
+    assert entry["status"]["status_str"] == "error"
+    message = error_of(entry)["exception_message"]
+    assert f"Hungry (node 2) raised {type(error).__name__}" in message, message
+    await assert_idle_and_working(client)
