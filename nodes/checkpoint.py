@@ -78,8 +78,11 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         # SDXL's VAE overflows in float16 (black or NaN images); its pipelines upcast it to decode, so it stays in
         # float32 here (VAEs that are fine in float16, such as sdxl-vae-fp16-fix, say force_upcast: false)
         components.vae.to(torch.float32)
-    if devices.channels_last(settings, device):
-        for module in (components.unet, components.vae):
+    from . import fastpaths  # imports diffusers: not at start-up
+
+    for module in (components.unet, components.vae):
+        fastpaths.apply(module)
+        if devices.channels_last(settings, device):
             module.to(memory_format=torch.channels_last)
     return components
 

@@ -520,6 +520,9 @@ class LoadTinyVAE(Node):
 
 def _as_vae(ctx, module: torch.nn.Module, name: str, device: torch.device) -> Vae:
     """A loaded VAE as the VAE value, its convolutions in the layout the settings ask for on ``device``."""
+    from . import fastpaths
+
+    fastpaths.apply(module)
     if devices.channels_last(ctx.settings, device):
         module.to(memory_format=torch.channels_last)
     return Vae(module, name)
