@@ -20,8 +20,8 @@ prompt cancelled because the server is stopping is left in the store, as after a
 settle.
 
 What clients hear of a run's end (``executing`` with ``node: null``, ``execution_success`` and the queue's
-``status``) goes out only once the history entry holding the run's outputs is written: several clients fetch
-``/history/{prompt_id}`` the moment they hear it.
+``status``) goes out only once the history entry holding the run's outputs is written and the prompt has left
+``/queue``: several clients fetch ``/history/{prompt_id}`` or ``/queue`` the moment they hear it.
 """
 
 from __future__ import annotations
@@ -320,6 +320,8 @@ class PromptQueue:
                 "status": {"status_str": status, "completed": status == "success", "messages": messages},
                 "meta": {"started": started, "finished": time.time()}})
         finally:
+            with self._cond:
+                self.running = None  # a client that hears the end and reads /queue finds the prompt gone
             for message in last:
                 self.send(*message, item.client_id)
 

@@ -96,6 +96,23 @@ def error_of(entry: dict) -> dict:
     return next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
 
 
+async def test_a_client_that_hears_a_failed_run_end_finds_the_queue_empty(client):
+    wf = ng.Workflow()
+    wf.add(1, "Const", value=2)
+    wf.add(2, "Fail", x=ng.Link("1", "value"))
+    wf.add(3, "Show", value=ng.Link("2", "x"))
+    ws = await client.ws_connect("/ws?clientId=me")
+    await ws.receive_json()
+    for _ in range(20):  # the end and the queue's state raced: a few runs make a lost race likely
+        resp = await client.post("/prompt", json={"prompt": wf.to_json(), "client_id": "me"})
+        prompt_id = (await resp.json())["prompt_id"]
+        await receive_until(ws, "execution_error", prompt_id)
+        seen = await receive_until(ws, "executing", prompt_id)
+        assert seen[-1]["data"]["node"] is None
+        assert await (await client.get("/queue")).json() == {"queue_running": [], "queue_pending": []}
+        assert prompt_id in await (await client.get(f"/history/{prompt_id}")).json()
+
+
 async def test_a_node_that_raises_fails_its_run_with_the_node_and_message_and_the_server_goes_on(client):
     wf = ng.Workflow()
     wf.add(1, "Const", value=2)
