@@ -355,9 +355,16 @@ def _choices_still_valid(plan: Plan, settings: Settings) -> bool:
     return True
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """``MemoryError``, or torch's ``OutOfMemoryError`` (CUDA, MPS; by name: the engine does not import torch)."""
-    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+def _is_out_of_memory(exc: BaseException | None) -> bool:
+    """``MemoryError``, or torch's ``OutOfMemoryError`` (CUDA, MPS; by name: the engine does not import torch), raised
+    or wrapped: loaders turn any library error into their own ("cannot load the UNet: ..."), naming the file."""
+    for _ in range(8):  # the chain of causes, not endlessly
+        if exc is None:
+            return False
+        if isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _forget(cache: ResultCache, keys: list[str]) -> None:

@@ -129,8 +129,17 @@ async def test_a_node_that_raises_fails_its_run_with_the_node_and_message_and_th
     await assert_idle_and_working(client)
 
 
+def wrapped(error: BaseException) -> BaseException:
+    """``error`` as a loader reports it: its own error, raised from the library's."""
+    try:
+        raise ValueError("/models/checkpoints/big.safetensors: cannot load the UNet") from error
+    except ValueError as exc:
+        return exc
+
+
 def out_of_memory_errors():
-    errors = [pytest.param(MemoryError(), id="MemoryError")]
+    errors = [pytest.param(MemoryError(), id="MemoryError"),
+              pytest.param(wrapped(MemoryError()), id="MemoryError-wrapped-by-a-loader")]
     try:
         import torch
     except ImportError:  # the engine's tests run without torch; its error is matched by name
