@@ -74,6 +74,8 @@ def hostile_weights(folder: Path) -> dict[str, str]:
 
 LOADERS = {"LoadCheckpoint": "ckpt", "LoadControlNet": "control_net", "LoadMotionModule": "motion_module",
            "LoadVAE": "vae"}
+UNKNOWN = {"LoadCheckpoint": "looks like an unknown model", "LoadControlNet": "not a ControlNet",
+           "LoadMotionModule": "not an AnimateDiff motion module", "LoadVAE": "not an original-layout VAE"}
 
 
 @pytest.mark.parametrize("node_type", LOADERS)
@@ -81,10 +83,22 @@ def test_every_loader_refuses_corrupt_truncated_pickled_and_unknown_weights_nami
                                                                                             node_type):
     spec = executor.registry.get(node_type).inputs[LOADERS[node_type]]
     folder = getattr(spec.options, "folder", spec.options)
-    expected = hostile_weights(folder.root(settings))
+    expected = {**hostile_weights(folder.root(settings)), "unknown.safetensors": UNKNOWN[node_type]}
     for name, reason in expected.items():
         wf = ng.Workflow()
         wf.add(1, node_type, **{LOADERS[node_type]: name})
+        wf.outputs = ["1"]
+        message = failure(executor, wf)
+        assert name in message and reason in message, (name, message)
+
+
+def test_the_ip_adapter_loader_refuses_broken_adapter_files_naming_them(executor, settings):
+    expected = {**hostile_weights(settings.models_dir / "ipadapter"), "unknown.safetensors": "not an IP-Adapter file"}
+    (settings.models_dir / "clip_vision").mkdir()
+    save_file({"w": torch.zeros(2)}, settings.models_dir / "clip_vision" / "encoder.safetensors")
+    for name, reason in expected.items():
+        wf = ng.Workflow()
+        wf.add(1, "LoadIPAdapter", ip_adapter=name, image_encoder="encoder.safetensors")
         wf.outputs = ["1"]
         message = failure(executor, wf)
         assert name in message and reason in message, (name, message)
