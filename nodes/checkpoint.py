@@ -69,8 +69,10 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     if base != NO_BASE:
         own_base = locate(settings, base)[0]
     device = devices.device(settings)
+    channels_last = devices.channels_last(settings, device)
     components = load_components(path, device=device, dtype=devices.dtype(settings, device), base=own_base,
-                                 allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings))
+                                 allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
+                                 channels_last=channels_last)
     import torch
 
     if (components.family in ("sdxl", "ssd1b") and components.vae.dtype == torch.float16
@@ -82,7 +84,7 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
 
     for module in (components.unet, components.vae):
         fastpaths.apply(module)
-        if devices.channels_last(settings, device):
+        if channels_last:  # a no-op for kernels streamed in that layout already
             module.to(memory_format=torch.channels_last)
     return components
 

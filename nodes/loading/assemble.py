@@ -87,6 +87,7 @@ class _Options:
     dtype: torch.dtype
     allow_pickle: bool
     clone: bool
+    channels_last: bool = False
 
 
 #: Builds the UNet in place of a checkpoint's own, given that checkpoint's UNet configuration (to check the fit).
@@ -103,6 +104,7 @@ def load_components(
     base: Path | str | None = None,
     config: Path | str | None = None,
     clone_weights: bool = True,
+    channels_last: bool = False,
 ) -> Components:
     """Load the checkpoint at ``path`` (see :mod:`nodes.loading` for the formats) on ``device`` in ``dtype``.
 
@@ -112,12 +114,14 @@ def load_components(
       family's shipped ones, as diffusers' ``from_single_file(config=...)``. Needed only for non-standard models whose
       head counts or norm groups the defaults do not fit.
     * ``clone_weights``: copy memory-mapped weights into memory of their own (see the module docstring).
+    * ``channels_last``: lay convolution kernels out channels_last as they are streamed (a load that streams its
+      weights then needs no second copy for the layout; others are converted by the caller as before).
     * ``checkpoints_dir``: where local checkpoints are read from, named when a hub id cannot be had.
 
     Never touches the network except for a hub repository id while the hub is online. Every failure is a
     :class:`CheckpointError` that names the file and the reason.
     """
-    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights)
+    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, channels_last)
     config_dir = Path(config) if config is not None else None
     if config_dir is not None and detect(config_dir) != "diffusers":
         raise CheckpointError(f"{config_dir}: config= must be a diffusers folder (with model_index.json)")
@@ -160,7 +164,7 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         if not opts.clone:  # keep the memory-mapped tensors, as asked
             return _load_single_file(path, shapes, lambda _: read_safetensors(path), opts, config_dir, unet_over)
         # Streamed: each tensor read once, into its final dtype, straight into the model being built.
-        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype), opts, config_dir,
+        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, opts.channels_last), opts, config_dir,
                                  unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
@@ -320,7 +324,7 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
         with init_empty_weights():
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
-        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype)
+        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype, opts.channels_last)
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())
@@ -504,7 +508,10 @@ def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module]
     if not streamed:
         return _placed(model, opts)
     for _, t in _tensors(model):
-        if t.device.type == "cpu" and (t.storage_offset() or not t.is_contiguous()
-                                       or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+        if t.device.type != "cpu":
+            continue
+        if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
             t.data = t.data.contiguous().clone()
+        elif t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t.data = t.data.clone()  # a view: its own memory, in its layout
     return ready(model, opts.device, opts.dtype, clone=False)

@@ -174,7 +174,9 @@ _TORCH_DTYPES = {
 
 class StreamedSafetensors(Mapping[str, torch.Tensor]):
     """The tensors of a safetensors file, each read from the file only when asked for, into memory of its own
-    (plain reads, no memory map), floating-point ones cast to ``dtype`` (None keeps the file's).
+    (plain reads, no memory map), floating-point ones cast to ``dtype`` (None keeps the file's), and with
+    ``channels_last`` convolution kernels (4-D, more than one input channel) laid out channels_last as they are
+    read, so that no second copy is made to change their layout afterwards.
 
     A loader that takes each tensor once and drops what it does not keep holds at most its model's weights in
     their final dtype plus the one tensor being read: never the file's copy beside the model's. Memory-mapped
@@ -183,9 +185,10 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     Asking twice for a key reads it twice: take each once.
     """
 
-    def __init__(self, path: Path | str, dtype: torch.dtype | None = None):
+    def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False):
         self.path = Path(path)
         self.dtype = dtype
+        self.channels_last = channels_last
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
@@ -196,7 +199,9 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{self.path}: tensor {key!r} has the unsupported dtype {entry.dtype}")
         nbytes = entry.end - entry.begin
         cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
-        if cast:  # read into one reused buffer: no file-dtype copy is allocated (and left to fragment the heap)
+        relayout = (self.channels_last and torch_dtype.is_floating_point and len(entry.shape) == 4
+                    and entry.shape[1] > 1)
+        if cast or relayout:  # read into one reused buffer: no file-layout copy is allocated (to fragment the heap)
             if self._scratch.numel() < nbytes:
                 self._scratch = torch.empty(nbytes, dtype=torch.uint8)
             raw = self._scratch[:nbytes]
@@ -205,6 +210,9 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         with self.path.open("rb", buffering=0) as f:
             _read_into(f.fileno(), memoryview(raw.numpy()), self._start + entry.begin, self.path, key)
         tensor = raw.view(torch_dtype).reshape(entry.shape)
+        if relayout:
+            return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype,
+                               memory_format=torch.channels_last).copy_(tensor)
         return tensor.to(self.dtype) if cast else tensor
 
     def file_dtype(self) -> torch.dtype | None:

@@ -710,3 +710,19 @@ def test_sdxl_and_ssd1b_single_files_generate_as_diffusers_does(tiny, family, tm
     expected = pipe("a red circle", generator=generator(3), num_inference_steps=2, guidance_scale=2.0,
                     height=64, width=64, output_type="np").images  # the graph's EmptyLatent size
     assert got.shape == expected.shape and max_diff(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["sd", "single"])
+def test_channels_last_is_laid_out_while_streaming(tiny, which):
+    """Kernels arrive channels_last, so the caller's layout conversion copies nothing (no second copy of them)."""
+    path = tiny.sd if which == "sd" else tiny.single
+    plain = load_components(path, device="cpu", dtype=torch.bfloat16)
+    laid = load_components(path, device="cpu", dtype=torch.bfloat16, channels_last=True)
+    for a, b in ((plain.unet, laid.unet), (plain.vae, laid.vae)):
+        kernels = [(n, p) for n, p in b.named_parameters() if p.ndim == 4 and p.shape[1] > 1]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for _, p in kernels)
+        before = {n: p.data_ptr() for n, p in b.named_parameters()}
+        b.to(memory_format=torch.channels_last)
+        assert {n: p.data_ptr() for n, p in b.named_parameters()} == before
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q), n
