@@ -460,26 +460,39 @@ def auto_layout(workflow: Workflow, column: float = 320, row: float = 220) -> No
     carries no layout; the canvas then shows the graph left to right)."""
     depth: dict[str, int] = {}
 
-    def visit(nid: str, trail: frozenset = frozenset()) -> int:
-        if nid in depth:
-            return depth[nid]
-        node = workflow.nodes.get(nid)
-        if node is None or nid in trail:
-            return 0
-        parents = [link.node for _, link in node.links()]
-        depth[nid] = 1 + max((visit(p, trail | {nid}) for p in parents), default=-1)
-        return depth[nid]
+    def visit(start: str) -> int:
+        # Iterative, so that a chain of thousands of nodes cannot exhaust the stack. A link to a missing node, or
+        # back into the path being walked (a cycle, which validation reports), counts as depth 0.
+        on_path = {start}
+        stack = [(start, iter(_parents(workflow, start)))]
+        while stack:
+            nid, parents = stack[-1]
+            for p in parents:
+                if p in workflow.nodes and p not in depth and p not in on_path:
+                    on_path.add(p)
+                    stack.append((p, iter(_parents(workflow, p))))
+                    break
+            else:
+                depth[nid] = 1 + max((depth.get(p, 0) for p in _parents(workflow, nid)), default=-1)
+                on_path.discard(nid)
+                stack.pop()
+        return depth[start]
 
     rows: dict[int, int] = {}
     for nid in sorted(workflow.nodes, key=_order):
         node = workflow.nodes[nid]
-        d = visit(nid)
+        d = depth[nid] if nid in depth else visit(nid)
         r = rows.get(d, 0)
         rows[d] = r + 1
         if node.ui is None or "pos" not in node.ui:
             node.ui = {**(node.ui or {}), "pos": [d * column, r * row]}
 
 
+def _parents(workflow: Workflow, nid: str) -> list[str]:
+    return [link.node for _, link in workflow.nodes[nid].links()]
+
+
 def _order(node_id: str) -> tuple:
     head, _, rest = node_id.partition(":")
-    return (0, int(head), rest) if head.isdigit() else (1, 0, node_id)
+    # isdigit() alone is also true of digits int() does not read ("²"), and int() refuses thousands of digits
+    return (0, int(head), rest) if head.isascii() and head.isdigit() and len(head) < 100 else (1, 0, node_id)

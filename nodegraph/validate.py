@@ -203,7 +203,7 @@ def _check_node(nid: str, entry, node_type: type[Node], workflow: Workflow, type
             if spec.has_default and not isinstance(spec, Socket):
                 literals[name] = spec.default
             elif not spec.optional:
-                what = "a link" if isinstance(spec, Socket) else "a value"
+                what = "link" if isinstance(spec, Socket) else "value"
                 error("missing_input", f"required input {name!r} has no {what}", name)
             continue
         value = inputs[name]

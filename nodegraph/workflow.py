@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -152,12 +153,29 @@ def parse_json(text: str | bytes, limits: Limits = Limits()) -> Any:
     if size > limits.max_bytes:
         raise WorkflowError(f"the document is {size} bytes, over the limit of {limits.max_bytes}")
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except WorkflowError:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WorkflowError(f"the document is not valid JSON: {exc}") from None
     except RecursionError:
+        # the decoder recurses in C: past the interpreter's limit it gives up before our (lower) limit is checked
         raise WorkflowError(f"the document is nested deeper than {limits.max_depth} levels") from None
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise WorkflowError("the document holds a number with too many digits to read") from None
     return doc
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are no JSON: accepted, they would come back out in answers no JSON parser reads
+    raise WorkflowError(f"the document is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise WorkflowError(f"the document holds the number {text[:40]}, too large for a float")
+    return value
 
 
 def load(path: str | Path, limits: Limits = Limits()) -> Workflow:
@@ -217,7 +235,7 @@ def png_text(data: bytes) -> dict[str, str]:
 
 def from_json(doc: Any, limits: Limits = Limits()) -> Workflow:
     """Build a ``Workflow`` from a decoded JSON document, migrating older format versions."""
-    _check_depth(doc, limits.max_depth)
+    check_depth(doc, limits.max_depth)
     if not isinstance(doc, dict):
         raise WorkflowError("a workflow must be a JSON object")
     if doc.get("format") != FORMAT:
@@ -291,7 +309,8 @@ def _migrate(doc: dict) -> dict:
     return doc
 
 
-def _check_depth(doc: Any, max_depth: int) -> None:
+def check_depth(doc: Any, max_depth: int) -> None:
+    """A WorkflowError naming the limit when decoded JSON ``doc`` is nested deeper than ``max_depth`` levels."""
     # Iterative, so a hostile document cannot exhaust the interpreter's stack.
     stack = [(doc, 1)]
     while stack:
@@ -304,5 +323,9 @@ def _check_depth(doc: Any, max_depth: int) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
+_check_depth = check_depth  # the name comfy_format imports
+
+
 def _id_order(node_id: str) -> tuple:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    # isdigit() alone is also true of digits int() does not read ("²"), and int() refuses thousands of digits
+    return (0, int(node_id), "") if node_id.isascii() and node_id.isdigit() and len(node_id) < 100 else (1, 0, node_id)

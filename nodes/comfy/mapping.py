@@ -331,7 +331,7 @@ def _ksampler(im: _Import, nid: str, ct: str, i: dict) -> None:
 def _schedule(im: _Import, nid: str, ct: str, sampler_name: Any, ours: str | None, scheduler: Any) -> str:
     if scheduler is ABSENT:
         return "default"
-    if scheduler not in SCHEDULER_NAMES:
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULER_NAMES:  # a list or an object is no name
         im.problem(nid, ct, f"scheduler {scheduler!r} is not supported (supported: {', '.join(SCHEDULER_NAMES)})",
                    "scheduler")
         return "default"
