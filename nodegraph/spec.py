@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import unicodedata
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol, Sequence, runtime_checkable
 
@@ -229,13 +231,25 @@ class Float(Widget):
         return _with_optional(super().to_json(settings), min=self.min, max=self.max, step=self.step, round=self.round)
 
 
+@runtime_checkable
+class Confining(Protocol):
+    """A folder that file names are confined to (``nodegraph.folders.Folder``): ``path`` raises ``UnsafePath`` for a
+    name that leaves it."""
+
+    def path(self, settings: "Settings", name: str) -> Any: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class String(Widget):
-    """Text; ``multiline`` asks the canvas for a text area."""
+    """Text; ``multiline`` asks the canvas for a text area. ``path_within`` (a folder) makes the text a file name or
+    file-name prefix inside that folder ("portraits/cat"): validation refuses one that could leave it, in any
+    spelling (``..``, absolute, drive letters, backslashes, control characters, URL-encoded or Unicode look-alikes),
+    so a hostile workflow is refused before anything runs."""
 
     default: str = ""
     multiline: bool = False
     max_length: int | None = None
+    path_within: Confining | None = None
     kind: str = field(default="STRING", init=False)
 
     def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
@@ -243,6 +257,17 @@ class String(Widget):
             return [Problem("wrong_type", f"expects text, got {_describe(value)}")]
         if self.max_length is not None and len(value) > self.max_length:
             return [Problem("out_of_range", f"text of {len(value)} characters exceeds the limit {self.max_length}")]
+        if self.path_within is not None:
+            reason = file_name_problem(value, allow_empty=True)
+            if reason is None:
+                from .paths import UnsafePath
+
+                try:  # what the name resolves to, symbolic links included (a prefix: check a file it would name)
+                    self.path_within.path(settings if settings is not None else _settings_from_env(), value + "_")
+                except UnsafePath as exc:
+                    reason = str(exc)
+            if reason is not None:
+                return [Problem("unsafe_path", reason)]
         return []
 
     def to_json(self, settings: "Settings | None" = None) -> dict:
@@ -330,6 +355,45 @@ class Combo(Widget):
         if self.upload:
             out["upload"] = self.upload
         return out
+
+
+_MAX_PART = 200  # characters in one path component: file systems refuse names past 255 bytes
+
+
+def file_name_problem(name: str, allow_empty: bool = False) -> str | None:
+    """Why ``name`` (from an untrusted workflow or request) cannot name a file inside its folder, or None. Besides
+    the plain escapes it refuses the spellings other layers may turn into one: percent-encoding (a URL decoded
+    again later) and Unicode compatibility forms (NFKC makes "\u2025" "..", and "\uff0f" "/")."""
+    if not name:
+        return None if allow_empty else "a file name is required"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name):
+        return f"{_shown(name)}: control characters are not allowed in file names"
+    spellings = {name, unicodedata.normalize("NFKC", name)}
+    for spelling in list(spellings):
+        decoded = spelling
+        for _ in range(3):  # %252e%252e is %2e%2e after one decoding
+            decoded = urllib.parse.unquote(decoded)
+            spellings |= {decoded, unicodedata.normalize("NFKC", decoded)}
+    for spelling in spellings:
+        disguised = "" if spelling == name else " (once decoded or normalised)"
+        if "\\" in spelling or "\x00" in spelling:
+            return f"{_shown(name)}: backslashes and NUL characters are not allowed in file names{disguised}"
+        if spelling.startswith("/") or (len(spelling) > 1 and spelling[1] == ":"):
+            return f"{_shown(name)}: absolute paths are not allowed; name a file inside the folder{disguised}"
+        if any(_is_up(part) for part in spelling.split("/")):
+            return f"{_shown(name)}: '..' is not allowed in file names{disguised}"
+    if any(len(part) > _MAX_PART for part in name.split("/")):
+        return f"{_shown(name)}: a part of the name is longer than {_MAX_PART} characters"
+    return None
+
+
+def _is_up(part: str) -> bool:
+    # Windows drops trailing dots and spaces, so "..." and ".. " are ".." there
+    return part.count(".") >= 2 and not part.strip(". ")
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
 def _settings_from_env() -> "Settings":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nodegraph import Boolean, Combo, Folder, Int, Node, NodeOutput, Output, Socket, String
+from nodegraph.folders import OUTPUT
 
 from . import devices, previews
 from .images import save_files, tensor_to_pils
@@ -172,7 +173,7 @@ class SaveAnimation(Node):
     category = "image"
     output_node = True
     images = Socket(IMAGE)
-    filename_prefix = String(default="nodegraph")
+    filename_prefix = String(default="nodegraph", path_within=OUTPUT)
     fps = Int(default=8, min=1, max=60)
     format = Combo(options=["webp", "gif", "mp4"], default="webp")
     loop = Int(default=0, min=0, max=1000)

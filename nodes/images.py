@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from nodegraph import Combo, Int, Node, NodeOutput, Output, Socket, String
-from nodegraph.folders import INPUT
+from nodegraph.folders import INPUT, OUTPUT
 from nodegraph.paths import safe_join
 from nodegraph.workflow import PNG_KEY
 
@@ -194,7 +194,7 @@ class SaveImage(Node):
     category = "image"
     output_node = True
     images = Socket(IMAGE)
-    filename_prefix = String(default="nodegraph")
+    filename_prefix = String(default="nodegraph", path_within=OUTPUT)
 
     def run(self, ctx, images, filename_prefix):
         entries = save_pngs(images, ctx.output_dir, filename_prefix, ctx)
