@@ -187,9 +187,6 @@ class Executor:
     @property
     def output_dir(self) -> Path:
         return self._settings.output_dir
-        self._active: dict[str, _RunState] = {}
-        self._lock = threading.Lock()
-        self._plans: OrderedDict[str, Plan] = OrderedDict()
 
     def compile(self, workflow: Workflow, outputs: Iterable[str] | None = None) -> Plan:
         """Validate; raises ``ValidationFailed`` listing every error.
