@@ -7,7 +7,9 @@ back to the event loop with ``call_soon_threadsafe`` and go to the websocket of 
 
 Security by default: the server binds to loopback; requests must name an allowed Host (which defeats DNS
 rebinding); state-changing requests and websockets from other sites are refused (Origin, Sec-Fetch-Site); a bearer
-token is required when bound to any other address; file routes confine names to their folder.
+token is required when bound to any other address; file routes confine names to their folder; request bodies are
+bounded as workflows are; every answer carries a Content-Security-Policy that lets only the canvas's own scripts run
+and forbids framing.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import gc
 import hmac
 import io
 import ipaddress
-import json
 import logging
 import mimetypes
 import os
 import platform
+import re
 import secrets
 import sys
 import uuid
@@ -40,12 +42,17 @@ from .library import Library, NoLibrary
 from .paths import UnsafePath, safe_join
 from .prompt_queue import PromptQueue
 from .settings import Settings
+from .spec import file_name_problem
 from .validate import ValidationFailed
-from .workflow import Workflow, WorkflowError, from_json
+from .workflow import Limits, Workflow, WorkflowError, check_depth, from_json, parse_json
 
 log = logging.getLogger("nodegraph.server")
 
 MAX_UPLOAD = 32 * 1024 * 1024
+# A JSON body is nested no deeper than a workflow may be, with room for the envelope a workflow travels in
+# ({"prompt": ..., "extra_data": {"extra_pnginfo": {"workflow": ...}}}); deeper bodies are refused before anything
+# (the queue's store, the history) serialises them again.
+BODY_DEPTH = Limits().max_depth + 4
 # what an upload may be, by the format Pillow reads from its bytes, and the suffixes it may be stored under
 IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",), "GIF": (".gif",), "BMP": (".bmp",),
                  "TIFF": (".tif", ".tiff"), "MPO": (".jpg", ".jpeg")}
@@ -161,11 +168,38 @@ def _security_middleware(config: ServerConfig):
                 or request.query.get("token", "")
             if not hmac.compare_digest(given.encode(), config.token.encode()):
                 return web.json_response({"error": "a bearer token is required"}, status=401)
-        response = await handler(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return await handler(request)
+
+    @web.middleware
+    async def protected(request: web.Request, handler):
+        try:
+            response = await middleware(request, handler)
+        except web.HTTPException as exc:  # redirects and JSON errors pass as exceptions: they are answers too
+            _protect(exc.headers, request.host)
+            raise
+        _protect(response.headers, request.host)
         return response
 
-    return middleware
+    return protected
+
+
+# What the browser may do with our pages: run only the canvas's own modules (no inline script, no eval), load images
+# and media from here or from blobs the canvas made (previews), talk only to this server, and never be framed.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+                           "media-src 'self' blob:; connect-src 'self'{sockets}; font-src 'self'; object-src 'none'; "
+                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_PLAIN_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+
+
+def _protect(headers, host: str) -> None:
+    """The browser protections every answer carries (pages, scripts, API responses and errors alike)."""
+    # 'self' covers the websocket in CSP 3 browsers; older ones need it named. The Host is only echoed when it is
+    # a plain host name: anything else could smuggle directives in.
+    sockets = f" ws://{host} wss://{host}" if _PLAIN_HOST.fullmatch(host) else ""
+    headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY.format(sockets=sockets))
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
 
 
 def _same_origin(origin: str, host: str) -> bool:
@@ -203,11 +237,12 @@ async def _json_body(request: web.Request) -> Any:
     if request.content_type != "application/json" and "Origin" in request.headers:
         raise web.HTTPUnsupportedMediaType(text="send JSON with Content-Type: application/json")
     try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
-    except RecursionError:
-        raise web.HTTPBadRequest(text="the body is nested too deeply") from None
+        body = parse_json(await request.read(), Limits(max_bytes=request.app["config"].max_upload,
+                                                        max_depth=BODY_DEPTH))
+        check_depth(body, BODY_DEPTH)
+    except WorkflowError as exc:
+        raise web.HTTPBadRequest(text=str(exc).replace("the document", "the body", 1)) from None
+    return body
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -374,6 +409,9 @@ async def upload_image(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="the form needs an \"image\" file field")
     kind = str(form.get("type", "input"))
     subfolder = str(form.get("subfolder", ""))
+    unsafe = file_name_problem(subfolder, allow_empty=True)  # refused in every spelling, as validation refuses it
+    if unsafe is not None:
+        raise web.HTTPBadRequest(text=f"subfolder {unsafe}")
     overwrite = str(form.get("overwrite", "")).lower() in ("1", "true", "yes")
     data = upload.file.read()
     name = _image_name(Path(upload.filename or "upload").name, _image_format(data, _settings(request).max_image_size))

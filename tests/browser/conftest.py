@@ -77,7 +77,8 @@ def page(browser, server, artifacts, request):
     page.on("console", lambda msg: errors.append(msg.text)
             if msg.type == "error" and "Failed to load resource" not in msg.text else None)
     page.goto(server + "/")
-    page.wait_for_function("window.nodegraph && document.body.classList.contains('ready')")
+    # predicates are functions, never bare expressions: polling those uses eval, which the page's CSP refuses
+    page.wait_for_function("() => window.nodegraph && document.body.classList.contains('ready')")
     page.base_url = server
     page.js_errors = errors
     yield page

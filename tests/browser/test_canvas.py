@@ -65,7 +65,7 @@ def test_the_default_workflow_runs_and_its_png_gives_the_graph_back(page):
         canvas.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
         canvas.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
     }""", data)
-    page.wait_for_function("Object.keys(window.nodegraph.app.graph.toJSON().nodes).length > 0")
+    page.wait_for_function("() => Object.keys(window.nodegraph.app.graph.toJSON().nodes).length > 0")
     restored = graph(page)
     assert restored["nodes"].keys() == ran["nodes"].keys()
     for nid, entry in ran["nodes"].items():
@@ -202,7 +202,7 @@ def test_editing_delete_copy_paste_undo_redo_pan_zoom_fit(page):
     assert moved["x"] == pytest.approx(view["x"] + 100) and moved["y"] == pytest.approx(view["y"] - 50)
     page.mouse.move(*empty)
     page.mouse.wheel(0, -300)
-    page.wait_for_function(f"window.nodegraph.app.canvas.view.scale > {moved['scale'] + 0.01}")
+    page.wait_for_function(f"() => window.nodegraph.app.canvas.view.scale > {moved['scale'] + 0.01}")
     page.keyboard.press("Escape")
     page.mouse.click(*empty)
     page.keyboard.press(".")
@@ -226,13 +226,13 @@ def test_save_then_open_gives_the_same_graph(page, tmp_path):
     page.click("#btn-new")
     assert graph(page)["nodes"] == {}
     page.set_input_files("#file-open", str(path))
-    page.wait_for_function("Object.keys(window.nodegraph.app.graph.toJSON().nodes).length > 0")
+    page.wait_for_function("() => Object.keys(window.nodegraph.app.graph.toJSON().nodes).length > 0")
     assert graph(page) == saved
     assert page.locator("#wf-name").inner_text() == "saved"
 
     # the autosave brings the same graph back after a reload
     page.reload()
-    page.wait_for_function("window.nodegraph && document.body.classList.contains('ready')")
+    page.wait_for_function("() => window.nodegraph && document.body.classList.contains('ready')")
     assert graph(page) == saved
 
 
@@ -274,7 +274,7 @@ def test_a_failing_node_shows_its_error(page):
     row(page, "1", "seed").locator("input.w-seed-random").check()
     assert graph(page)["nodes"]["1"]["ui"]["random_seed"] is True
     page.click("#btn-run")
-    page.wait_for_function("window.nodegraph.app.graph.toJSON().nodes['1'].inputs.seed !== 0")
+    page.wait_for_function("() => window.nodegraph.app.graph.toJSON().nodes['1'].inputs.seed !== 0")
     assert row(page, "1", "seed").locator("input.w-number").input_value() == str(graph(page)["nodes"]["1"]["inputs"]["seed"])
     error = node(page, "2").locator(".ng-error")
     error.wait_for(timeout=30_000)
@@ -320,7 +320,7 @@ def test_widgets_for_each_input_kind(page, server_dirs):
     upload = server_dirs["data"] / "cat.png"
     upload.write_bytes(png)
     node(page, loader).locator("input.w-image-file").set_input_files(str(upload))
-    page.wait_for_function(f"window.nodegraph.app.graph.toJSON().nodes['{loader}'].inputs.image === 'cat.png'")
+    page.wait_for_function(f"() => window.nodegraph.app.graph.toJSON().nodes['{loader}'].inputs.image === 'cat.png'")
     thumb = node(page, loader).locator("img.w-image-thumb")
     page.wait_for_function("img => img.complete && img.naturalWidth === 2", arg=thumb.element_handle())
     assert (server_dirs["input"] / "cat.png").read_bytes() == png
@@ -332,7 +332,7 @@ def test_examples_menu_quick_add_and_stop(page):
     assert "text-to-image" in examples
     page.click("#btn-new")
     page.select_option("#examples", examples[0])
-    page.wait_for_function(f"document.querySelector('#wf-name').textContent === {json.dumps(examples[0])}")
+    page.wait_for_function(f"() => document.querySelector('#wf-name').textContent === {json.dumps(examples[0])}")
     assert graph(page)["nodes"]
 
     # double-click the background: search, pick with the keyboard
@@ -359,13 +359,14 @@ def test_examples_menu_quick_add_and_stop(page):
         field.fill(value)
         field.press("Tab")
     page.click("#btn-run")
-    page.wait_for_function(f"window.nodegraph.app.events.some(e => e.type === 'progress' && e.data.node === '{source}')")
+    page.wait_for_function(
+        f"() => window.nodegraph.app.events.some(e => e.type === 'progress' && e.data.node === '{source}')")
     assert "running" in node(page, source).get_attribute("class")
     assert node(page, source).locator(".ng-progress.visible").count() == 1
     assert page.locator("#queue").get_attribute("data-remaining") == "1"
     page.click("#btn-stop")
-    page.wait_for_function("window.nodegraph.app.events.some(e => e.type === 'execution_interrupted')")
-    page.wait_for_function("document.querySelector('#queue').dataset.remaining === '0'")
+    page.wait_for_function("() => window.nodegraph.app.events.some(e => e.type === 'execution_interrupted')")
+    page.wait_for_function("() => document.querySelector('#queue').dataset.remaining === '0'")
     assert page.locator("#run-status").inner_text() == "Stopped"
     assert "running" not in node(page, source).get_attribute("class")
 

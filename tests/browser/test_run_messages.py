@@ -75,7 +75,8 @@ def test_the_canvas_asks_for_previews_with_metadata_when_its_socket_opens(page):
         };
     })()""")
     page.reload()
-    page.wait_for_function("window.nodegraph && document.body.classList.contains('ready') && window.__sent.length")
+    page.wait_for_function(
+        "() => window.nodegraph && document.body.classList.contains('ready') && window.__sent.length")
     first = json.loads(page.evaluate("window.__sent[0]"))
     assert first == {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
