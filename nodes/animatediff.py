@@ -2,7 +2,8 @@
 
 The graph of diffusers' ``AnimateDiffPipeline``: LoadMotionModule reads a ``MotionAdapter`` (the
 guoyww/animatediff-motion-adapter-v1-5 family, diffusers folders), ApplyMotionModule gives a MODEL its motion
-layers (``UNetMotionModel.from_unet2d``, a new UNet: the checkpoint's stays as it was for other branches),
+layers (``UNetMotionModel.from_unet2d``, a new UNet sharing the checkpoint's weights, which stays as it was for
+other branches),
 EmptyLatentVideo makes latents [batch, channels, frames, h, w], LCMSampler or Sampler denoise them through the
 shared loop (every frame reads its video's prompt), VAEDecode decodes every frame, and SaveAnimation writes an
 animated WebP or GIF. With LCM-LoRA and an LCMScheduler whose beta schedule is linear, as the LCM docs animate, a
@@ -136,15 +137,32 @@ class ApplyMotionModule(Node):
         if model.family != "sd1" or unet_widths != motion_widths:
             raise ValueError(f"the motion module {motion_module.name!r} is made for SD 1.5 UNets with blocks "
                              f"{motion_widths}; the model {model.name!r} is {model.family} with blocks {unet_widths}")
+        from . import fastpaths
+
         with torch.no_grad():
             unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
         device = model.device
         ready(unet, device, model.dtype, clone=False)
         if devices.channels_last(ctx.settings, device):
             unet.to(memory_format=torch.channels_last)
+        _share_weights(unet, model.unet)
+        fastpaths.apply(unet)
         animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
         previews.share(model, animated)
         return animated
+
+
+def _share_weights(animated: torch.nn.Module, base: torch.nn.Module) -> None:
+    """Point the animated UNet's copies of the base UNet's weights (from_unet2d copies them all) back at the base's
+    own tensors, so the two models hold one copy in memory. Only equal tensors are shared."""
+    own = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, param in animated.named_parameters():
+            theirs = own.get(name)
+            if (theirs is not None and theirs.shape == param.shape and theirs.dtype == param.dtype
+                    and theirs.device == param.device and theirs.stride() == param.stride()
+                    and torch.equal(theirs, param)):
+                param.data = theirs.data
 
 
 class EmptyLatentVideo(Node):

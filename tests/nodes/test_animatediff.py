@@ -123,6 +123,18 @@ def test_the_checkpoint_model_is_left_as_it_was(executor, motion_models):
     assert type(result.output("anim", "model").unet).__name__ == "UNetMotionModel"
 
 
+def test_the_animated_model_shares_the_checkpoints_weights(executor, motion_models):
+    wf = video_graph()
+    wf.outputs = ["ckpt", "anim"]
+    result = executor.run(wf)
+    base, animated = result.output("ckpt", "model").unet, result.output("anim", "model").unet
+    theirs = {p.data_ptr() for p in animated.parameters()}
+    assert all(p.data_ptr() in theirs for p in base.parameters())  # no second copy of the checkpoint's UNet
+    own = sum(p.numel() for p in animated.parameters() if p.data_ptr() not in {q.data_ptr() for q in base.parameters()})
+    motion = sum(p.numel() for n, p in animated.named_parameters() if "motion_modules" in n)
+    assert own == motion  # what the animated model adds is its motion module
+
+
 def test_save_animation_writes_an_mp4(executor, motion_models):
     av = pytest.importorskip("av")
     wf = video_graph(frames=6)
