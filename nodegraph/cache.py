@@ -94,6 +94,14 @@ class ResultCache:
                 del self._refs[skey]
                 self._bytes -= ref[1]
 
+    def discard(self, keys) -> None:
+        """Drop the entries of ``keys`` (those present), releasing what they hold."""
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self._release(entry)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

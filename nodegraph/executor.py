@@ -267,7 +267,7 @@ class Executor:
         if plan.fixed_keys and len(keys) == len(plan.order):
             plan.key_memo[memo_key] = keys
         if state.out_of_memory is not None:
-            _forget(self.cache, state.cached)
+            self.cache.discard(state.cached)  # what this out-of-memory run cached
         if state.cancel_event.is_set():
             status = "cancelled"
         elif any(r.status == FAILED for r in records.values()):
@@ -362,16 +362,6 @@ def _is_out_of_memory(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def _forget(cache: ResultCache, keys: list[str]) -> None:
-    """Drop ``keys`` from ``cache`` (what an out-of-memory run cached), releasing what they hold."""
-    # ResultCache has no removal of single entries; this does what its eviction does, under its lock.
-    with cache._lock:
-        for key in keys:
-            entry = cache._entries.pop(key, None)
-            if entry is not None:
-                cache._release(entry)
 
 
 def _named(node_type, out: tuple) -> dict[str, Any]:

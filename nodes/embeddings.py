@@ -23,6 +23,7 @@ import torch
 from nodegraph import Folder, Settings, file_identity
 
 from .loading import is_safetensors
+from .loading.weights import read_safetensors
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 EMBEDDINGS = Folder("embeddings", what="textual-inversion embeddings", suffixes=SUFFIXES, flag="--models")
@@ -75,9 +76,7 @@ def load_vectors(name: str, path: Path, width: int, encoder_key: str | None = No
     """The [n, width] vectors of embedding ``name``; a clear error for another text encoder's embedding.
     ``encoder_key`` picks one text encoder's vectors from an SDXL embedding ("clip_l" or "clip_g")."""
     if is_safetensors(path):  # by content: a pickle renamed .safetensors is still a pickle
-        from safetensors.torch import load_file
-
-        data = load_file(str(path))
+        data = read_safetensors(path)
     else:
         if not allow_pickle:
             raise ValueError(f"embedding {name!r} is a pickle ({path.name}); convert it to .safetensors, or run "

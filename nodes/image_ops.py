@@ -459,13 +459,9 @@ class _NoEncoder(torch.nn.Module):
 
 
 def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .loading import read_weights
 
-        return load_file(str(path))
-    if not allow_pickle:
-        raise ValueError(f"{path.name}: a pickle; run nodegraph with --allow-pickle to read it")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_weights(path, allow_pickle=allow_pickle)  # by content; pickles only when allowed
 
 
 def load_tiny_files(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> torch.nn.Module:

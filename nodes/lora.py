@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from nodegraph import Combo, Float, Folder, ListOf, Node, Output, Settings, Socket, file_identity
 
-from .loading import is_safetensors
+from .loading import is_safetensors, read_header
 from .values import CLIP, MODEL, Clip, Model, field_storages
 
 #: How many LoRA patches have been prepared (one per LoRAStack run that patches anything): tests count re-patching.
@@ -93,6 +93,7 @@ def read_lora_file(path: Path, *, allow_pickle: bool = False) -> tuple[dict[str,
     if is_safetensors(path):
         from safetensors import safe_open
 
+        read_header(path)  # a truncated or lying header is reported as such, naming the file, before reading
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}

@@ -147,9 +147,6 @@ def _taesd(path):
     return _read_weights(path, False)
 
 
-@pytest.mark.xfail(strict=True, reason="LoRAs, embeddings and TAESD read safetensors with safetensors' own reader, "
-                                       "whose error names neither the file nor the tensor: a read_header(path) "
-                                       "before reading (nodes.loading) would say 'truncated ... fetch it again'")
 @pytest.mark.parametrize("reader", [_lora, _embedding, _taesd])
 def test_the_other_readers_name_the_file_of_a_truncated_safetensors(tmp_path, reader):
     hostile_weights(tmp_path)
