@@ -1,0 +1,105 @@
+"""Attention kernels on this CPU at the shapes of an SD1.5 UNet: which one the UNet should run, per shape.
+
+    python benchmarks/attention.py                 # 256 and 512, float32 and bfloat16
+    python benchmarks/attention.py --sizes 768 --dtypes bfloat16
+
+For each attention of the UNet at an image size (self-attention over the latent cells of each level, 8 heads of
+40/80/160 channels; cross-attention to 77 prompt tokens), the best of 5 runs of:
+
+* ``sdpa``     torch's scaled_dot_product_attention (what diffusers' AttnProcessor2_0 runs; on the CPU a fused,
+               blocked kernel);
+* ``math``     the textbook form: scores = q k^T (one matrix product per head), softmax, then times v;
+* ``sliced``   the math form over slices of 1,024 queries (diffusers' sliced attention: bounded memory);
+* ``math f32 softmax``  the math form in bfloat16 with the softmax computed in float32 (bfloat16 runs only).
+
+GFLOP/s count 4 * heads * queries * keys * channels per attention; ``err`` is the largest difference from a
+float64 reference. The script ends with the choice per shape: the fastest kernel at most twice as far from the
+reference as SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+HEADS = 8
+CHANNELS = (320, 640, 1280, 1280)  # per UNet level; head size = channels / heads
+TOKENS = 77
+
+
+def shapes(size: int) -> list[tuple[str, int, int, int]]:
+    out = []
+    for level, channels in enumerate(CHANNELS):
+        cells = (size // 8 >> level) ** 2  # level 3: the middle block
+        out.append((f"self L{level}", cells, cells, channels // HEADS))
+        out.append((f"cross L{level}", cells, TOKENS, channels // HEADS))
+    return out
+
+
+def math_attention(q, k, v, slice_size: int | None = None, float_softmax: bool = False):
+    scale = q.shape[-1] ** -0.5
+    if slice_size is None:
+        slice_size = q.shape[-2]
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[-2], slice_size):
+        scores = torch.matmul(q[..., start:start + slice_size, :] * scale, k.transpose(-1, -2))
+        weights = scores.float().softmax(-1).to(q.dtype) if float_softmax else scores.softmax(-1)
+        out[..., start:start + slice_size, :] = torch.matmul(weights, v)
+    return out
+
+
+def best_seconds(fn, runs: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = ap.parse_args()
+    print("| size | dtype | attention | queries x keys x head | kernel | ms | GFLOP/s | err |")
+    print("| --- " * 8 + "|")
+    choice: dict[tuple, str] = {}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for size in args.sizes:
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                for name, queries, keys, head in shapes(size):
+                    q = torch.randn(1, HEADS, queries, head, dtype=dtype)
+                    k = torch.randn(1, HEADS, keys, head, dtype=dtype)
+                    v = torch.randn(1, HEADS, keys, head, dtype=dtype)
+                    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+                    kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                               "math": lambda: math_attention(q, k, v),
+                               "sliced": lambda: math_attention(q, k, v, slice_size=1024)}
+                    if dtype == torch.bfloat16:
+                        kernels["math f32 softmax"] = lambda: math_attention(q, k, v, float_softmax=True)
+                    flops = 4 * HEADS * queries * keys * head
+                    timings = {}
+                    for kernel, fn in kernels.items():
+                        seconds = best_seconds(fn)
+                        err = (fn().double() - reference).abs().max().item()
+                        timings[kernel] = (seconds, err)
+                        print(f"| {size} | {dtype_name} | {name} | {queries} x {keys} x {head} | {kernel} | "
+                              f"{seconds * 1e3:.2f} | {flops / seconds / 1e9:.0f} | {err:.1e} |", flush=True)
+                    # as accurate as SDPA (twice its error at most): rounding differs, precision must not
+                    bound = max(2 * timings["sdpa"][1], 1e-5)
+                    fastest = min((s, kernel) for kernel, (s, e) in timings.items() if e <= bound)[1]
+                    choice[size, dtype_name, name] = fastest
+    print()
+    for (size, dtype_name, name), kernel in choice.items():
+        print(f"{size} {dtype_name} {name}: {kernel}")
+
+
+if __name__ == "__main__":
+    main()

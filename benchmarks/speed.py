@@ -1,0 +1,341 @@
+"""Our graph against diffusers' pipeline, side by side: a 4-step LCM image on a full-size SD1.5 architecture.
+
+    python benchmarks/speed.py                          # 256 and 512, every engine below, 3 rounds
+    python benchmarks/speed.py --sizes 256 --rounds 2 --engines "diffusers fp32" "nodegraph fp32"
+
+The weights are random (``benchmarks/load_memory.py`` builds them once under ``~/.cache/nodegraph-bench``: UNet
+860M, VAE 84M, CLIP-L, a diffusers folder and the same weights as one original-layout ``.safetensors``), plus a
+random TAESD-architecture tiny VAE (diffusers' ``AutoencoderTiny`` defaults). Every engine runs the same job: a
+prompt, 4 LCM steps, batch 1, no classifier-free guidance, decode to pixels.
+
+Each engine runs in a process of its own, one per round, engines interleaved within a round so that machine drift
+hits all alike: it loads (diffusers: ``from_pretrained`` of the folder; nodegraph: ``LoadCheckpoint`` of the single
+file), then per size one warm-up image and ``--runs`` timed ones. The table gives medians over rounds and runs: the
+load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS, and the time
+relative to diffusers in the same precision and to diffusers in float32. ``--compile`` engines compile the UNet in
+their warm-up image of each size (``nodes/compilation.py``; the compile time is not in the table).
+
+``floor`` rows: the FLOPs of each part (counted by ``torch.utils.flop_counter`` on meta tensors) divided by this
+machine's measured rate for each kind of operation (convolutions, matrix products, attention) in that precision: a
+lower bound no engine on these kernels reaches, since normalisations and activations are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROMPT = "a red circle on a blue background"
+STEPS = 4
+# label -> (engine, dtype, vae, compiled)
+ENGINES = {
+    "diffusers fp32": ("diffusers", "float32", "full", False),
+    "nodegraph fp32": ("nodegraph", "float32", "full", False),
+    "diffusers bf16": ("diffusers", "bfloat16", "full", False),
+    "nodegraph bf16": ("nodegraph", "bfloat16", "full", False),
+    "diffusers bf16 tiny VAE": ("diffusers", "bfloat16", "tiny", False),
+    "nodegraph bf16 tiny VAE": ("nodegraph", "bfloat16", "tiny", False),
+    "nodegraph bf16 --compile": ("nodegraph", "bfloat16", "full", True),
+    "nodegraph bf16 tiny VAE --compile": ("nodegraph", "bfloat16", "tiny", True),
+}
+PARTS = ("encode", "step", "decode", "total")
+
+
+def build(cache: Path) -> tuple[Path, Path, Path]:
+    """The SD1.5-size folder and single file (load_memory.py's), and a random full-size tiny VAE folder."""
+    from load_memory import build as build_sd15
+
+    folder, single = build_sd15(cache)
+    taesd = cache / "taesd-random"
+    if not (taesd / "config.json").is_file():
+        import torch
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(taesd)
+    return folder, single, taesd
+
+
+# --- one engine in its own process -------------------------------------------------------------------------------
+
+
+class Timer:
+    """Seconds spent in wrapped callables, per part."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, fn, part: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[part] = self.spent.get(part, 0.0) + time.perf_counter() - start
+        return timed
+
+
+def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
+                  batch: int = 1) -> dict:
+    import torch
+    from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel  # noqa: F401 - imports are not part of a load
+
+    dtype = getattr(torch, dtype_name)
+    start = time.perf_counter()
+    # the UNet has no guidance embedding (an LCM-LoRA-style model), so the pipeline is diffusers' LCM-LoRA recipe
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if vae == "tiny":
+        pipe.vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
+    load = time.perf_counter() - start
+    pipe.set_progress_bar_config(disable=True)
+    timer = Timer()
+    pipe.encode_prompt = timer.wrap(pipe.encode_prompt, "encode")
+    pipe.unet.forward = timer.wrap(pipe.unet.forward, "unet")
+    pipe.vae.decode = timer.wrap(pipe.vae.decode, "decode")
+
+    def image(size: int, seed: int) -> None:
+        pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size, output_type="np",
+             generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch)
+
+    return {"load": load, **_measure(image, timer, sizes, runs)}
+
+
+def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
+                  compiled: bool = False, batch: int = 1) -> dict:
+    import nodegraph as ng
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel  # noqa: F401 - imports are not
+    from diffusers.loaders import single_file_utils  # noqa: F401 - part of a load (as for diffusers above)
+    from transformers import CLIPTextModel  # noqa: F401
+
+    import nodes.checkpoint  # noqa: F401
+
+    models = Path(tempfile.mkdtemp())
+    # file routes refuse links that lead out of a folder, so the folders themselves are the links
+    (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
+    (models / "vae_approx").symlink_to(taesd.parent, target_is_directory=True)
+    settings = ng.Settings(models_dir=models, output_dir=tempfile.mkdtemp(), dtype=dtype_name, compile=compiled)
+    executor = ng.Executor(ng.build_registry(), settings=settings)
+
+    def workflow(size: int, seed: int) -> ng.Workflow:
+        wf = ng.Workflow()
+        wf.add("ckpt", "LoadCheckpoint", ckpt=single.name)
+        decoder = ng.Link("ckpt", "vae")
+        if vae == "tiny":
+            wf.add("taesd", "LoadTinyVAE", vae=taesd.name)
+            decoder = ng.Link("taesd", "vae")
+        wf.add("pos", "CLIPEncode", clip=ng.Link("ckpt", "clip"), text=f"{PROMPT} {seed}")
+        wf.add("sched", "LCMScheduler", model=ng.Link("ckpt", "model"), steps=STEPS)
+        wf.add("empty", "EmptyLatent", width=size, height=size, batch=batch, vae=ng.Link("ckpt", "vae"))
+        wf.add("sample", "LCMSampler", model=ng.Link("ckpt", "model"), positive=ng.Link("pos", "conditioning"),
+               latent=ng.Link("empty", "latent"), schedule=ng.Link("sched", "schedule"), seed=seed, guidance=1.0)
+        wf.add("decode", "VAEDecode", vae=decoder, latent=ng.Link("sample", "latent"))
+        return wf
+
+    loaded = executor.run(workflow(8, 0), outputs=["ckpt", *(["taesd"] if vae == "tiny" else [])])
+    load = sum(r.duration for r in loaded.nodes.values())
+    timer = Timer()
+
+    def image(size: int, seed: int) -> None:
+        result = executor.run(workflow(size, seed), outputs=["decode"])
+        d = {nid: r.duration for nid, r in result.nodes.items()}
+        timer.spent.update(encode=d["pos"], unet=d["sample"], decode=d["decode"])
+
+    return {"load": load, **_measure(image, timer, sizes, runs)}
+
+
+def _measure(image, timer: Timer, sizes: list[int], runs: int) -> dict:
+    out = {}
+    for size in sizes:
+        samples = []
+        for i in range(runs + 1):  # the first image at a size warms the kernels up for its shapes (or compiles)
+            timer.spent.clear()
+            start = time.perf_counter()
+            image(size, i)
+            total = time.perf_counter() - start
+            if i:
+                samples.append({"encode": timer.spent["encode"], "step": timer.spent["unet"] / STEPS,
+                                "decode": timer.spent["decode"], "total": total})
+            else:
+                out[f"first {size}"] = total
+        out[str(size)] = samples
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+# --- floors ------------------------------------------------------------------------------------------------------
+
+
+def floors(folder: Path, taesd: Path, sizes: list[int], dtypes: list[str], batch: int = 1) -> dict:
+    """Per precision and size: each part's FLOPs over this machine's rates, in seconds."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def counted(fn) -> dict[str, float]:
+        with FlopCounterMode(display=False) as mode:
+            fn()
+        kinds = {"conv": 0.0, "mm": 0.0, "attention": 0.0}
+        for op, flops in mode.get_flop_counts()["Global"].items():
+            name = str(op)
+            # on meta tensors attention decomposes into batched matrix products
+            kind = "conv" if "convolution" in name else "attention" if "bmm" in name else "mm"
+            kinds[kind] += flops
+        return kinds
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(taesd))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+        work = {"encode": counted(lambda: text(torch.zeros(1, 77, dtype=torch.long)))}
+        for size in sizes:
+            z = torch.zeros(batch, 4, size // 8, size // 8)
+            work[f"step {size}"] = counted(lambda: unet(z, torch.tensor(1), torch.zeros(batch, 77, 768)))
+            work[f"decode {size}"] = counted(lambda: vae.decode(z))
+            work[f"tiny decode {size}"] = counted(lambda: tiny.decode(z))
+    out = {"gflop": {part: sum(k.values()) / 1e9 for part, k in work.items()}}
+    for dtype_name in dtypes:
+        rates = _rates(getattr(torch, dtype_name))
+        out[dtype_name] = {"rates": {k: r / 1e9 for k, r in rates.items()},
+                           "seconds": {part: sum(k[kind] / rates[kind] for kind in k) for part, k in work.items()}}
+    return out
+
+
+def _rates(dtype) -> dict[str, float]:
+    """FLOP/s of this machine for a large matrix product, a 3x3 convolution and SDPA self-attention."""
+    import torch
+    import torch.nn.functional as F
+
+    def best(fn, flops: float) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flops / min(times)
+
+    a, b = torch.randn(4096, 1280, dtype=dtype), torch.randn(1280, 1280, dtype=dtype)
+    x = torch.randn(1, 320, 64, 64, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(320, 320, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+    q = torch.randn(1, 8, 4096, 40, dtype=dtype)
+    with torch.no_grad():
+        return {"mm": best(lambda: a @ b, 2 * 4096 * 1280 * 1280),
+                "conv": best(lambda: F.conv2d(x, w, padding=1), 2 * 320 * 320 * 9 * 64 * 64),
+                "attention": best(lambda: F.scaled_dot_product_attention(q, q, q), 4 * 8 * 4096 * 4096 * 40)}
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, single, taesd = build(args.cache)
+    if args.child == "floors":
+        print(json.dumps(floors(folder, taesd, args.sizes, ["float32", "bfloat16"], args.batch)))
+        return
+    engine, dtype_name, vae, compiled = ENGINES[args.child]
+    if engine == "diffusers":
+        doc = run_diffusers(folder, taesd, dtype_name, vae, args.sizes, args.runs, args.batch)
+    else:
+        doc = run_nodegraph(single, taesd, dtype_name, vae, args.sizes, args.runs, compiled, args.batch)
+    print(json.dumps(doc))
+
+
+def spawn(args: argparse.Namespace, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--cache", str(args.cache), "--runs", str(args.runs),
+           "--batch", str(args.batch), "--sizes", *map(str, args.sizes)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "nodegraph-bench")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES), metavar="ENGINE")
+    ap.add_argument("--rounds", type=int, default=3, help="processes per engine, engines interleaved")
+    ap.add_argument("--runs", type=int, default=1, help="timed images per size in each process, after a warm-up")
+    ap.add_argument("--batch", type=int, default=1, help="images per run (one prompt)")
+    ap.add_argument("--json", type=Path, help="also write the raw samples here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.cache = args.cache.expanduser()
+    if args.child:
+        child(args)
+        return
+    from load_memory import warm
+
+    for path in build(args.cache):  # loads are timed with the page cache warm, for every engine alike
+        warm(path)
+    results: dict[str, list[dict]] = {label: [] for label in args.engines}
+    for round_ in range(args.rounds):
+        for label in args.engines:
+            results[label].append(spawn(args, label))
+            print(f"round {round_ + 1}/{args.rounds}: {label} done", file=sys.stderr, flush=True)
+    bound = spawn(args, "floors")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "floors": bound}, indent=1))
+    print(table(results, bound, args))
+
+
+def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace) -> str:
+    gb = 1024**3
+    lines = [f"4 LCM steps, batch {args.batch}, no CFG; random SD1.5-size weights; {os.cpu_count()} CPU threads; "
+             f"medians of {args.rounds} processes x {args.runs} image(s) after a warm-up",
+             "", "| engine | size | load s | first image s | encode s | UNet step s | decode s | total s | peak RSS GB "
+             "| x diffusers same dtype | x diffusers fp32 |", "| --- " * 11 + "|"]
+    med: dict[tuple[str, int], dict] = {}
+    for label, docs in results.items():
+        for size in args.sizes:
+            samples = [s for d in docs for s in d[str(size)]]
+            med[label, size] = {p: statistics.median(s[p] for s in samples) for p in PARTS}
+    for size in args.sizes:
+        for label, docs in results.items():
+            engine, dtype_name, vae, _ = ENGINES[label]
+            m = med[label, size]
+            same = f"diffusers {'fp32' if dtype_name == 'float32' else 'bf16'}" + (" tiny VAE" if vae == "tiny" else "")
+            ratio = lambda ref: f"{m['total'] / med[ref, size]['total']:.2f}" if (ref, size) in med else "-"  # noqa
+            first = statistics.median(d[f"first {size}"] for d in docs)
+            lines.append(f"| {label} | {size} | {statistics.median(d['load'] for d in docs):.1f} | {first:.1f} | "
+                         f"{m['encode']:.3f} | {m['step']:.3f} | {m['decode']:.3f} | {m['total']:.2f} | "
+                         f"{max(d['peak_rss'] for d in docs) / gb:.1f} | {ratio(same)} | {ratio('diffusers fp32')} |")
+        for dtype_name, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+            s = bound[dtype_name]["seconds"]
+            total = s["encode"] + STEPS * s[f"step {size}"] + s[f"decode {size}"]
+            tiny = s["encode"] + STEPS * s[f"step {size}"] + s[f"tiny decode {size}"]
+            lines.append(f"| floor {short} | {size} | | | {s['encode']:.3f} | {s[f'step {size}']:.3f} | "
+                         f"{s[f'decode {size}']:.3f} (tiny {s[f'tiny decode {size}']:.3f}) | "
+                         f"{total:.2f} (tiny {tiny:.2f}) | | | |")
+    g = bound["gflop"]
+    lines += ["", "GFLOP: encode {:.0f}; ".format(g["encode"]) + "; ".join(
+        f"{size}: UNet step {g[f'step {size}']:.0f}, decode {g[f'decode {size}']:.0f}, "
+        f"tiny decode {g[f'tiny decode {size}']:.0f}" for size in args.sizes)]
+    for dtype_name in ("float32", "bfloat16"):
+        r = bound[dtype_name]["rates"]
+        lines.append(f"measured GFLOP/s {dtype_name}: matmul {r['mm']:.0f}, 3x3 conv {r['conv']:.0f}, "
+                     f"SDPA {r['attention']:.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
