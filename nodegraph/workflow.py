@@ -39,6 +39,7 @@ VERSION = 1
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 
 _NODE_KEYS = {"type", "inputs", "ui", "version"}
+MAX_ID = 256  # characters in a node id
 _TOP_KEYS = {"format", "version", "nodes", "groups", "notes", "meta", "outputs"}
 
 
@@ -219,17 +220,26 @@ def png_text(data: bytes) -> dict[str, str]:
                 out[key.decode("latin-1")] = value.decode("latin-1")
             elif kind == b"zTXt":
                 key, _, value = body.partition(b"\0")
-                out[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+                out[key.decode("latin-1")] = _inflate(value[1:]).decode("latin-1")
             elif kind == b"iTXt":
                 key, _, rest = body.partition(b"\0")
                 compressed, rest = rest[0], rest[2:]
                 _, _, rest = rest.partition(b"\0")  # language tag
                 _, _, value = rest.partition(b"\0")  # translated keyword
-                out[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
+                out[key.decode("latin-1")] = (_inflate(value) if compressed else value).decode("utf-8")
         except (zlib.error, UnicodeDecodeError, IndexError):
-            continue  # a damaged chunk is skipped, not fatal
+            continue  # a damaged chunk (or one that inflates past the limit) is skipped, not fatal
         if kind == b"IEND":
             break
+    return out
+
+
+def _inflate(data: bytes, limit: int = Limits().max_bytes) -> bytes:
+    # A few kilobytes of zlib can inflate to gigabytes: stop at the size a document may have.
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise zlib.error(f"the text inflates past {limit} bytes")
     return out
 
 
@@ -251,6 +261,9 @@ def from_json(doc: Any, limits: Limits = Limits()) -> Workflow:
         raise WorkflowError(f"the workflow has {len(nodes)} nodes, over the limit of {limits.max_nodes}")
     wf = Workflow()
     for nid, raw in nodes.items():
+        if not nid or len(nid) > MAX_ID or not nid.isprintable():
+            # errors are reported by node id: an empty one reads as "no node", an unprintable one cannot be shown
+            raise WorkflowError(f"node id {nid[:40]!r} must be printable text of 1 to {MAX_ID} characters")
         wf.nodes[nid] = _parse_node(nid, raw)
     for key, kind in (("groups", list), ("notes", list), ("meta", dict), ("outputs", list)):
         if key in doc:
