@@ -172,18 +172,30 @@ class Widget(InputSpec):
         return out
 
 
+_FLOAT_MAX = 1.7976931348623157e308
+
+
 def _number_problems(value: float, lo: float | None, hi: float | None, step: float | None, base: float | None,
                      tolerance: float) -> list[Problem]:
     if lo is not None and value < lo:
-        return [Problem("out_of_range", f"{value} is below the minimum {lo}")]
+        return [Problem("out_of_range", f"{_short(value)} is below the minimum {lo}")]
     if hi is not None and value > hi:
-        return [Problem("out_of_range", f"{value} is above the maximum {hi}")]
+        return [Problem("out_of_range", f"{_short(value)} is above the maximum {hi}")]
     if step:
-        k = (value - (base or 0)) / step
-        if abs(k - round(k)) > tolerance:
+        if isinstance(value, int) and isinstance(step, int) and isinstance(base or 0, int):
+            off = (value - (base or 0)) % step != 0  # exact: a huge integer would overflow a float division
+        else:
+            k = (value - (base or 0)) / step
+            off = abs(k - round(k)) > tolerance
+        if off:
             origin = f" from {base}" if base else ""
-            return [Problem("off_step", f"{value} is not a multiple of the step {step}{origin}")]
+            return [Problem("off_step", f"{_short(value)} is not a multiple of the step {step}{origin}")]
     return []
+
+
+def _short(value: float) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +234,8 @@ class Float(Widget):
     def check(self, value: Any, settings: "Settings | None" = None) -> list[Problem]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return [Problem("wrong_type", f"expects a number, got {_describe(value)}")]
+        if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # JSON integers are unbounded; floats are not
+            return [Problem("out_of_range", f"{_describe(value)} is too large for a number")]
         if not math.isfinite(value):
             return [Problem("wrong_type", f"expects a finite number, got {value}")]
         # Steps are decimal fractions such as 0.05 that binary floats cannot hold exactly: allow a small slack.

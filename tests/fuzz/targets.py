@@ -50,8 +50,8 @@ COMFY_TYPES = ["KSampler", "CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTe
 HOSTILE_TEXT = ["../../etc/passwd", "/etc/passwd", "C:\\Windows", "%2e%2e%2f", "\u2025/x", "\uff0e\uff0e\uff0fx",
                 "a\x00b", "<script>alert(1)</script>", "\u202e\u0000\ud7ff", "²", "9" * 120, "", " ", "NaN",
                 "__proto__", "constructor", "link", "format"]
-HOSTILE_NUMBERS = [0, -1, 2**63, -(2**63) - 1, 2**64, 10**30, -(10**30), 1e308, -1e308, 5e-324, 0.1, -0.0, 1e-7,
-                   True, False]
+HOSTILE_NUMBERS = [0, -1, 2**63, -(2**63) - 1, 2**64, 10**30, -(10**30), 10**400, -(10**4000), 1e308, -1e308, 5e-324,
+                   0.1, -0.0, 1e-7, True, False]
 NON_JSON_NUMBERS = [float("nan"), float("inf"), float("-inf")]  # only in the cases that ask for them (see _text)
 
 texts = st.one_of(st.sampled_from(HOSTILE_TEXT), st.text(max_size=24),

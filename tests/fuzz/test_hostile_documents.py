@@ -50,3 +50,12 @@ def test_node_ids_are_printable_text_of_bounded_length(node_id):
     doc = {"format": "nodegraph/workflow", "version": 1, "nodes": {node_id: {"type": "Integer"}}}
     with pytest.raises(WorkflowError, match="node id"):
         ng.workflow.from_json(doc)
+
+
+@pytest.mark.parametrize("value, code", [(10**400, "out_of_range"), (-(10**4000), "out_of_range")])
+def test_integers_json_allows_but_no_float_holds_are_out_of_range(value, code):
+    text = '{"format": "nodegraph/workflow", "version": 1, "nodes": {"1": {"type": "Number", "inputs": {"value": ' \
+        + str(value) + '}}, "2": {"type": "Integer", "inputs": {"value": ' + str(value) + '}}}, "outputs": ["1"]}'
+    with pytest.raises(ng.ValidationFailed) as failed:
+        ng.compile_workflow(ng.workflow.loads(text), ng.build_registry())
+    assert {(e.node_id, e.input, e.code) for e in failed.value.errors} == {("1", "value", code), ("2", "value", code)}
