@@ -1,5 +1,6 @@
 """The ``nodegraph`` command: run, validate and inspect workflows headless (and, with ``serve``, start the server);
-``import`` and ``export`` convert between our format and ComfyUI's.
+``import`` and ``export`` convert between our format and ComfyUI's; ``worker`` and ``cluster`` scale the server out
+over a Dask cluster (``nodegraph.cluster``).
 
 ``run``, ``validate``, ``import`` and ``export`` read a workflow in any format: ours, ComfyUI's API prompt or its
 editor's (UI) save file, as JSON or as a PNG that carries one (ours, or ComfyUI's ``prompt`` / ``workflow`` text
@@ -114,7 +115,22 @@ def make_parser() -> argparse.ArgumentParser:
                        help="an extra Host header value to accept (repeatable)")
     serve.add_argument("--token", help="bearer token required from clients (default: $NODEGRAPH_TOKEN; one is "
                                        "generated when binding a non-loopback address)")
+    serve.add_argument("--scheduler", metavar="ADDR",
+                       help="run prompts on the workers of this Dask scheduler (tcp://HOST:8786; tls:// with Dask's "
+                            "TLS configuration) instead of in this process; see docs/scale-out.md")
     _add_common(serve)
+
+    worker = sub.add_parser("worker", help="run prompts for a server's cluster: a Dask worker holding the engine "
+                                           "(needs the cluster extra)")
+    worker.add_argument("--scheduler", metavar="ADDR", required=True, help="the Dask scheduler (tcp://HOST:8786)")
+    worker.add_argument("--name", help="the worker's name in the cluster (default: Dask's)")
+    _add_common(worker)
+
+    cluster = sub.add_parser("cluster", help="start a Dask scheduler for servers and workers to meet at")
+    cluster.add_argument("--host", default="127.0.0.1",
+                         help="address to bind (default: loopback only; keep the port off the internet)")
+    cluster.add_argument("--port", type=int, default=8786)
+    cluster.add_argument("-v", "--verbose", action="store_true", help="log what the scheduler does")
     return parser
 
 
@@ -129,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "cluster":
+        return _cmd_cluster(args)
     try:
         settings = settings_from_args(args)
         cache = _cache(args)
@@ -143,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve  # imported late: aiohttp is only needed for the server
         return serve(registry, settings, library, host=args.host, port=args.port, token=args.token,
-                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=cache)
+                     allowed_hosts=tuple(args.allow_host), data_dir=args.data, cache=cache,
+                     scheduler=args.scheduler)
+    if args.command == "worker":
+        return _cmd_worker(args, settings, cache)
     if args.command in ("import", "export"):
         return _cmd_convert(args, library, settings)
     try:
@@ -231,6 +252,55 @@ def _cache(args) -> ResultCache:
     if not gb >= 0 or gb == float("inf"):
         raise ValueError(f"the cache budget must be a finite number of GiB >= 0, not {gb}")
     return ResultCache(max_bytes=int(gb * 1024**3))
+
+
+def _cmd_worker(args, settings: Settings, cache: ResultCache) -> int:
+    """``nodegraph worker``: a Dask worker with one GPU resource and the engine (``nodegraph.cluster``)."""
+    import asyncio
+
+    try:
+        from distributed import Worker
+    except ImportError:
+        print("error: nodegraph worker needs the cluster extra: pip install 'nodegraph[cluster]'", file=sys.stderr)
+        return 2
+    from .cluster import GPU, NodegraphWorker
+
+    plugin = NodegraphWorker(settings, node_paths=args.node_path, cache_bytes=cache.max_bytes,
+                             builtin=not args.no_builtin)
+
+    async def work() -> None:
+        async with Worker(args.scheduler, nthreads=1, resources={GPU: 1}, plugins=(plugin,), name=args.name) as w:
+            print(f"nodegraph worker {w.address} on {settings.device or 'the default device'}, scheduler "
+                  f"{args.scheduler}", flush=True)
+            await w.finished()
+
+    try:
+        asyncio.run(work())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_cluster(args) -> int:
+    """``nodegraph cluster``: a Dask scheduler (what ``dask scheduler`` starts, bound to loopback by default)."""
+    import asyncio
+
+    try:
+        from distributed import Scheduler
+    except ImportError:
+        print("error: nodegraph cluster needs the cluster extra: pip install 'nodegraph[cluster]'", file=sys.stderr)
+        return 2
+
+    async def schedule() -> None:
+        async with Scheduler(host=args.host, port=args.port, dashboard=False) as scheduler:
+            print(f"nodegraph scheduler at {scheduler.address}", flush=True)
+            await scheduler.finished()
+
+    try:
+        asyncio.run(schedule())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _cmd_nodes(registry: Registry, settings: Settings, args) -> int:

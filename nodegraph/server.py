@@ -40,7 +40,7 @@ from .folders import FILE_FOLDERS, Folder, folders_of
 from .history import History
 from .library import Library, NoLibrary
 from .paths import UnsafePath, safe_join
-from .prompt_queue import PromptQueue
+from .prompt_queue import PromptQueue, Runner
 from .settings import Settings
 from .spec import file_name_problem
 from .validate import ValidationFailed
@@ -91,11 +91,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def create_app(executor: Executor, config: ServerConfig, history: History,
-               library: Library | None = None) -> web.Application:
+               library: Library | None = None, runner: Runner | None = None) -> web.Application:
     """Build the aiohttp application (tests use it with aiohttp's test client). Its folders are the executor's
-    settings' folders: what a client uploads is what LoadImage reads."""
+    settings' folders: what a client uploads is what LoadImage reads. Prompts run on ``runner`` when given (a
+    ``nodegraph.cluster.DaskRunner``), else on the executor; the executor still validates them."""
     hub = comfy.Hub({"max_upload_size": config.max_upload})
-    queue = PromptQueue(executor, history, hub.send_threadsafe, comfy)
+    queue = PromptQueue(runner if runner is not None else executor, history, hub.send_threadsafe, comfy)
     if config.previews:
         executor.settings = executor.settings.replace(previews=True)
     app = web.Application(client_max_size=config.max_upload,
@@ -537,8 +538,9 @@ async def workflows_get(request: web.Request) -> web.Response:
 
 def serve(registry, settings: Settings, library: Library | None = None, *, host: str = "127.0.0.1",
           port: int = 8188, token: str | None = None, allowed_hosts: tuple[str, ...] = (),
-          data_dir: str | Path = "data", cache=None) -> int:
-    """Run the server until interrupted (``nodegraph serve``)."""
+          data_dir: str | Path = "data", cache=None, scheduler: str | None = None) -> int:
+    """Run the server until interrupted (``nodegraph serve``); with ``scheduler``, prompts run on that Dask
+    cluster's workers (``nodegraph.cluster``)."""
     for folder in FILE_FOLDERS.values():
         folder.root(settings).mkdir(parents=True, exist_ok=True)
     config = ServerConfig(host=host, port=port, token=token or os.environ.get("NODEGRAPH_TOKEN"),
@@ -547,7 +549,12 @@ def serve(registry, settings: Settings, library: Library | None = None, *, host:
         config.token = secrets.token_urlsafe(24)
         print(f"bound to {host}, which is not loopback: requests need the bearer token {config.token}")
     executor = Executor(registry, cache=cache, settings=settings)
-    app = create_app(executor, config, History(Path(data_dir) / "history.sqlite3"), library)
+    runner = None
+    if scheduler:
+        from .cluster import DaskRunner  # imported late: the cluster extra is only needed with a scheduler
+
+        runner = DaskRunner.connect(scheduler, executor)
+    app = create_app(executor, config, History(Path(data_dir) / "history.sqlite3"), library, runner)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"nodegraph: open http://{shown}:{port}/" + (f"#token={config.token}" if config.token else ""),
           flush=True)

@@ -1,0 +1,145 @@
+"""Prompts run on a Dask cluster: a LocalCluster of two worker processes, each holding the engine with the demo
+model (embedded: no files), driven through ``DaskRunner`` and through the server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import nodegraph as ng  # noqa: E402
+from nodegraph import events as ev  # noqa: E402
+from nodegraph.assets import find_workflow  # noqa: E402
+from nodegraph.cluster import GPU, DaskRunner, NodegraphWorker  # noqa: E402
+from nodegraph.history import History  # noqa: E402
+from nodegraph.library import BUILTIN, load_library  # noqa: E402
+from nodegraph.registry import build_registry  # noqa: E402
+from nodegraph.server import ServerConfig, create_app  # noqa: E402
+
+
+def settings_in(root) -> ng.Settings:
+    return ng.Settings(device="cpu", models_dir=root / "models", input_dir=root / "input",
+                       output_dir=root / "output", temp_dir=root / "temp")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    library = load_library(BUILTIN)
+    return build_registry([], library)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={GPU: 1},
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        client.register_plugin(NodegraphWorker(settings_in(root)))
+        yield client
+
+
+@pytest.fixture
+def server_side(tmp_path, registry, client):
+    """The server's executor (validation, its folders) and a runner sending its prompts to the cluster."""
+    for name in ("models", "input", "output", "temp"):
+        (tmp_path / name).mkdir()
+    executor = ng.Executor(registry, settings=settings_in(tmp_path))
+    return executor, DaskRunner(client, executor)
+
+
+def text_to_image(seed=42, steps=4) -> ng.Workflow:
+    workflow = ng.workflow.load(find_workflow("text-to-image"))
+    workflow.set("5", "seed", seed)
+    workflow.set("3", "steps", steps)
+    return workflow
+
+
+def saved(executor: ng.Executor, result) -> bytes:
+    (image,) = result.ui["7"]["images"]
+    return (executor.output_dir / image["subfolder"] / image["filename"]).read_bytes()
+
+
+def test_a_remote_run_writes_the_same_image_as_a_local_run_into_the_servers_output_folder(server_side, registry,
+                                                                                          tmp_path):
+    executor, runner = server_side
+    remote = runner.run(executor.compile(text_to_image(seed=7)), run_id="same-image")
+    assert remote.status == "success"
+    local = ng.Executor(registry, settings=settings_in(tmp_path).replace(output_dir=tmp_path / "local"))
+    here = local.run(text_to_image(seed=7))
+    assert saved(executor, remote) == saved(local, here)
+
+
+def test_events_arrive_in_order_for_their_prompt_and_file_names_never_collide(server_side):
+    executor, runner = server_side
+    seen: list[ev.Event] = []
+    runner.events.subscribe(seen.append)
+    first = runner.run(executor.compile(text_to_image(seed=1)), run_id="first")
+    second = runner.run(executor.compile(text_to_image(seed=2)), run_id="second")
+    assert {e.run_id for e in seen} == {"first", "second"}
+    for run_id, result in (("first", first), ("second", second)):
+        kinds = [(e.type, e.node_id) for e in seen if e.run_id == run_id]
+        assert kinds[0] == (ev.RUN_STARTED, None) and kinds[-1] == (ev.RUN_FINISHED, None)
+        progress = [i for i, k in enumerate(kinds) if k == (ev.NODE_PROGRESS, "5")]
+        assert len(progress) == 4 and progress[-1] < kinds.index((ev.NODE_FINISHED, "7"))
+        finished = next(e for e in seen if e.run_id == run_id and e.type == ev.NODE_FINISHED and e.node_id == "7")
+        assert finished.data["ui"] == result.ui["7"]  # the name the file got on the server
+    assert saved(executor, first) != saved(executor, second)
+    assert first.ui["7"]["images"][0]["filename"] != second.ui["7"]["images"][0]["filename"]
+
+
+def test_a_prompt_for_a_loaded_checkpoint_goes_to_the_worker_that_loaded_it(server_side):
+    executor, runner = server_side
+    for seed in range(3):
+        result = runner.run(executor.compile(text_to_image(seed=100 + seed)), run_id=f"affinity-{seed}")
+        assert result.status == "success"
+    assert len({runner.placed[f"affinity-{seed}"] for seed in range(3)}) == 1
+    worker = runner.placed["affinity-0"]
+    assert "ckpt:demo-lcm" in runner.workers()[worker]["models"]
+
+
+def test_cancelling_reaches_the_worker_and_stops_the_run_within_a_step(server_side):
+    executor, runner = server_side
+    steps = []
+
+    def on_event(event):
+        if event.type == ev.NODE_PROGRESS:
+            steps.append(event.data["value"])
+            if len(steps) == 1:
+                threading.Thread(target=runner.cancel, args=("cancelled",)).start()
+
+    runner.events.subscribe(on_event)
+    result = runner.run(executor.compile(text_to_image(seed=3, steps=50)), run_id="cancelled")
+    assert result.status == "cancelled"
+    assert len(steps) < 50
+    assert runner.cancel("cancelled") is False  # no longer running
+
+
+async def test_a_server_with_a_cluster_answers_prompts_and_tells_its_client_as_a_local_one(
+        aiohttp_client, server_side, tmp_path):
+    executor, runner = server_side
+    app = create_app(executor, ServerConfig(), History(tmp_path / "history.sqlite3"), runner=runner)
+    http = await aiohttp_client(app)
+    ws = await http.ws_connect("/ws?clientId=me")
+    assert (await ws.receive_json())["type"] == "status"
+    resp = await http.post("/prompt", json={"prompt": text_to_image(seed=5).to_json(), "client_id": "me"})
+    assert resp.status == 200, await resp.text()
+    prompt_id = (await resp.json())["prompt_id"]
+    kinds = []
+    while True:
+        message = await asyncio.wait_for(ws.receive(), 60)
+        if message.type != 1:  # a binary preview frame
+            continue
+        data = message.json()
+        kinds.append(data["type"])
+        if data["type"] == "execution_success":
+            assert data["data"]["prompt_id"] == prompt_id
+            break
+        if data["type"] == "executed":
+            image = data["data"]["output"]["images"][0]
+    assert {"execution_start", "executing", "progress", "executed"} <= set(kinds)
+    view = await http.get("/view", params={"filename": image["filename"], "type": "output"})
+    assert view.status == 200 and (await view.read())[:4] == b"\x89PNG"
+    history = await (await http.get(f"/history/{prompt_id}")).json()
+    assert history[prompt_id]["status"]["status_str"] == "success"
