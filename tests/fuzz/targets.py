@@ -215,8 +215,14 @@ def huge_documents() -> st.SearchStrategy:
         doc[str(n)] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
         return json.dumps(doc)
 
+    def wide(n: int) -> str:
+        nodes = {str(i): {"type": "Integer", "inputs": {"value": {"link": ["1", "value"]}}} for i in range(2, n + 1)}
+        nodes["1"] = {"type": "Integer", "inputs": {"value": 1}}
+        return json.dumps({"format": "nodegraph/workflow", "version": 1, "nodes": nodes})
+
     return st.one_of(st.builds(chain, st.integers(500, 3000), st.booleans()),
-                     st.builds(api_chain, st.integers(500, 3000)))
+                     st.builds(api_chain, st.integers(500, 3000)),
+                     st.builds(wide, st.sampled_from([5000, 10_000, 10_001])))
 
 
 # --- the targets -----------------------------------------------------------------------------------------------------
