@@ -291,6 +291,11 @@ def _cmd_cluster(args) -> int:
         print("error: nodegraph cluster needs the cluster extra: pip install 'nodegraph[cluster]'", file=sys.stderr)
         return 2
 
+    import dask
+
+    # a prompt whose worker dies runs again once on another worker, then fails (Dask's default is 3 tries)
+    dask.config.set({"distributed.scheduler.allowed-failures": 1})
+
     async def schedule() -> None:
         async with Scheduler(host=args.host, port=args.port, dashboard=False) as scheduler:
             print(f"nodegraph scheduler at {scheduler.address}", flush=True)

@@ -4,6 +4,7 @@ model (embedded: no files), driven through ``DaskRunner`` and through the server
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -143,3 +144,26 @@ async def test_a_server_with_a_cluster_answers_prompts_and_tells_its_client_as_a
     assert view.status == 200 and (await view.read())[:4] == b"\x89PNG"
     history = await (await http.get(f"/history/{prompt_id}")).json()
     assert history[prompt_id]["status"]["status_str"] == "success"
+
+
+def test_a_prompt_whose_worker_dies_runs_again_on_another_and_a_new_worker_joins(server_side, client):
+    # last in the module: it kills a worker (its nanny starts a fresh one, which gets the plugin as it joins)
+    executor, runner = server_side
+    killed = []
+
+    async def die():  # a coroutine: Client.run does not wait for it, so the worker can die mid-answer
+        os._exit(1)
+
+    def on_event(event):
+        if event.type == ev.NODE_PROGRESS and not killed:
+            running = {w for w, keys in client.processing().items() if "nodegraph-dies" in keys}
+            killed.extend(running)
+            client.run(die, workers=list(running), wait=False)
+
+    runner.events.subscribe(on_event)
+    result = runner.run(executor.compile(text_to_image(seed=9, steps=50)), run_id="dies")
+    assert killed and result.status == "success"
+    assert runner.placed["dies"] not in killed
+    client.wait_for_workers(2, timeout=60)
+    info = runner.workers()
+    assert len(info) == 2 and all(w["ready"] for w in info.values())
