@@ -273,7 +273,7 @@ class Cli:
         if status == 0 and out.getvalue().startswith("ok:"):
             return "valid"
         if status == 2 and err.getvalue().startswith("error:") and "Traceback" not in err.getvalue():
-            return "refused"
+            return "invalid" if err.getvalue().startswith("error: the workflow is invalid") else "refused"
         raise Unexpected(f"exit status {status}: {out.getvalue()[:200]!r} {err.getvalue()[:200]!r}")
 
 
@@ -333,7 +333,9 @@ class Server:
                 _plain(error.get("message"))
                 if error.get("type") in INPUT_CODES and not isinstance(error["extra_info"].get("input_name"), str):
                     raise Unexpected(f"node {node_id}: an error about an input that does not name it: {error}")
-        return "refused"
+        error = answer["error"]  # text for a body that is no JSON, ComfyUI's object for a prompt it refuses
+        return "invalid" if isinstance(error, dict) and error.get("type") == "prompt_outputs_failed_validation" \
+            else "refused"
 
 
 def _plain(message: str) -> None:
