@@ -377,7 +377,7 @@ _MAX_PART = 200  # characters in one path component: file systems refuse names p
 def file_name_problem(name: str, allow_empty: bool = False) -> str | None:
     """Why ``name`` (from an untrusted workflow or request) cannot name a file inside its folder, or None. Besides
     the plain escapes it refuses the spellings other layers may turn into one: percent-encoding (a URL decoded
-    again later) and Unicode compatibility forms (NFKC makes "\u2025" "..", and "\uff0f" "/")."""
+    again later) and Unicode compatibility forms (NFKC makes U+2025 "..", and the fullwidth solidus U+FF0F "/")."""
     if not name:
         return None if allow_empty else "a file name is required"
     if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name):

@@ -61,7 +61,8 @@ scalars = st.one_of(st.none(), st.booleans(), numbers, texts)
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                            st.dictionaries(texts, inner, max_size=4)),
                            max_leaves=12)
-node_ids = st.one_of(st.integers(1, 12).map(str), st.sampled_from(["a", "²", "1:2", "01", "9" * 5000, "", "-1"]), texts)
+node_ids = st.one_of(st.integers(1, 12).map(str), st.sampled_from(["a", "²", "1:2", "01", "9" * 5000, "", "-1"]),
+                     texts)
 
 
 def _link(ids: list[str]) -> st.SearchStrategy:
@@ -249,8 +250,9 @@ class Validator:
         except ValidationFailed as exc:
             for error in exc.errors:
                 _plain(error.message)
+                about_input = error.code in INPUT_CODES
                 if not (error.node_id is None or isinstance(error.node_id, str)) or not error.code \
-                        or (error.code in INPUT_CODES and not (error.node_id is not None and isinstance(error.input, str))):
+                        or (about_input and not (error.node_id is not None and isinstance(error.input, str))):
                     raise Unexpected(f"an error without its place or code: {error!r}") from None
             return "invalid"
         return "valid"
