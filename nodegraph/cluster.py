@@ -26,7 +26,6 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,7 +184,8 @@ class DaskRunner:
         self.events = EventBus()
         self.affinity: dict[str, set[str]] = {}  # worker address -> the models of the last prompt it ran
         self.placed: dict[str, str] = {}  # run id -> the worker that ran it (tests and logs)
-        self._active: set[str] = set()
+        self._active: dict[str, Any] = {}  # run id -> its future, None until submitted
+        self._started: set[str] = set()  # runs a worker took up (their first event arrived)
         self._lock = threading.Lock()
 
     @classmethod
@@ -205,23 +205,31 @@ class DaskRunner:
         if worker is not None:
             submit.update(workers=[worker], allow_other_workers=True)
         with self._lock:
-            self._active.add(run_id)
+            self._active[run_id] = None
         names: dict[tuple[str, str], str] = {}  # (type, worker's name) -> the name on the server
         events = Queue(_queue_name(run_id), client=self.client)
         try:
             future = self.client.submit(run_prompt, plan.workflow.to_json(), list(plan.targets), run_id,
                                         previews=self.local.settings.previews, key=f"nodegraph-{run_id}",
                                         pure=False, resources={GPU: 1}, **submit)
+            with self._lock:
+                self._active[run_id] = future
             # A task that fails (after Dask's own retries on another worker) never ends its events: end them for it.
             # (A blocking get rather than polling with a timeout, which the scheduler logs as an error each time.)
             future.add_done_callback(lambda f: f.status == "finished" or threading.Thread(
                 target=events.put, args=(END,), daemon=True).start())
             while (item := events.get()) != END:
+                self._started.add(run_id)
                 self._publish(run_id, pickle.loads(item), names)
+            if future.cancelled():  # cancelled while it waited for a worker: it never ran
+                self.events.publish(Event(ev.RUN_FINISHED, run_id, None, {"status": "cancelled", "duration": 0.0,
+                                                                          "counts": {}}))
+                return RunResult(run_id, "cancelled", {})
             remote = future.result()
         finally:
             with self._lock:
-                self._active.discard(run_id)
+                self._active.pop(run_id, None)
+                self._started.discard(run_id)
             self._forget(run_id, events)
         self.affinity[remote["worker"]] = set(remote["models"])
         self.placed[run_id] = remote["worker"]
@@ -235,7 +243,10 @@ class DaskRunner:
         with self._lock:
             if run_id not in self._active:
                 return False
-        DaskEvent(_cancel_name(run_id), client=self.client).set()
+            future, started = self._active[run_id], run_id in self._started
+        DaskEvent(_cancel_name(run_id), client=self.client).set()  # seen by the worker once it runs the prompt
+        if future is not None and not started:
+            future.cancel()  # still waiting for a free worker (or just starting: the event stops it there)
         return True
 
     def workers(self) -> dict[str, dict]:

@@ -12,7 +12,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 import nodegraph as ng  # noqa: E402
-from nodegraph import events as ev  # noqa: E402
+from nodegraph import cluster, events as ev  # noqa: E402
 from nodegraph.assets import find_workflow  # noqa: E402
 from nodegraph.cluster import GPU, DaskRunner, NodegraphWorker  # noqa: E402
 from nodegraph.history import History  # noqa: E402
@@ -144,6 +144,22 @@ async def test_a_server_with_a_cluster_answers_prompts_and_tells_its_client_as_a
     assert view.status == 200 and (await view.read())[:4] == b"\x89PNG"
     history = await (await http.get(f"/history/{prompt_id}")).json()
     assert history[prompt_id]["status"]["status_str"] == "success"
+
+
+def test_a_prompt_waiting_for_a_free_worker_can_be_cancelled(server_side, client, monkeypatch):
+    executor, runner = server_side
+    monkeypatch.setattr(cluster, "GPU", "NO-SUCH-RESOURCE")  # no worker will ever take it
+    seen, results = [], []
+    runner.events.subscribe(seen.append)
+    thread = threading.Thread(target=lambda: results.append(
+        runner.run(executor.compile(text_to_image(seed=11)), run_id="waits")))
+    thread.start()
+    while runner._active.get("waits") is None and thread.is_alive():  # until it is submitted
+        thread.join(0.05)
+    assert runner.cancel("waits")
+    thread.join(60)
+    assert results[0].status == "cancelled"
+    assert [(e.type, e.data["status"]) for e in seen if e.run_id == "waits"] == [(ev.RUN_FINISHED, "cancelled")]
 
 
 def test_a_prompt_whose_worker_dies_runs_again_on_another_and_a_new_worker_joins(server_side, client):
