@@ -3,7 +3,7 @@ list of hostile requests, counted.
 
     python benchmarks/reliability.py [--examples 500] [--seed 0]
 
-Prints, per target (validation, ``nodegraph validate``, ``POST /prompt``), the cases tried, how they were answered
+Prints, per target (validation, ``nodegraph validate``, ``POST /prompt``, ``POST /nodegraph/import``), the cases tried, how they were answered
 (a plan, a validation failure, a refusal) and the failures found: any other exception, a 500, a traceback in a
 message, or a case over the time limit. Then the fixed hostile requests against a server over the real node library
 and how many were refused with a 4xx. Every failure count should be 0.

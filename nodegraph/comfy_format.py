@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .workflow import Limits, Workflow, WorkflowError, _check_depth, from_json, parse_json
+from .workflow import Limits, Workflow, WorkflowError, _check_depth, check_node_id, from_json, parse_json
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -452,7 +452,10 @@ def load_document(doc: Any, library: Any, settings: Settings | None = None,
         api, ui = ui_to_api(doc, comfy.widget_names, limits)
     else:
         api, ui = check_api(doc, limits), None
-    return comfy.to_workflow(api, ui, settings=settings), fmt
+    workflow = comfy.to_workflow(api, ui, settings=settings)
+    for nid in workflow.nodes:  # ids our format reads back (the canvas opens what the import gives)
+        check_node_id(nid)
+    return workflow, fmt
 
 
 def auto_layout(workflow: Workflow, column: float = 320, row: float = 220) -> None:

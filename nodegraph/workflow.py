@@ -261,9 +261,7 @@ def from_json(doc: Any, limits: Limits = Limits()) -> Workflow:
         raise WorkflowError(f"the workflow has {len(nodes)} nodes, over the limit of {limits.max_nodes}")
     wf = Workflow()
     for nid, raw in nodes.items():
-        if not nid or len(nid) > MAX_ID or not nid.isprintable():
-            # errors are reported by node id: an empty one reads as "no node", an unprintable one cannot be shown
-            raise WorkflowError(f"node id {nid[:40]!r} must be printable text of 1 to {MAX_ID} characters")
+        check_node_id(nid)
         wf.nodes[nid] = _parse_node(nid, raw)
     for key, kind in (("groups", list), ("notes", list), ("meta", dict), ("outputs", list)):
         if key in doc:
@@ -273,6 +271,13 @@ def from_json(doc: Any, limits: Limits = Limits()) -> Workflow:
     if wf.outputs is not None and not all(isinstance(o, str) for o in wf.outputs):
         raise WorkflowError("\"outputs\" must list node ids (strings)")
     return wf
+
+
+def check_node_id(nid: str) -> None:
+    """A WorkflowError unless ``nid`` is printable text of 1 to ``MAX_ID`` characters."""
+    if not nid or len(nid) > MAX_ID or not nid.isprintable():
+        # errors are reported by node id: an empty one reads as "no node", an unprintable one cannot be shown
+        raise WorkflowError(f"node id {nid[:40]!r} must be printable text of 1 to {MAX_ID} characters")
 
 
 def _parse_node(nid: str, raw: Any) -> NodeEntry:

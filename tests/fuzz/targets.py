@@ -294,7 +294,7 @@ class Server:
     """``POST /prompt`` through aiohttp's test client, on a server over the toy nodes (a prompt that is accepted
     runs toy arithmetic only): 200 with a prompt id, or 400 with a JSON error (node errors with their input)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, registry: ng.Registry | None = None, library: Any = None):
         from aiohttp.test_utils import TestClient, TestServer
 
         from nodegraph.history import History
@@ -304,8 +304,8 @@ class Server:
 
         settings = ng.Settings(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
                                temp_dir=root / "temp")
-        app = create_app(ng.Executor(toy.registry(), settings=settings), ServerConfig(),
-                         History(root / "data" / "history.sqlite3"))
+        app = create_app(ng.Executor(registry or toy.registry(), settings=settings), ServerConfig(),
+                         History(root / "data" / "history.sqlite3"), library)
         self.loop = asyncio.new_event_loop()
         self.client = TestClient(TestServer(app), loop=self.loop)
         self.loop.run_until_complete(self.client.start_server())
@@ -340,6 +340,34 @@ class Server:
             else "refused"
 
 
+class Importer(Server):
+    """``POST /nodegraph/import`` on a server over the real node library (import runs nothing): 200 with a workflow
+    in our format that reads back (strict JSON: no NaN), or 400 with a JSON error."""
+
+    def __init__(self, root: Path):
+        super().__init__(root, REGISTRY, load_library("nodes"))
+
+    def __call__(self, text: str) -> str:
+        return self.loop.run_until_complete(self._import(text.encode("utf-8", "surrogatepass")))
+
+    async def _import(self, body: bytes) -> str:
+        resp = await self.client.post("/nodegraph/import", data=body, headers={"Content-Type": "application/json"})
+        text = await resp.text()
+        try:
+            answer = ng.workflow.parse_json(text)
+        except WorkflowError as exc:
+            raise Unexpected(f"{resp.status} with a body that is not strict JSON: {exc}; {text[:200]!r}") from None
+        if resp.status == 200:
+            try:
+                ng.workflow.from_json(answer)
+            except WorkflowError as exc:
+                raise Unexpected(f"the imported workflow does not read back: {exc}") from None
+            return "valid"
+        if resp.status != 400 or "error" not in answer:
+            raise Unexpected(f"{resp.status}: {text[:300]}")
+        return "refused"
+
+
 def _plain(message: str) -> None:
     if not isinstance(message, str) or not message or "Traceback" in message:
         raise Unexpected(f"an unhelpful message: {message!r}")
@@ -347,11 +375,13 @@ def _plain(message: str) -> None:
 
 @contextlib.contextmanager
 def targets():
-    """The three targets by name, over fresh temporary folders."""
+    """The targets by name, over fresh temporary folders."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        server = Server(root / "server")
+        server, importer = Server(root / "server"), Importer(root / "import")
         try:
-            yield {"validator": Validator(root / "validator"), "cli": Cli(root / "cli"), "server": server}
+            yield {"validator": Validator(root / "validator"), "cli": Cli(root / "cli"), "server": server,
+                   "import": importer}
         finally:
             server.close()
+            importer.close()
