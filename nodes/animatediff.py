@@ -143,7 +143,7 @@ class ApplyMotionModule(Node):
             unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
         device = model.device
         ready(unet, device, model.dtype, clone=False)
-        if devices.channels_last(ctx.settings, device):
+        if devices.channels_last(ctx.settings, device, "unet"):
             unet.to(memory_format=torch.channels_last)
         _share_weights(unet, model.unet)
         fastpaths.apply(unet)

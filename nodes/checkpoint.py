@@ -69,7 +69,7 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     if base != NO_BASE:
         own_base = locate(settings, base)[0]
     device = devices.device(settings)
-    channels_last = devices.channels_last(settings, device)
+    channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
     components = load_components(path, device=device, dtype=devices.dtype(settings, device), base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
                                  channels_last=channels_last)
@@ -82,9 +82,9 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         components.vae.to(torch.float32)
     from . import fastpaths  # imports diffusers: not at start-up
 
-    for module in (components.unet, components.vae):
+    for part, module in (("unet", components.unet), ("vae", components.vae)):
         fastpaths.apply(module)
-        if channels_last:  # a no-op for kernels streamed in that layout already
+        if part in channels_last:  # a no-op for kernels streamed in that layout already
             module.to(memory_format=torch.channels_last)
     return components
 

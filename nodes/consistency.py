@@ -140,7 +140,7 @@ def load(settings: Settings, name: str) -> ConsistencyModel:
         raise CheckpointError(f"{path / 'unet'}: cannot load the {UNET_CLASS}: {first_line(e)}.{hint}") from e
     device = devices.device(settings)
     ready(unet, device, devices.dtype(settings, device))
-    if devices.channels_last(settings, device):
+    if devices.channels_last(settings, device, "unet"):
         unet.to(memory_format=torch.channels_last)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return ConsistencyModel(unet, scheduler_config, unet.config.num_class_embeds, name)

@@ -114,7 +114,8 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
         except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
             raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}") from e
         module = ready(module, device, dtype)
-        if devices.channels_last(settings, device) and component != "bert":
+        part = "unet" if component == "unet" else "vae"
+        if devices.channels_last(settings, device, part) and component != "bert":
             module.to(memory_format=torch.channels_last)
         loaded[component] = module
     return folder, loaded, read_json(folder / "scheduler" / "scheduler_config.json")

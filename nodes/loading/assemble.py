@@ -46,7 +46,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -87,7 +87,7 @@ class _Options:
     dtype: torch.dtype
     allow_pickle: bool
     clone: bool
-    channels_last: bool = False
+    channels_last: frozenset[str] = frozenset()  # the components whose kernels are streamed channels_last
 
 
 #: Builds the UNet in place of a checkpoint's own, given that checkpoint's UNet configuration (to check the fit).
@@ -104,7 +104,7 @@ def load_components(
     base: Path | str | None = None,
     config: Path | str | None = None,
     clone_weights: bool = True,
-    channels_last: bool = False,
+    channels_last: Collection[str] = (),
 ) -> Components:
     """Load the checkpoint at ``path`` (see :mod:`nodes.loading` for the formats) on ``device`` in ``dtype``.
 
@@ -114,14 +114,15 @@ def load_components(
       family's shipped ones, as diffusers' ``from_single_file(config=...)``. Needed only for non-standard models whose
       head counts or norm groups the defaults do not fit.
     * ``clone_weights``: copy memory-mapped weights into memory of their own (see the module docstring).
-    * ``channels_last``: lay convolution kernels out channels_last as they are streamed (a load that streams its
-      weights then needs no second copy for the layout; others are converted by the caller as before).
+    * ``channels_last``: the components ("unet", "vae") whose convolution kernels are laid out channels_last as
+      they are streamed (a streamed load then needs no second copy for the layout; others are converted by the
+      caller as before).
     * ``checkpoints_dir``: where local checkpoints are read from, named when a hub id cannot be had.
 
     Never touches the network except for a hub repository id while the hub is online. Every failure is a
     :class:`CheckpointError` that names the file and the reason.
     """
-    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, channels_last)
+    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, frozenset(channels_last))
     config_dir = Path(config) if config is not None else None
     if config_dir is not None and detect(config_dir) != "diffusers":
         raise CheckpointError(f"{config_dir}: config= must be a diffusers folder (with model_index.json)")
@@ -164,7 +165,7 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         if not opts.clone:  # keep the memory-mapped tensors, as asked
             return _load_single_file(path, shapes, lambda _: read_safetensors(path), opts, config_dir, unet_over)
         # Streamed: each tensor read once, into its final dtype, straight into the model being built.
-        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, opts.channels_last), opts, config_dir,
+        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype), opts, config_dir,
                                  unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
@@ -324,7 +325,8 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
         with init_empty_weights():
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
-        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype, opts.channels_last)
+        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype,
+                                      channels_last=where.name in opts.channels_last)
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())
@@ -443,9 +445,11 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
     if unet_over:
         unet = unet_over(configs["unet"])
     else:
+        _lay_out(tensors, "unet" in opts.channels_last)
         unet = _build("UNet2DConditionModel", configs["unet"],
                       lambda _: convert_ldm_unet_checkpoint(tensors, configs["unet"]), "UNet", origin, opts,
                       streamed)
+    _lay_out(tensors, "vae" in opts.channels_last)
     return Components(
         unet=unet,
         vae=_build("AutoencoderKL", configs["vae"], lambda _: convert_ldm_vae_checkpoint(tensors, configs["vae"]),
@@ -455,6 +459,12 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
         source=f"single file {origin}",
         **text,
     )
+
+
+def _lay_out(tensors: Mapping[str, torch.Tensor], channels_last: bool) -> None:
+    """The layout in which a streamed file gives the next component's kernels (one file holds every component)."""
+    if isinstance(tensors, StreamedSafetensors):
+        tensors.channels_last = channels_last
 
 
 def _convert_text(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, prefix: str, kind: str) -> dict:

@@ -717,7 +717,7 @@ def test_channels_last_is_laid_out_while_streaming(tiny, which):
     """Kernels arrive channels_last, so the caller's layout conversion copies nothing (no second copy of them)."""
     path = tiny.sd if which == "sd" else tiny.single
     plain = load_components(path, device="cpu", dtype=torch.bfloat16)
-    laid = load_components(path, device="cpu", dtype=torch.bfloat16, channels_last=True)
+    laid = load_components(path, device="cpu", dtype=torch.bfloat16, channels_last=("unet", "vae"))
     for a, b in ((plain.unet, laid.unet), (plain.vae, laid.vae)):
         kernels = [(n, p) for n, p in b.named_parameters() if p.ndim == 4 and p.shape[1] > 1]
         assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for _, p in kernels)
@@ -726,3 +726,6 @@ def test_channels_last_is_laid_out_while_streaming(tiny, which):
         assert {n: p.data_ptr() for n, p in b.named_parameters()} == before
         for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.equal(p, q), n
+    only_vae = load_components(path, device="cpu", dtype=torch.bfloat16, channels_last=("vae",))
+    assert only_vae.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert only_vae.unet.conv_in.weight.is_contiguous()
