@@ -201,19 +201,17 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
         relayout = (self.channels_last and torch_dtype.is_floating_point and len(entry.shape) == 4
                     and entry.shape[1] > 1)
-        if cast or relayout:  # read into one reused buffer: no file-layout copy is allocated (to fragment the heap)
-            if self._scratch.numel() < nbytes:
-                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-            raw = self._scratch[:nbytes]
-        else:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
+        # Every tensor is read into one reused buffer, then copied into memory of its own in its final dtype and
+        # layout: no file-layout copy is allocated, and the kernel's read never lands in fresh pages (on a VM,
+        # reading 4 GB straight into new memory took 25 s against 1 s into touched memory plus a 2 s copy).
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._scratch[:nbytes]
         with self.path.open("rb", buffering=0) as f:
             _read_into(f.fileno(), memoryview(raw.numpy()), self._start + entry.begin, self.path, key)
         tensor = raw.view(torch_dtype).reshape(entry.shape)
-        if relayout:
-            return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype,
-                               memory_format=torch.channels_last).copy_(tensor)
-        return tensor.to(self.dtype) if cast else tensor
+        layout = torch.channels_last if relayout else torch.contiguous_format
+        return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype, memory_format=layout).copy_(tensor)
 
     def file_dtype(self) -> torch.dtype | None:
         """The dtype of the file's first floating-point tensor (None if it has none)."""
