@@ -198,3 +198,15 @@ def test_settings_come_from_the_environment_then_the_command_line(monkeypatch, t
 def test_an_unknown_device_is_refused_at_start_up(capsys):
     assert cli.main(["validate", "text-to-image", "--device", "tpu9"]) == 2
     assert "--device 'tpu9'" in capsys.readouterr().err
+
+
+def test_servers_and_workers_let_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    from nodegraph.cli import quiet_openmp
+
+    for command, expected in (("serve", "PASSIVE"), ("worker", "PASSIVE"), ("run", None), ("validate", None)):
+        environ: dict[str, str] = {}
+        quiet_openmp(command, environ)
+        assert environ.get("OMP_WAIT_POLICY") == expected, command
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    quiet_openmp("serve", chosen)
+    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
