@@ -166,11 +166,16 @@ def test_saved_images_are_numbered_and_never_overwritten(executor):
     assert (first, second) == ("text-to-image_00001.png", "text-to-image_00002.png")
 
 
-def test_a_filename_prefix_cannot_leave_the_output_folder(executor):
+def test_a_filename_prefix_cannot_leave_the_output_folder(executor, settings):
+    # Refused at validation, before any node runs: nothing is sampled or written.
     wf = text_to_image()
     wf.set("7", "filename_prefix", "../../escape")
-    result = executor.run(wf)
-    assert result.nodes["7"].status == "failed" and "'..' is not allowed" in result.nodes["7"].error["message"]
+    with pytest.raises(ng.ValidationFailed) as caught:
+        executor.run(wf)
+    message = str(caught.value)
+    assert "node 7 (SaveImage)" in message and "'filename_prefix'" in message and "'..' is not allowed" in message
+    written = list(settings.output_dir.rglob("*")) if settings.output_dir.exists() else []
+    assert written == [] and not (settings.output_dir.parent.parent / "escape_00001_.png").exists()
 
 
 def test_cancelling_between_sampler_steps(executor):
