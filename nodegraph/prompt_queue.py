@@ -1,6 +1,6 @@
-"""The run queue: prompts waiting to run, the one running, and the worker thread that runs them one at a time.
+"""The run queue: prompts waiting to run, those running, and the worker threads that run them in order.
 
-The queue owns the order of runs, interrupting the running prompt, the queue's status and the history entry of
+The queue owns the order of runs, interrupting running prompts, the queue's status and the history entry of
 every finished prompt. It knows two things only through interfaces, so that either can be swapped: the ``Runner``
 that runs a plan (the local ``Executor``; a distributed worker that forwards a remote run's events can stand in)
 and the ``RunProtocol`` that says what clients are told (``nodegraph.comfy_protocol``, ComfyUI's messages). What
@@ -18,6 +18,11 @@ compiles gets a history entry with status ``error``); the prompt that was runnin
 ``interrupted``, unless its client asked for ``extra_data.requeue_on_restart``, and then it runs again, first. A
 prompt cancelled because the server is stopping is left in the store, as after a crash, for the next start to
 settle.
+
+How many prompts run at once is the runner's ``capacity()`` (the local executor has none: one at a time; a Dask
+cluster's is its number of GPU workers, asked again while prompts wait, so that workers joining are used at once).
+Prompts start in the queue's order, except that a client never has two prompts running at once (prompts without a
+client id count as one client): each client's prompts run, and finish, in the order it queued them.
 
 What clients hear of a run's end (``executing`` with ``node: null``, ``execution_success`` and the queue's
 ``status``) goes out only once the history entry holding the run's outputs is written and the prompt has left
@@ -60,6 +65,8 @@ class Runner(Protocol):
     def run(self, plan: Plan, *, run_id: str) -> RunResult: ...
 
     def cancel(self, run_id: str) -> bool: ...
+
+    # optional: ``capacity() -> int``, how many prompts it runs at once now (without it: one)
 
 
 class NodeNames(Protocol):
@@ -120,7 +127,9 @@ class QueueItem:
 
 
 class PromptQueue:
-    """Prompts waiting to run, the one running, and the worker thread that runs them in order."""
+    """Prompts waiting to run, those running, and the worker threads that run them in order."""
+
+    POLL = 1.0  # seconds between asking a runner with a capacity how many prompts it can run, while prompts wait
 
     def __init__(self, runner: Runner, history: History, send: Send, protocol: RunProtocol):
         self.runner = runner
@@ -128,27 +137,34 @@ class PromptQueue:
         self.send = send
         self.protocol = protocol
         self._pending: list[QueueItem] = []
-        self.running: QueueItem | None = None
+        self.running: dict[str, QueueItem] = {}  # prompt id -> item, in the order they started
         self._cond = threading.Condition()
         self._counter = 0
         self._stop = False
-        self._thread = threading.Thread(target=self._work, name="nodegraph-worker", daemon=True)
+        self._slots = 1
+        self._threads: list[threading.Thread] = []  # long-lived: a thread keeps its OpenMP pool between runs
 
     def start(self) -> None:
-        self._thread.start()
+        self._refresh_slots()
+        if hasattr(self.runner, "capacity"):
+            self._threads.append(threading.Thread(target=self._poll, name="nodegraph-capacity", daemon=True))
+            self._threads[-1].start()
 
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self.running is not None:
-            self.runner.cancel(self.running.prompt_id)
-        self._thread.join(timeout=10)
+            running = list(self.running)
+        for prompt_id in running:
+            self.runner.cancel(prompt_id)
+        deadline = time.monotonic() + 10
+        for thread in list(self._threads):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     @property
     def remaining(self) -> int:
         with self._cond:
-            return len(self._pending) + (self.running is not None)
+            return len(self._pending) + len(self.running)
 
     def put(self, workflow: Workflow, document: dict, plan: Plan, client_id: str | None, extra: dict,
             front: bool = False, *, number: float | None = None, prompt_id: str | None = None,
@@ -177,7 +193,7 @@ class PromptQueue:
     def _add(self, item: QueueItem) -> None:
         self._pending.append(item)
         self._pending.sort(key=lambda i: i.order)
-        self._cond.notify()
+        self._cond.notify_all()
 
     def restore(self, compile: Compile) -> list[str]:
         """Take up what the store holds from an earlier process (call it before ``start``): the prompt that was
@@ -224,11 +240,11 @@ class PromptQueue:
             "meta": {"settled": time.time()}})
 
     def _items(self) -> list[QueueItem]:
-        return self._pending + ([self.running] if self.running is not None else [])
+        return self._pending + list(self.running.values())
 
     def snapshot(self) -> dict:
         with self._cond:
-            return {"queue_running": [self.running.as_row()] if self.running else [],
+            return {"queue_running": [i.as_row() for i in self.running.values()],
                     "queue_pending": [i.as_row() for i in self._pending]}
 
     def delete(self, prompt_ids: list[str]) -> int:
@@ -248,23 +264,60 @@ class PromptQueue:
         self._status()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Cancel the running prompt (only if it is ``prompt_id``, when given); False when nothing was running."""
-        running = self.running
-        if running is None or (prompt_id is not None and prompt_id != running.prompt_id):
-            return False
-        return self.runner.cancel(running.prompt_id)
+        """Cancel the running prompt ``prompt_id``, or every running prompt when None; False when none was."""
+        with self._cond:
+            running = [i for i in self.running if prompt_id is None or i == prompt_id]
+        return any([self.runner.cancel(i) for i in running])
 
     def _status(self) -> None:
         self.send(*self.protocol.status(self.remaining), None)
 
+    def _refresh_slots(self) -> None:
+        """Ask the runner how many prompts it can run at once, and have a worker thread for each."""
+        capacity = getattr(self.runner, "capacity", None)
+        slots = 1
+        if capacity is not None:
+            try:
+                slots = max(1, int(capacity()))
+            except Exception:  # a cluster that does not answer: keep what it had
+                log.warning("could not ask the runner for its capacity", exc_info=True)
+                slots = self._slots
+        with self._cond:
+            self._slots = slots
+            while sum(t.name.startswith("nodegraph-worker") for t in self._threads) < slots and not self._stop:
+                thread = threading.Thread(target=self._work, name=f"nodegraph-worker-{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify_all()
+
+    def _next(self) -> QueueItem | None:
+        """The first waiting prompt whose client has none running (call holding ``_cond``)."""
+        if len(self.running) >= self._slots:
+            return None
+        busy = {i.client_id for i in self.running.values()}
+        return next((i for i in self._pending if i.client_id not in busy), None)
+
+    def _poll(self) -> None:
+        """While prompts wait, ask a runner with a capacity for it again (workers join and leave)."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._pending)
+                if self._stop:
+                    return
+            self._refresh_slots()
+            with self._cond:
+                self._cond.wait(self.POLL)
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stop:
+                while not self._stop and (item := self._next()) is None:
                     self._cond.wait()
                 if self._stop:
                     return
-                item = self.running = self._pending.pop(0)
+                self._pending.remove(item)
+                self.running[item.prompt_id] = item
                 self.history.mark_running(item.prompt_id)
             try:
                 self._run(item)
@@ -272,7 +325,8 @@ class PromptQueue:
                 log.exception("prompt %s crashed the worker", item.prompt_id)
             finally:
                 with self._cond:
-                    self.running = None
+                    self.running.pop(item.prompt_id, None)
+                    self._cond.notify_all()  # a slot is free, and the client's next prompt may start
                 self._status()
 
     def _run(self, item: QueueItem) -> None:
@@ -321,7 +375,8 @@ class PromptQueue:
                 "meta": {"started": started, "finished": time.time()}})
         finally:
             with self._cond:
-                self.running = None  # a client that hears the end and reads /queue finds the prompt gone
+                self.running.pop(item.prompt_id, None)  # a client that hears the end and reads /queue finds it gone
+                self._cond.notify_all()
             for message in last:
                 self.send(*message, item.client_id)
 
