@@ -130,6 +130,9 @@ def make_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--host", default="127.0.0.1",
                          help="address to bind (default: loopback only; keep the port off the internet)")
     cluster.add_argument("--port", type=int, default=8786)
+    cluster.add_argument("--protocol", choices=("tcp", "tls"), default=None,
+                         help="tls: encrypted and authenticated with the certificates of Dask's configuration "
+                              "(docs/scale-out.md); default tls when that configuration requires encryption, else tcp")
     cluster.add_argument("-v", "--verbose", action="store_true", help="log what the scheduler does")
     return parser
 
@@ -307,8 +310,10 @@ def _cmd_cluster(args) -> int:
     # a prompt whose worker dies runs again once on another worker, then fails (Dask's default is 3 tries)
     dask.config.set({"distributed.scheduler.allowed-failures": 1})
 
+    protocol = args.protocol or ("tls" if dask.config.get("distributed.comm.require-encryption", False) else "tcp")
+
     async def schedule() -> None:
-        async with Scheduler(host=args.host, port=args.port, dashboard=False) as scheduler:
+        async with Scheduler(host=args.host, port=args.port, protocol=f"{protocol}://", dashboard=False) as scheduler:
             print(f"nodegraph scheduler at {scheduler.address}", flush=True)
             await scheduler.finished()
 

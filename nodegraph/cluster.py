@@ -13,9 +13,11 @@ names them and are written into the server's output (or temp) folder, under a fr
 event and the result are told the name they got). Cancelling sets a ``distributed.Event`` the worker waits on; it
 cancels the run through ``Executor.cancel``, which the nodes see at their next progress report (one step).
 
-Dispatch prefers a worker that ran a prompt reading the same model files (what the worker's cache most likely
-holds: the values of folder choices, such as the checkpoint and LoRA names), otherwise Dask's choice (the least
-busy worker). If a worker dies mid-prompt, Dask runs the task again on another one.
+The queue runs as many prompts at once as the cluster has ``GPU`` resources (``DaskRunner.capacity``). Dispatch
+prefers a free worker that ran a prompt reading the same model files (what the worker's cache most likely holds:
+the values of folder choices, such as the checkpoint and LoRA names), then any free worker (Dask's choice, the least
+busy), and only when every worker is busy the one with the models. If a worker dies mid-prompt, Dask runs the task
+again on another one.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class DaskRunner:
         self.placed: dict[str, str] = {}  # run id -> the worker that ran it (tests and logs)
         self._active: dict[str, Any] = {}  # run id -> its future, None until submitted
         self._started: set[str] = set()  # runs a worker took up (their first event arrived)
+        self._claimed: dict[str, str] = {}  # run id -> the worker it asked for (not free for the next prompt)
         self._lock = threading.Lock()
 
     @classmethod
@@ -201,11 +204,11 @@ class DaskRunner:
             raise ValueError("a remote run needs the plan's workflow document")
         wanted = models_of(plan)
         submit: dict[str, Any] = {}
-        worker = self._preferred(wanted)
-        if worker is not None:
-            submit.update(workers=[worker], allow_other_workers=True)
         with self._lock:
             self._active[run_id] = None
+        worker = self._preferred(wanted, run_id)
+        if worker is not None:
+            submit.update(workers=[worker], allow_other_workers=True)
         names: dict[tuple[str, str], str] = {}  # (type, worker's name) -> the name on the server
         events = Queue(_queue_name(run_id), client=self.client)
         try:
@@ -229,10 +232,12 @@ class DaskRunner:
         finally:
             with self._lock:
                 self._active.pop(run_id, None)
+                self._claimed.pop(run_id, None)
                 self._started.discard(run_id)
             self._forget(run_id, events)
-        self.affinity[remote["worker"]] = set(remote["models"])
-        self.placed[run_id] = remote["worker"]
+        with self._lock:
+            self.affinity[remote["worker"]] = set(remote["models"])
+            self.placed[run_id] = remote["worker"]
         nodes = {nid: NodeRecord(r["status"], r["type"], r.get("duration", 0.0), r.get("error"))
                  for nid, r in remote["nodes"].items()}
         return RunResult(run_id, remote["status"], nodes, {}, _renamed(remote["ui"], names), remote["duration"])
@@ -249,6 +254,12 @@ class DaskRunner:
             future.cancel()  # still waiting for a free worker (or just starting: the event stops it there)
         return True
 
+    def capacity(self) -> int:
+        """How many prompts the cluster runs at once: its workers' ``GPU`` resources (the queue asks while prompts
+        wait, so that workers joining are used at once)."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return int(sum((w.get("resources") or {}).get(GPU, 0) for w in workers))
+
     def workers(self) -> dict[str, dict]:
         """Each worker's address -> its device, the models it ran and its cache (for ``/system_stats``)."""
         return self.client.run(worker_info)
@@ -256,16 +267,22 @@ class DaskRunner:
     def close(self) -> None:
         self.client.close()
 
-    def _preferred(self, wanted: set[str]) -> str | None:
-        """The live worker whose last prompt read most of ``wanted`` (None: no worker has any of it)."""
+    def _preferred(self, wanted: set[str], run_id: str) -> str | None:
+        """The worker to ask for: the free one whose last prompt read most of ``wanted``; None (Dask's choice, the
+        least busy) when no free worker has any of it but one is free; when none is free, the busy one with most of
+        it. (A prompt waits at its worker even when another frees up first, so a busy worker is the last resort.)"""
         if not wanted:
             return None
-        alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
-        best, overlap = None, 0
-        for address, models in self.affinity.items():
-            common = len(wanted & models)
-            if address in alive and common > overlap:
-                best, overlap = address, common
+        processing = self.client.processing()  # live workers -> the tasks they hold
+        with self._lock:
+            free = {address for address, tasks in processing.items() if not tasks} - set(self._claimed.values())
+            best, overlap = None, 0
+            for address, models in self.affinity.items():
+                common = len(wanted & models)
+                if address in processing and common > overlap and (address in free or not free):
+                    best, overlap = address, common
+            if best is not None:
+                self._claimed[run_id] = best
         return best
 
     def _publish(self, run_id: str, item: dict, names: dict[tuple[str, str], str]) -> None:

@@ -102,6 +102,7 @@ def create_app(executor: Executor, config: ServerConfig, history: History,
     app = web.Application(client_max_size=config.max_upload,
                           middlewares=[_security_middleware(config), _error_middleware])
     app["queue"], app["hub"], app["executor"], app["history"] = queue, hub, executor, history
+    app["runner"] = runner
     app["library"], app["config"] = library if library is not None else NoLibrary(), config
 
     async def on_startup(app: web.Application) -> None:
@@ -493,11 +494,20 @@ async def system_stats(request: web.Request) -> web.Response:
     from . import __version__
 
     cache = request.app["executor"].cache.stats()
-    return web.json_response({
+    stats = {
         "system": {"os": platform.system().lower(), "python_version": sys.version.split()[0],
                    "nodegraph_version": __version__, "ram_total": ram_total, "ram_free": ram_free,
                    "embedded_python": False, "argv": []},
-        "devices": devices, "cache": cache})
+        "devices": devices, "cache": cache}
+    runner = request.app["runner"]
+    if runner is not None and hasattr(runner, "workers"):  # a cluster: its workers, their devices and models
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, runner.workers)
+        except Exception as exc:  # the scheduler is unreachable: say so, the rest of the answer still stands
+            stats["workers_error"] = f"{type(exc).__name__}: {exc}"
+            found = {}
+        stats["workers"] = [{"address": address, **info} for address, info in sorted(found.items())]
+    return web.json_response(stats)
 
 
 async def models_index(request: web.Request) -> web.Response:

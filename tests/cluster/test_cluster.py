@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
 distributed = pytest.importorskip("distributed")
 
 import nodegraph as ng  # noqa: E402
-from nodegraph import cluster, events as ev  # noqa: E402
+from nodegraph import cluster, comfy_protocol, events as ev  # noqa: E402
 from nodegraph.assets import find_workflow  # noqa: E402
 from nodegraph.cluster import GPU, DaskRunner, NodegraphWorker  # noqa: E402
 from nodegraph.history import History  # noqa: E402
 from nodegraph.library import BUILTIN, load_library  # noqa: E402
+from nodegraph.prompt_queue import PromptQueue  # noqa: E402
 from nodegraph.registry import build_registry  # noqa: E402
 from nodegraph.server import ServerConfig, create_app  # noqa: E402
 
@@ -118,7 +120,7 @@ def test_cancelling_reaches_the_worker_and_stops_the_run_within_a_step(server_si
 
 
 async def test_a_server_with_a_cluster_answers_prompts_and_tells_its_client_as_a_local_one(
-        aiohttp_client, server_side, tmp_path):
+        aiohttp_client, server_side, client, tmp_path):
     executor, runner = server_side
     app = create_app(executor, ServerConfig(), History(tmp_path / "history.sqlite3"), runner=runner)
     http = await aiohttp_client(app)
@@ -144,6 +146,85 @@ async def test_a_server_with_a_cluster_answers_prompts_and_tells_its_client_as_a
     assert view.status == 200 and (await view.read())[:4] == b"\x89PNG"
     history = await (await http.get(f"/history/{prompt_id}")).json()
     assert history[prompt_id]["status"]["status_str"] == "success"
+    stats = await (await http.get("/system_stats")).json()
+    workers = stats["workers"]
+    assert len(workers) == 2 and all(w["ready"] and w["device"] == "cpu" for w in workers)
+    assert any("ckpt:demo-lcm" in w["models"] for w in workers)
+    assert {w["address"] for w in workers} == set(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def until(condition, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def queue_over(runner: DaskRunner, tmp_path) -> tuple[PromptQueue, list[int]]:
+    """A server's queue over ``runner``, and how many prompts it has had running at once, sampled."""
+    queue = PromptQueue(runner, History(tmp_path / "queue.sqlite3"), lambda *message: None, comfy_protocol)
+    queue.POLL = 0.1
+    most = [0]
+
+    def watch():
+        while not queue._stop:
+            most[0] = max(most[0], len(queue.running))
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return queue, most
+
+
+def queue_prompts(queue: PromptQueue, executor: ng.Executor, clients, steps=8) -> list[str]:
+    ids = []
+    for i, client_id in enumerate(clients):
+        workflow = text_to_image(seed=300 + i, steps=steps)
+        queue.put(workflow, workflow.to_json(), executor.compile(workflow), client_id, {}, prompt_id=f"q-{i}")
+        ids.append(f"q-{i}")
+    return ids
+
+
+def test_two_clients_prompts_run_at_once_one_per_worker(server_side, client, tmp_path):
+    executor, runner = server_side
+    assert runner.capacity() == 2
+    queue, most = queue_over(runner, tmp_path)
+    ids = queue_prompts(queue, executor, ["a", "b", "a", "b"])
+    queue.start()
+    try:
+        until(lambda: all(queue.history.get(i) for i in ids), "every prompt's history entry")
+    finally:
+        queue.stop()
+    assert [queue.history.get(i)["status"]["status_str"] for i in ids] == ["success"] * 4
+    assert most[0] == 2 and len({runner.placed[i] for i in ids}) == 2
+    # each client's prompts in its order: the second started after the first ended
+    for first, second in ((ids[0], ids[2]), (ids[1], ids[3])):
+        assert queue.history.get(first)["meta"]["finished"] <= queue.history.get(second)["meta"]["started"]
+
+
+def test_workers_that_join_while_prompts_wait_take_them_up_side_by_side(tmp_path, registry):
+    # a cluster with no worker yet: the first prompt waits at the scheduler, the others in the server's queue
+    root = tmp_path / "workers"
+    with distributed.LocalCluster(n_workers=0, threads_per_worker=1, processes=True, resources={GPU: 1},
+                                  dashboard_address=None) as local, distributed.Client(local) as dask_client:
+        dask_client.register_plugin(NodegraphWorker(settings_in(root)))  # workers that join get it too
+        for name in ("models", "input", "output", "temp"):
+            (tmp_path / name).mkdir()
+        executor = ng.Executor(registry, settings=settings_in(tmp_path))
+        runner = DaskRunner(dask_client, executor)
+        queue, most = queue_over(runner, tmp_path)
+        ids = queue_prompts(queue, executor, ["a", "b", "c", "d"], steps=30)
+        queue.start()
+        try:
+            until(lambda: queue.running, "the first prompt to be sent to the cluster")
+            time.sleep(0.3)
+            assert len(queue.running) == 1 and runner.capacity() == 0  # no worker: one waits at the scheduler
+            local.scale(2)
+            until(lambda: all(queue.history.get(i) for i in ids), "every prompt's history entry")
+        finally:
+            queue.stop()
+        assert [queue.history.get(i)["status"]["status_str"] for i in ids] == ["success"] * 4
+        assert most[0] == 2 and len({runner.placed[i] for i in ids}) == 2
 
 
 def test_a_prompt_waiting_for_a_free_worker_can_be_cancelled(server_side, client, monkeypatch):
