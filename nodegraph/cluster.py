@@ -14,9 +14,12 @@ event and the result are told the name they got). Cancelling sets a ``distribute
 cancels the run through ``Executor.cancel``, which the nodes see at their next progress report (one step).
 
 The queue runs as many prompts at once as the cluster has ``GPU`` resources (``DaskRunner.capacity``). Dispatch
-prefers a free worker that ran a prompt reading the same model files (what the worker's cache most likely holds:
-the values of folder choices, such as the checkpoint and LoRA names), then any free worker (Dask's choice, the least
-busy), and only when every worker is busy the one with the models. If a worker dies mid-prompt, Dask runs the task
+prefers a free worker whose cache holds results of the prompt's model files (the values of folder choices, such as
+the checkpoint and LoRA names; each worker reports what its cache still holds after every prompt), then any free
+worker (Dask's choice, the least
+busy), and only when every worker is busy the one with the models. When a worker frees up while prompts wait,
+``choose`` lets the queue start one of the first few waiting prompts whose models it holds rather than the first
+(``PromptQueue.WINDOW``, ``PATIENCE`` bound how far and how often). If a worker dies mid-prompt, Dask runs the task
 again on another one.
 """
 
@@ -58,7 +61,21 @@ class WorkerState:
     """What a worker holds between prompts: its executor (registry, cache, settings) and what it last loaded."""
 
     executor: Executor
-    models: set[str] = field(default_factory=set)  # the folder choices of the prompts it ran
+    held: dict[str, set[str]] = field(default_factory=dict)  # a model -> cache keys of results that read it
+
+    @property
+    def models(self) -> set[str]:
+        """The models (``folder:name``) its cache still holds a result of: what a prompt for them would not load."""
+        return set(self.held)
+
+    def remember(self, plan: Plan, result: RunResult) -> None:
+        """Note the models ``plan`` read and the keys of the results that read them; forget what the cache let go."""
+        for node_id, models in models_by_node(plan).items():
+            if node_id in result.keys:
+                for model in models:
+                    self.held.setdefault(model, set()).add(result.keys[node_id])
+        cache = self.executor.cache
+        self.held = {model: kept for model, keys in self.held.items() if (kept := {k for k in keys if k in cache})}
 
 
 class NodegraphWorker(_PluginBase):
@@ -139,14 +156,14 @@ def run_prompt(document: dict, targets: list[str] | None, run_id: str, *, previe
         done.set()
         unsubscribe()
         shutil.rmtree(out_dir, ignore_errors=True)
-    state.models = models_of(plan)
+    state.remember(plan, result)
     events.put(END)  # after every event: the server reads until here
     return {"status": result.status, "duration": result.duration, "ui": result.ui, "worker": worker.address,
             "nodes": {nid: r.to_json() for nid, r in result.nodes.items()}, "models": sorted(state.models)}
 
 
 def worker_info(dask_worker) -> dict:
-    """What ``/system_stats`` can show of a worker: its devices and the models of the prompts it ran."""
+    """What ``/system_stats`` can show of a worker: its devices, the models its cache holds, the cache's size."""
     state: WorkerState | None = dask_worker.extensions.get(PLUGIN)
     if state is None:
         return {"ready": False}
@@ -184,7 +201,7 @@ class DaskRunner:
         self.client = client
         self.local = local
         self.events = EventBus()
-        self.affinity: dict[str, set[str]] = {}  # worker address -> the models of the last prompt it ran
+        self.affinity: dict[str, set[str]] = {}  # worker address -> the models its cache held after its last prompt
         self.placed: dict[str, str] = {}  # run id -> the worker that ran it (tests and logs)
         self._active: dict[str, Any] = {}  # run id -> its future, None until submitted
         self._started: set[str] = set()  # runs a worker took up (their first event arrived)
@@ -260,15 +277,30 @@ class DaskRunner:
         workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
         return int(sum((w.get("resources") or {}).get(GPU, 0) for w in workers))
 
+    def choose(self, plans: list[Plan | None]) -> int:
+        """Which of these waiting prompts (queue order) to start now: the first whose models a free worker's cache
+        holds, so that a worker freeing up takes work it has loaded (0, the first, when none fits)."""
+        processing = self.client.processing()
+        with self._lock:
+            free = {address for address, tasks in processing.items() if not tasks} - set(self._claimed.values())
+            loaded = [self.affinity[address] for address in free if self.affinity.get(address)]
+        if not loaded:
+            return 0
+        for index, plan in enumerate(plans):
+            wanted = models_of(plan) if plan is not None else set()
+            if any(wanted & models for models in loaded):
+                return index
+        return 0
+
     def workers(self) -> dict[str, dict]:
-        """Each worker's address -> its device, the models it ran and its cache (for ``/system_stats``)."""
+        """Each worker's address -> its device, the models its cache holds and its size (for ``/system_stats``)."""
         return self.client.run(worker_info)
 
     def close(self) -> None:
         self.client.close()
 
     def _preferred(self, wanted: set[str], run_id: str) -> str | None:
-        """The worker to ask for: the free one whose last prompt read most of ``wanted``; None (Dask's choice, the
+        """The worker to ask for: the free one whose cache holds most of ``wanted``; None (Dask's choice, the
         least busy) when no free worker has any of it but one is free; when none is free, the busy one with most of
         it. (A prompt waits at its worker even when another frees up first, so a busy worker is the last resort.)"""
         if not wanted:
@@ -319,18 +351,23 @@ class DaskRunner:
             log.debug("could not clear the cancel event of %s", run_id, exc_info=True)
 
 
-def models_of(plan: Plan) -> set[str]:
-    """The model files a plan reads: the values of its folder choices (a checkpoint, LoRAs, ...), as ``folder:name``
-    (what a worker's cache holds after running it)."""
+def models_by_node(plan: Plan) -> dict[str, set[str]]:
+    """Each node of ``plan`` that reads model files -> those files: the values of its folder choices (a checkpoint,
+    LoRAs, ...), as ``folder:name``."""
     from .spec import Combo
 
-    found = set()
+    found: dict[str, set[str]] = {}
     for node in plan.order:
         for name, value in node.literals.items():
             spec = node.type.inputs.get(name)
             if isinstance(spec, Combo) and hasattr(spec.options, "identity") and isinstance(value, str) and value:
-                found.add(f"{getattr(spec.options, 'name', name)}:{value}")
+                found.setdefault(node.id, set()).add(f"{getattr(spec.options, 'name', name)}:{value}")
     return found
+
+
+def models_of(plan: Plan) -> set[str]:
+    """The model files a plan reads (what a worker's cache holds after running it)."""
+    return set().union(*models_by_node(plan).values())
 
 
 def _renamed(ui: dict, names: dict[tuple[str, str], str]) -> dict:

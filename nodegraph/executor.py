@@ -105,6 +105,7 @@ class RunResult:
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     ui: dict[str, dict] = field(default_factory=dict)
     duration: float = 0.0
+    keys: dict[str, str] = field(default_factory=dict)  # node id -> its result's cache key (nodes that got one)
 
     def output(self, node_id: str | int, name: str | None = None) -> Any:
         """The value of output ``name`` of node ``node_id`` (the only output when ``name`` is omitted)."""
@@ -274,7 +275,7 @@ class Executor:
             status = "failed"
         else:
             status = "success"
-        result = RunResult(state.run_id, status, records, values, ui, time.perf_counter() - started)
+        result = RunResult(state.run_id, status, records, values, ui, time.perf_counter() - started, keys)
         state.publish(ev.RUN_FINISHED, data={"status": status, "duration": result.duration,
                                              "counts": {s: result.count(s) for s in
                                                         (RAN, CACHED, FAILED, SKIPPED, CANCELLED)}})

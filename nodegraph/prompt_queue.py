@@ -22,7 +22,9 @@ settle.
 How many prompts run at once is the runner's ``capacity()`` (the local executor has none: one at a time; a Dask
 cluster's is its number of GPU workers, asked again while prompts wait, so that workers joining are used at once).
 Prompts start in the queue's order, except that a client never has two prompts running at once (prompts without a
-client id count as one client): each client's prompts run, and finish, in the order it queued them.
+client id count as one client): each client's prompts run, and finish, in the order it queued them. A runner may
+also ``choose`` among the first few waiting prompts (a cluster picks one whose models a free worker already holds);
+a prompt passed over ``PATIENCE`` times goes next.
 
 What clients hear of a run's end (``executing`` with ``node: null``, ``execution_success`` and the queue's
 ``status``) goes out only once the history entry holding the run's outputs is written and the prompt has left
@@ -66,7 +68,8 @@ class Runner(Protocol):
 
     def cancel(self, run_id: str) -> bool: ...
 
-    # optional: ``capacity() -> int``, how many prompts it runs at once now (without it: one)
+    # optional: ``capacity() -> int``, how many prompts it runs at once now (without it: one); and
+    # ``choose(plans) -> int``, which of these waiting plans (in queue order) to start now (without it: the first)
 
 
 class NodeNames(Protocol):
@@ -111,6 +114,7 @@ class QueueItem:
     seq: int = 0  # arrival, for prompts of the same number
     targets: list[str] | None = None  # the output nodes the client asked for (None: all), to compile it again
     resumed: bool = False  # it was running when the server stopped and runs again before anything else
+    passed: int = 0  # prompts queued after it that started first (a runner's choice), bounded by PATIENCE
 
     def as_row(self) -> list:
         return [self.number, self.prompt_id, self.document, {**self.extra, "client_id": self.client_id},
@@ -130,6 +134,8 @@ class PromptQueue:
     """Prompts waiting to run, those running, and the worker threads that run them in order."""
 
     POLL = 1.0  # seconds between asking a runner with a capacity how many prompts it can run, while prompts wait
+    WINDOW = 8  # how many waiting prompts a runner that chooses (model affinity) may choose from
+    PATIENCE = 4  # how many later prompts may start before a waiting one; then it goes next, whatever is chosen
 
     def __init__(self, runner: Runner, history: History, send: Send, protocol: RunProtocol):
         self.runner = runner
@@ -292,11 +298,36 @@ class PromptQueue:
             self._cond.notify_all()
 
     def _next(self) -> QueueItem | None:
-        """The first waiting prompt whose client has none running (call holding ``_cond``)."""
+        """The prompt to start now, if a slot is free (call holding ``_cond``): the first waiting prompt whose
+        client has none running; or, with a runner that has ``choose(plans) -> index``, the one it picks among the
+        first ``WINDOW`` such prompts (one per client: each client's prompts still start in its order), unless
+        the first has already seen ``PATIENCE`` later prompts start before it."""
         if len(self.running) >= self._slots:
             return None
-        busy = {i.client_id for i in self.running.values()}
-        return next((i for i in self._pending if i.client_id not in busy), None)
+        taken = {i.client_id for i in self.running.values()}
+        eligible = []
+        for item in self._pending:
+            if item.client_id not in taken:
+                taken.add(item.client_id)
+                eligible.append(item)
+                if len(eligible) == self.WINDOW:
+                    break
+        if not eligible:
+            return None
+        pick = eligible[0]
+        choose = getattr(self.runner, "choose", None)
+        if choose is not None and len(eligible) > 1 and pick.passed < self.PATIENCE and not pick.resumed:
+            try:
+                index = choose([i.plan for i in eligible])
+            except Exception:  # a cluster that does not answer: queue order
+                log.warning("the runner could not choose the next prompt", exc_info=True)
+                index = 0
+            pick = eligible[index] if isinstance(index, int) and 0 <= index < len(eligible) else pick
+        for item in eligible:
+            if item is pick:
+                break
+            item.passed += 1
+        return pick
 
     def _poll(self) -> None:
         """While prompts wait, ask a runner with a capacity for it again (workers join and leave)."""

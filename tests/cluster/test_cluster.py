@@ -264,3 +264,34 @@ def test_a_prompt_whose_worker_dies_runs_again_on_another_and_a_new_worker_joins
     client.wait_for_workers(2, timeout=60)
     info = runner.workers()
     assert len(info) == 2 and all(w["ready"] for w in info.values())
+
+
+def test_a_freed_worker_is_offered_the_first_waiting_prompt_whose_models_it_holds(monkeypatch):
+    from types import SimpleNamespace
+
+    busy = {"tcp://w1": ["task"], "tcp://w2": [], "tcp://w3": []}
+    runner = DaskRunner(SimpleNamespace(processing=lambda: busy), local=None)
+    monkeypatch.setattr(cluster, "models_of", lambda plan: plan.models)
+    plans = [SimpleNamespace(models={"checkpoints:sd"}), SimpleNamespace(models={"checkpoints:xl"}),
+             SimpleNamespace(models={"checkpoints:xl", "loras:a"})]
+    assert runner.choose(plans) == 0  # no free worker ran anything yet: queue order
+    runner.affinity = {"tcp://w1": {"checkpoints:sd"}, "tcp://w2": {"checkpoints:xl"}}
+    assert runner.choose(plans) == 1  # w1 has sd but is busy; w2 is free and has xl
+    runner._claimed["queued-xl"] = "tcp://w2"  # a prompt already asked for w2
+    assert runner.choose(plans) == 0
+    del runner._claimed["queued-xl"]
+    assert runner.choose([None, *plans]) == 2  # a prompt without a compiled plan is no match, not an error
+
+
+def test_a_worker_reports_the_models_its_cache_still_holds(monkeypatch):
+    from types import SimpleNamespace
+
+    from nodegraph.cluster import WorkerState
+
+    state = WorkerState(SimpleNamespace(cache={"k-ckpt", "k-lora", "k-image"}))
+    monkeypatch.setattr(cluster, "models_by_node", lambda plan: plan)
+    state.remember({"1": {"ckpt:a"}, "2": {"loras:x"}}, SimpleNamespace(keys={"1": "k-ckpt", "2": "k-lora"}))
+    assert state.models == {"ckpt:a", "loras:x"}
+    state.executor.cache = {"k-lora", "k-ckpt-b"}  # the budget let checkpoint a go; b came in
+    state.remember({"3": {"ckpt:b"}, "4": {"ckpt:c"}}, SimpleNamespace(keys={"3": "k-ckpt-b"}))  # 4 never ran
+    assert state.models == {"loras:x", "ckpt:b"}

@@ -177,3 +177,85 @@ def test_stopping_cancels_every_running_prompt_and_leaves_them_for_the_next_star
     assert not any(t.is_alive() for t in queue._threads)
     rows = queue.history.queued()  # as after a crash: the next start settles the running ones and runs p3
     assert [(r.prompt_id, r.running) for r in rows] == [("p1", True), ("p2", True), ("p3", False)]
+
+
+class ChoosingRunner(ClusterRunner):
+    """Chooses the first waiting plan whose model is ``loaded`` (what a free worker holds), as a cluster does."""
+
+    def __init__(self, slots: int, loaded: str | None = None):
+        super().__init__(slots)
+        self.loaded = loaded
+        self.offered: list[list[str]] = []  # the models of the plans offered, each time
+
+    def choose(self, plans) -> int:
+        models = [plan.model for plan in plans]
+        self.offered.append(models)
+        if self.loaded == "fail":
+            raise ConnectionError("the scheduler is gone")
+        return models.index(self.loaded) if self.loaded in models else 0
+
+
+def put_model(queue: PromptQueue, prompt_id: str, client: str | None, model: str) -> None:
+    queue.put(ng.Workflow(), {}, SimpleNamespace(targets=["1"], model=model), client, {}, prompt_id=prompt_id)
+
+
+def choosing_queue(tmp_path, runner: ChoosingRunner) -> PromptQueue:
+    queue = PromptQueue(runner, History(tmp_path / "history.sqlite3"), lambda *message: None, comfy_protocol)
+    queue.POLL = 0.05
+    return queue
+
+
+def test_a_runner_may_start_a_later_prompt_whose_models_a_free_worker_holds_but_each_client_keeps_its_order(
+        tmp_path):
+    runner = ChoosingRunner(slots=1, loaded="xl")
+    queue = choosing_queue(tmp_path, runner)
+    for prompt_id, client, model in (("a1", "a", "sd"), ("b1", "b", "sd"), ("b2", "b", "xl"), ("c1", "c", "xl")):
+        put_model(queue, prompt_id, client, model)
+    queue.start()
+    try:
+        # offered one prompt per client, in queue order: b2 waits behind b1, so c1 is the one with the model
+        assert settled(runner, 1) == ["c1"]
+        assert runner.offered[0] == ["sd", "sd", "xl"]
+        runner.loaded = None  # nothing fits: queue order again
+        finish(queue, runner, "c1")
+        finish(queue, runner, settled(runner, 2)[-1])
+        finish(queue, runner, settled(runner, 3)[-1])
+        assert settled(runner, 4) == ["c1", "a1", "b1", "b2"]
+        finish(queue, runner, "b2")
+    finally:
+        queue.stop()
+
+
+def test_a_prompt_passed_over_patience_times_goes_next_whatever_the_runner_would_choose(tmp_path):
+    runner = ChoosingRunner(slots=1, loaded="xl")
+    queue = choosing_queue(tmp_path, runner)
+    queue.PATIENCE = 2
+    put_model(queue, "old", "o", "sd")
+    for n in range(4):
+        put_model(queue, f"xl{n}", f"c{n}", "xl")
+    queue.start()
+    try:
+        for count in (1, 2):
+            finish(queue, runner, settled(runner, count)[-1])
+        assert settled(runner, 3) == ["xl0", "xl1", "old"]  # passed over twice, then its turn
+        finish(queue, runner, "old")
+        finish(queue, runner, settled(runner, 4)[-1])
+        assert settled(runner, 5)[-1] == "xl3"
+        finish(queue, runner, "xl3")
+    finally:
+        queue.stop()
+
+
+def test_a_runner_that_cannot_choose_leaves_the_queue_in_its_order(tmp_path):
+    runner = ChoosingRunner(slots=1, loaded="fail")
+    queue = choosing_queue(tmp_path, runner)
+    put_model(queue, "p1", "a", "sd")
+    put_model(queue, "p2", "b", "xl")
+    queue.start()
+    try:
+        assert settled(runner, 1) == ["p1"]
+        finish(queue, runner, "p1")
+        assert settled(runner, 2) == ["p1", "p2"]
+        finish(queue, runner, "p2")
+    finally:
+        queue.stop()
