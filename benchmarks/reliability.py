@@ -1,12 +1,17 @@
-"""Reliability against hostile input: the fuzz targets of ``tests/fuzz`` with N generated cases each, and a fixed
-list of hostile requests, counted.
+"""Reliability, in one table: the fuzz targets of ``tests/fuzz`` with N generated cases each, a fixed list of hostile
+requests, the injected faults and hostile files of the test suite, and a short load-and-soak of a real server.
 
-    python benchmarks/reliability.py [--examples 500] [--seed 0]
+    python benchmarks/reliability.py [--examples 500] [--seed 0] [--soak-clients 10] [--soak-prompts 5]
 
-Prints, per target (validation, ``nodegraph validate``, ``POST /prompt``, ``POST /nodegraph/import``), the cases tried, how they were answered
-(a plan, a validation failure, a refusal) and the failures found: any other exception, a 500, a traceback in a
-message, or a case over the time limit. Then the fixed hostile requests against a server over the real node library
-and how many were refused with a 4xx. Every failure count should be 0.
+Prints, per target (validation, ``nodegraph validate``, ``POST /prompt``, ``POST /nodegraph/import``), the cases
+tried, how they were answered (a plan, a validation failure, a refusal) and the failures found: any other exception,
+a 500, a traceback in a message, or a case over the time limit. Then the fixed hostile requests against a server
+over the real node library and how many were refused with a 4xx. Then the fault tests
+(``tests/server/test_faults.py``: a node raising or running out of memory, a model replaced or deleted, a full disk,
+a websocket closing, cancelling inside a step; ``test_persistent_queue.py``: ``kill -9`` and restarts) and the
+hostile-file tests (``tests/nodes/test_hostile_files.py``) run, counted as faults survived and inputs refused; and
+``benchmarks/soak_server.py``'s driver, shortened, counts prompts lost and the server's RSS drift. Every failure
+count should be 0, and so should prompts lost.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 import collections
 import json
 import logging
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=500, help="generated cases per target")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--soak-clients", type=int, default=10)
+    parser.add_argument("--soak-prompts", type=int, default=5)
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the importer's warnings about odd documents are expected here
 
@@ -138,6 +147,42 @@ def main() -> None:
     print(f"\nhostile requests (fixed list): {total}, refused with a 4xx: {refused}, failures: {len(failures)}")
     for line in all_failures + failures:
         print(f"  {line}")
+
+    faults = pytest_counts("tests/server/test_faults.py", "tests/server/test_persistent_queue.py")
+    files = pytest_counts("tests/nodes/test_hostile_files.py")
+    soaked = soak_once(args.soak_clients, args.soak_prompts)
+    fuzz_failures = sum(row[3] for row in rows)
+    print("\n| measure | value |\n| --- | --- |")
+    print(f"| fuzz cases tried / failures | {sum(row[1] for row in rows)} / {fuzz_failures} |")
+    print(f"| hostile requests refused / tried | {refused} / {total} |")
+    print(f"| faults injected and survived (tests passed / run) | {faults[0]} / {sum(faults)} |")
+    print(f"| hostile files refused (tests passed / run) | {files[0]} / {sum(files)} |")
+    print(f"| prompts lost ({soaked['label']}) | {soaked['lost']} |")
+    print(f"| soak RSS drift after the first 20 completions | {soaked['drift']} |")
+
+
+def pytest_counts(*paths: str) -> tuple[int, int]:
+    """(passed, not passed) of a pytest run of ``paths`` in a process of its own."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths], cwd=root,
+                          capture_output=True, text=True)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|xfailed|xpassed)", summary)}
+    return counts.get("passed", 0), sum(v for k, v in counts.items() if k != "passed")
+
+
+def soak_once(clients: int, prompts: int) -> dict:
+    from tests.serving import running_server, soak
+
+    with tempfile.TemporaryDirectory(prefix="nodegraph-soak-") as root:
+        dirs = {name: Path(root) / name for name in ("models", "input", "output", "data", "temp")}
+        for path in dirs.values():
+            path.mkdir()
+        with running_server(dirs, probe="/system_stats") as url:
+            result = asyncio.run(soak(url, clients, prompts, 1, 1, 2))
+    drift = (f"{(result.rss_last - result.rss_first) / result.rss_first * 100:+.2f}%" if result.rss_first
+             else "n/a (fewer than 20 completions)")
+    return {"label": f"{clients} clients x {prompts} prompts", "lost": len(result.lost), "drift": drift}
 
 
 if __name__ == "__main__":

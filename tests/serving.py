@@ -126,6 +126,7 @@ class SoakPrompt:
     prompt_id: str | None = None
     submitted: float = 0.0
     started: float | None = None  # when the client heard its execution_start
+    progressed: float | None = None  # when the client heard its first progress message
     ended: float | None = None
     end: str | None = None  # success / interrupted / error as the client heard it; deleted when it left the queue
     refused: dict | None = None  # the 400 answer of an invalid prompt
@@ -207,6 +208,7 @@ async def soak(url: ServerURL, clients: int = 20, prompts: int = 10, invalid: in
         mine: dict[str, SoakPrompt] = {}
         endings: dict[str, asyncio.Future] = {}
         running: dict[str, float] = {}  # prompt id -> when its execution_start was heard
+        progressed: dict[str, float] = {}  # prompt id -> when its first progress was heard
         to_interrupt: set[str] = set()
         heard[c] = []
         loop = asyncio.get_running_loop()
@@ -221,6 +223,8 @@ async def soak(url: ServerURL, clients: int = 20, prompts: int = 10, invalid: in
         def hear(kind: str, pid: str) -> None:
             counter["messages"] += 1
             heard[c].append((kind, pid))
+            if kind == "progress":
+                progressed.setdefault(pid, time.monotonic())
             if kind == "execution_start":
                 running[pid] = time.monotonic()
                 if pid in to_interrupt:
@@ -251,6 +255,7 @@ async def soak(url: ServerURL, clients: int = 20, prompts: int = 10, invalid: in
                 try:
                     p.end, p.ended = await ending(p.prompt_id)
                     p.started = running.get(p.prompt_id)
+                    p.progressed = progressed.get(p.prompt_id)
                     counter["ended"] += 1
                     if counter["ended"] == 20 and not rss_first:
                         rss_first.append(server_rss(url.process.pid))
