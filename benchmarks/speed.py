@@ -109,8 +109,8 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     pipe.vae.decode = timer.wrap(pipe.vae.decode, "decode")
 
     def image(size: int, seed: int) -> None:
-        pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size, output_type="np",
-             generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch)
+        pipe(f"{PROMPT} {size} {seed}", num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size,
+             output_type="np", generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch)
 
     return {"load": load, **_measure(image, timer, sizes, runs)}
 
@@ -138,7 +138,7 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         if vae == "tiny":
             wf.add("taesd", "LoadTinyVAE", vae=taesd.name)
             decoder = ng.Link("taesd", "vae")
-        wf.add("pos", "CLIPEncode", clip=ng.Link("ckpt", "clip"), text=f"{PROMPT} {seed}")
+        wf.add("pos", "CLIPEncode", clip=ng.Link("ckpt", "clip"), text=f"{PROMPT} {size} {seed}")
         wf.add("sched", "LCMScheduler", model=ng.Link("ckpt", "model"), steps=STEPS)
         wf.add("empty", "EmptyLatent", width=size, height=size, batch=batch, vae=ng.Link("ckpt", "vae"))
         wf.add("sample", "LCMSampler", model=ng.Link("ckpt", "model"), positive=ng.Link("pos", "conditioning"),
