@@ -87,8 +87,9 @@ def cluster(dirs: dict[str, Path], workers: int):
 def measure(label: str, dirs: dict[str, Path], extra: list[str], clients: int, prompts: int) -> dict:
     with running_server(dirs, *extra, probe="/system_stats") as url:
         asyncio.run(soak(url, 1, 1, 0, 0, 1))  # warm-up: the model loaded where prompts run
-        loaded = asyncio.run(soak(url, clients, prompts, 0, 0, prompts))
-        idle = asyncio.run(soak(url, 1, 5, 0, 0, 1))
+        # other clients' prompts each time: nothing a run computes is in the cache yet
+        loaded = asyncio.run(soak(url, clients, prompts, 0, 0, prompts, first_client=1))
+        idle = asyncio.run(soak(url, 1, 5, 0, 0, 1, first_client=1 + clients))
     problems = loaded.lost + loaded.failures + loaded.order_errors + loaded.foreign + idle.lost + idle.failures
     if problems:
         raise SystemExit(f"{label}: " + "; ".join(problems[:5]))

@@ -190,10 +190,11 @@ class SoakResult:
 
 
 async def soak(url: ServerURL, clients: int = 20, prompts: int = 10, invalid: int = 1, cancelled: int = 1,
-               in_flight: int = 2, timeout: float = 600.0) -> SoakResult:
+               in_flight: int = 2, timeout: float = 600.0, first_client: int = 0) -> SoakResult:
     """``clients`` ComfyUI clients, each on its own websocket, each sending ``prompts`` prompts (``invalid`` of them
     invalid, ``cancelled`` cancelled) with at most ``in_flight`` of its own waiting or running at once; what every
-    client heard, what the history says afterwards, and the server's RSS (``url.process``) along the way."""
+    client heard, what the history says afterwards, and the server's RSS (``url.process``) along the way. Clients
+    draw the prompts of ``soak_prompt(first_client + c, ...)``: another ``first_client`` gives prompts not cached."""
     import aiohttp
 
     every: list[SoakPrompt] = []
@@ -268,7 +269,7 @@ async def soak(url: ServerURL, clients: int = 20, prompts: int = 10, invalid: in
                 every.append(p)
                 await window.acquire()
                 p.submitted = time.monotonic()
-                async with session.post(url + "/prompt", json={"prompt": soak_prompt(c, i, kind),
+                async with session.post(url + "/prompt", json={"prompt": soak_prompt(first_client + c, i, kind),
                                                                "client_id": cid}) as resp:
                     answer = await resp.json()
                     status = resp.status
