@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests package, run from anywhere
 
-from tests.serving import free_port, running_server, soak  # noqa: E402
+from tests.serving import free_port, running_server, soak, terminate  # noqa: E402
 
 
 @contextmanager
@@ -46,11 +46,7 @@ def process(args: list[str], log: Path):
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc, 20)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -62,11 +62,16 @@ def running_server(dirs: dict[str, Path], *extra_args: str, probe: str = "/objec
         try:
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc, 15)
+
+
+def terminate(proc: subprocess.Popen, wait: float) -> None:
+    """Ask ``proc`` to stop; kill it after ``wait`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 # --- load and soak: many ComfyUI clients on one server ---------------------------------------------------------------

@@ -72,6 +72,12 @@ def put(queue: PromptQueue, prompt_id: str, client: str | None) -> None:
     queue.put(ng.Workflow(), {}, SimpleNamespace(targets=["1"]), client, {}, prompt_id=prompt_id)
 
 
+def put_three(queue: PromptQueue) -> None:
+    """p1, p2 and p3, of clients a, b and c."""
+    for prompt_id, client in (("p1", "a"), ("p2", "b"), ("p3", "c")):
+        put(queue, prompt_id, client)
+
+
 def finish(queue: PromptQueue, runner: GatedRunner, prompt_id: str) -> None:
     runner.gate(prompt_id).set()
     until(lambda: prompt_id not in queue.running and queue.history.get(prompt_id), f"{prompt_id} to finish")
@@ -136,8 +142,7 @@ def test_a_runner_without_a_capacity_runs_one_prompt_at_a_time(tmp_path):
 
 def test_a_capacity_that_grows_while_prompts_wait_is_used_at_once(tmp_path):
     queue, runner = make_queue(tmp_path, slots=1)
-    for prompt_id, client in (("p1", "a"), ("p2", "b"), ("p3", "c")):
-        put(queue, prompt_id, client)
+    put_three(queue)
     queue.start()
     try:
         assert settled(runner, 1) == ["p1"]
@@ -150,8 +155,7 @@ def test_a_capacity_that_grows_while_prompts_wait_is_used_at_once(tmp_path):
 
 def test_interrupting_reaches_every_running_prompt_or_the_one_named(tmp_path):
     queue, runner = make_queue(tmp_path, slots=3)
-    for prompt_id, client in (("p1", "a"), ("p2", "b"), ("p3", "c")):
-        put(queue, prompt_id, client)
+    put_three(queue)
     queue.start()
     try:
         settled(runner, 3)
@@ -168,8 +172,7 @@ def test_interrupting_reaches_every_running_prompt_or_the_one_named(tmp_path):
 
 def test_stopping_cancels_every_running_prompt_and_leaves_them_for_the_next_start(tmp_path):
     queue, runner = make_queue(tmp_path, slots=2)
-    for prompt_id, client in (("p1", "a"), ("p2", "b"), ("p3", "c")):
-        put(queue, prompt_id, client)
+    put_three(queue)
     queue.start()
     settled(runner, 2)
     queue.stop()
