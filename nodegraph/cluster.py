@@ -282,7 +282,7 @@ class DaskRunner:
         holds, so that a worker freeing up takes work it has loaded (0, the first, when none fits)."""
         processing = self.client.processing()
         with self._lock:
-            free = {address for address, tasks in processing.items() if not tasks} - set(self._claimed.values())
+            free = self._free(processing)
             loaded = [self.affinity[address] for address in free if self.affinity.get(address)]
         if not loaded:
             return 0
@@ -299,6 +299,10 @@ class DaskRunner:
     def close(self) -> None:
         self.client.close()
 
+    def _free(self, processing: dict) -> set[str]:
+        """Workers with no task and not asked for by a prompt on its way to them (call holding ``_lock``)."""
+        return {address for address, tasks in processing.items() if not tasks} - set(self._claimed.values())
+
     def _preferred(self, wanted: set[str], run_id: str) -> str | None:
         """The worker to ask for: the free one whose cache holds most of ``wanted``; None (Dask's choice, the
         least busy) when no free worker has any of it but one is free; when none is free, the busy one with most of
@@ -307,7 +311,7 @@ class DaskRunner:
             return None
         processing = self.client.processing()  # live workers -> the tasks they hold
         with self._lock:
-            free = {address for address, tasks in processing.items() if not tasks} - set(self._claimed.values())
+            free = self._free(processing)
             best, overlap = None, 0
             for address, models in self.affinity.items():
                 common = len(wanted & models)
