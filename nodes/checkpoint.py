@@ -83,7 +83,8 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     from . import fastpaths  # imports diffusers: not at start-up
 
     for part, module in (("unet", components.unet), ("vae", components.vae)):
-        fastpaths.apply(module)
+        # the phase form of upsampling for the VAE only: in the UNet it saves 1% of a step for 118 MB more weights
+        fastpaths.apply(module, upsample=part == "vae" and part in channels_last)
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             module.to(memory_format=torch.channels_last)
     return components

@@ -518,8 +518,9 @@ def _as_vae(ctx, module: torch.nn.Module, name: str, device: torch.device) -> Va
     """A loaded VAE as the VAE value, its convolutions in the layout the settings ask for on ``device``."""
     from . import fastpaths
 
-    fastpaths.apply(module)
-    if devices.channels_last(ctx.settings, device):
+    fast_layout = devices.channels_last(ctx.settings, device)
+    fastpaths.apply(module, upsample=fast_layout)
+    if fast_layout:
         module.to(memory_format=torch.channels_last)
     return Vae(module, name)
 
