@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import events as ev
+from . import heap
 from .cache import ResultCache, node_key
 from .events import Event, EventBus
 from .node import normalise_outputs
@@ -322,6 +323,7 @@ class Executor:
                 message = f"{node_type.name} (node {node.id}) ran out of memory: {first}. {OUT_OF_MEMORY_HINT}"
             error = {"type": node_type.name, "exception_type": type(exc).__name__, "message": message,
                      "traceback": traceback.format_exc()}
+            heap.after_node(duration)
             state.publish(ev.NODE_FAILED, node.id, error)
             return NodeRecord(FAILED, node_type.name, duration, error)
         duration = time.perf_counter() - started
@@ -330,6 +332,7 @@ class Executor:
             ui[node.id] = node_ui
         self.cache.put(key, out, node_ui)
         state.cached.append(key)
+        heap.after_node(duration)  # before the next node allocates on top of this one's freed intermediates
         state.publish(ev.NODE_FINISHED, node.id, {"duration": duration, **({"ui": node_ui} if node_ui else {})})
         return NodeRecord(RAN, node_type.name, duration)
 

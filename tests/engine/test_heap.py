@@ -1,0 +1,45 @@
+"""Long nodes give their freed memory back to the OS (nodegraph/heap.py); short ones do not pay for the call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import nodegraph as ng
+from nodegraph import heap
+
+from . import toy
+from .test_executor import chain
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.0, 4), (60.0, 0)])
+def test_nodes_trim_the_heap_only_when_they_ran_long(monkeypatch, threshold, expected):
+    calls = []
+    monkeypatch.setattr(heap, "TRIM_AFTER_S", threshold)
+    monkeypatch.setattr(heap, "trim", lambda: calls.append(1) or True)
+    result = ng.Executor(toy.registry()).run(chain())
+    assert result.status == "success"
+    assert len(calls) == expected  # one per node that ran: Const, Add, Scale, Show
+    calls.clear()
+    ng.Executor(toy.registry()).run(chain(), outputs=["2"])
+    assert len(calls) == (2 if threshold == 0 else 0)
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_trim_returns_freed_heap_pages_to_the_os():
+    blocks = [bytearray(64 << 10) for _ in range(3000)]  # 190 MB of heap blocks (below the mmap threshold)
+    for b in blocks:
+        b[::4096] = b"\x01" * len(b[::4096])  # touched: resident
+    pinned = blocks[-1]  # the heap's top stays in use, so only trimming inside the heap can give pages back
+    del blocks
+    before = _rss()
+    if not heap.trim():
+        pytest.skip("no glibc malloc_trim here")
+    assert before - _rss() > 100 << 20
+    assert pinned[0] == 1
