@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                          # 256 and 512, every engine below, 3 rounds
     python benchmarks/speed.py --sizes 256 --rounds 2 --engines "diffusers fp32" "nodegraph fp32"
+    python benchmarks/speed.py --device cuda --sizes 512 768  # on a GPU: fp32 and fp16 engines, peak VRAM
 
 The weights are random (``benchmarks/load_memory.py`` builds them once under ``~/.cache/nodegraph-bench``: UNet
 860M, VAE 84M, CLIP-L, a diffusers folder and the same weights as one original-layout ``.safetensors``), plus a
@@ -14,6 +15,9 @@ file), then per size one warm-up image and ``--runs`` timed ones. The table give
 load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS, and the time
 relative to diffusers in the same precision and to diffusers in float32. ``--compile`` engines compile the UNet in
 their warm-up image of each size (``nodes/compilation.py``; the compile time is not in the table).
+
+``--device cuda`` runs the fp32 and fp16 engines on the GPU (the CPU generator as everywhere, so images are the
+same), synchronising before each part's clock is read, and adds each process's peak of allocated GPU memory.
 
 ``floor`` rows: the FLOPs of each part (counted by ``torch.utils.flop_counter`` on meta tensors) divided by this
 machine's measured rate for each kind of operation (convolutions, matrix products, attention) in that precision: a
@@ -50,7 +54,14 @@ ENGINES = {
     "nodegraph bf16 tiny VAE": ("nodegraph", "bfloat16", "tiny", False),
     "nodegraph bf16 --compile": ("nodegraph", "bfloat16", "full", True),
     "nodegraph bf16 tiny VAE --compile": ("nodegraph", "bfloat16", "tiny", True),
+    "diffusers fp16": ("diffusers", "float16", "full", False),
+    "nodegraph fp16": ("nodegraph", "float16", "full", False),
+    "diffusers fp16 tiny VAE": ("diffusers", "float16", "tiny", False),
+    "nodegraph fp16 tiny VAE": ("nodegraph", "float16", "tiny", False),
+    "nodegraph fp16 --compile": ("nodegraph", "float16", "full", True),
 }
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+FAST = {"cpu": "bfloat16", "cuda": "float16"}  # the low precision each device's engines compare in
 PARTS = ("encode", "step", "decode", "total")
 
 
@@ -73,23 +84,34 @@ def build(cache: Path) -> tuple[Path, Path, Path]:
 
 
 class Timer:
-    """Seconds spent in wrapped callables, per part."""
+    """Seconds spent in wrapped callables, per part (on a GPU, with the work queued before and in them finished)."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         self.spent: dict[str, float] = {}
+        self.sync = _synchronizer(device)
 
     def wrap(self, fn, part: str):
         def timed(*args, **kwargs):
+            self.sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.sync()
                 self.spent[part] = self.spent.get(part, 0.0) + time.perf_counter() - start
         return timed
 
 
+def _synchronizer(device: str):
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
-                  batch: int = 1) -> dict:
+                  batch: int = 1, device: str = "cpu") -> dict:
     import torch
     from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel  # noqa: F401 - imports are not part of a load
@@ -102,9 +124,11 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     if vae == "tiny":
         pipe.vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
+    pipe.to(device)
+    _synchronizer(device)()
     load = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    timer = Timer()
+    timer = Timer(device)
     pipe.encode_prompt = timer.wrap(pipe.encode_prompt, "encode")
     pipe.unet.forward = timer.wrap(pipe.unet.forward, "unet")
     pipe.vae.decode = timer.wrap(pipe.vae.decode, "decode")
@@ -113,11 +137,11 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         pipe(f"{PROMPT} {size} {seed}", num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size,
              output_type="np", generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch)
 
-    return {"load": load, **_measure(image, timer, sizes, runs)}
+    return {"load": load, **_measure(image, timer, sizes, runs, device)}
 
 
 def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
-                  compiled: bool = False, batch: int = 1) -> dict:
+                  compiled: bool = False, batch: int = 1, device: str = "cpu") -> dict:
     import nodegraph as ng
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel  # noqa: F401 - imports are not
     from diffusers.loaders import single_file_utils  # noqa: F401 - part of a load (as for diffusers above)
@@ -129,7 +153,8 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     # file routes refuse links that lead out of a folder, so the folders themselves are the links
     (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
     (models / "vae_approx").symlink_to(taesd.parent, target_is_directory=True)
-    settings = ng.Settings(models_dir=models, output_dir=tempfile.mkdtemp(), dtype=dtype_name, compile=compiled)
+    settings = ng.Settings(models_dir=models, output_dir=tempfile.mkdtemp(), dtype=dtype_name, compile=compiled,
+                           device=device)
     executor = ng.Executor(ng.build_registry(), settings=settings)
 
     def workflow(size: int, seed: int) -> ng.Workflow:
@@ -149,17 +174,17 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
 
     loaded = executor.run(workflow(8, 0), outputs=["ckpt", *(["taesd"] if vae == "tiny" else [])])
     load = sum(r.duration for r in loaded.nodes.values())
-    timer = Timer()
+    timer = Timer(device)
 
     def image(size: int, seed: int) -> None:
         result = executor.run(workflow(size, seed), outputs=["decode"])
         d = {nid: r.duration for nid, r in result.nodes.items()}
         timer.spent.update(encode=d["pos"], unet=d["sample"], decode=d["decode"])
 
-    return {"load": load, **_measure(image, timer, sizes, runs)}
+    return {"load": load, **_measure(image, timer, sizes, runs, device)}
 
 
-def _measure(image, timer: Timer, sizes: list[int], runs: int) -> dict:
+def _measure(image, timer: Timer, sizes: list[int], runs: int, device: str = "cpu") -> dict:
     out = {}
     for size in sizes:
         samples = []
@@ -175,13 +200,18 @@ def _measure(image, timer: Timer, sizes: list[int], runs: int) -> dict:
                 out[f"first {size}"] = total
         out[str(size)] = samples
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_vram"] = torch.cuda.max_memory_allocated()
     return out
 
 
 # --- floors ------------------------------------------------------------------------------------------------------
 
 
-def floors(folder: Path, taesd: Path, sizes: list[int], dtypes: list[str], batch: int = 1) -> dict:
+def floors(folder: Path, taesd: Path, sizes: list[int], dtypes: list[str], batch: int = 1,
+           device: str = "cpu") -> dict:
     """Per precision and size: each part's FLOPs over this machine's rates, in seconds."""
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
@@ -217,30 +247,36 @@ def floors(folder: Path, taesd: Path, sizes: list[int], dtypes: list[str], batch
             work[f"tiny decode {size}"] = counted(lambda: tiny.decode(z))
     out = {"gflop": {part: sum(k.values()) / 1e9 for part, k in work.items()}}
     for dtype_name in dtypes:
-        rates = _rates(getattr(torch, dtype_name))
+        rates = _rates(getattr(torch, dtype_name), device)
         out[dtype_name] = {"rates": {k: r / 1e9 for k, r in rates.items()},
                            "seconds": {part: sum(k[kind] / rates[kind] for kind in k) for part, k in work.items()}}
     return out
 
 
-def _rates(dtype) -> dict[str, float]:
+def _rates(dtype, device: str = "cpu") -> dict[str, float]:
     """FLOP/s of this machine for a large matrix product, a 3x3 convolution and SDPA self-attention."""
     import torch
     import torch.nn.functional as F
+
+    sync = _synchronizer(device)
 
     def best(fn, flops: float) -> float:
         fn()
         times = []
         for _ in range(5):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - start)
         return flops / min(times)
 
-    a, b = torch.randn(4096, 1280, dtype=dtype), torch.randn(1280, 1280, dtype=dtype)
-    x = torch.randn(1, 320, 64, 64, dtype=dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(320, 320, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
-    q = torch.randn(1, 8, 4096, 40, dtype=dtype)
+    layout = torch.channels_last if device == "cpu" else torch.contiguous_format  # as the engines run them
+    a = torch.randn(4096, 1280, dtype=dtype, device=device)
+    b = torch.randn(1280, 1280, dtype=dtype, device=device)
+    x = torch.randn(1, 320, 64, 64, dtype=dtype, device=device).to(memory_format=layout)
+    w = torch.randn(320, 320, 3, 3, dtype=dtype, device=device).to(memory_format=layout)
+    q = torch.randn(1, 8, 4096, 40, dtype=dtype, device=device)
     with torch.no_grad():
         return {"mm": best(lambda: a @ b, 2 * 4096 * 1280 * 1280),
                 "conv": best(lambda: F.conv2d(x, w, padding=1), 2 * 320 * 320 * 9 * 64 * 64),
@@ -254,19 +290,21 @@ def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder, single, taesd = build(args.cache)
     if args.child == "floors":
-        print(json.dumps(floors(folder, taesd, args.sizes, ["float32", "bfloat16"], args.batch)))
+        print(json.dumps(floors(folder, taesd, args.sizes, ["float32", FAST[args.device]], args.batch,
+                                args.device)))
         return
     engine, dtype_name, vae, compiled = ENGINES[args.child]
     if engine == "diffusers":
-        doc = run_diffusers(folder, taesd, dtype_name, vae, args.sizes, args.runs, args.batch)
+        doc = run_diffusers(folder, taesd, dtype_name, vae, args.sizes, args.runs, args.batch, args.device)
     else:
-        doc = run_nodegraph(single, taesd, dtype_name, vae, args.sizes, args.runs, compiled, args.batch)
+        doc = run_nodegraph(single, taesd, dtype_name, vae, args.sizes, args.runs, compiled, args.batch,
+                            args.device)
     print(json.dumps(doc))
 
 
 def spawn(args: argparse.Namespace, what: str) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--cache", str(args.cache), "--runs", str(args.runs),
-           "--batch", str(args.batch), "--sizes", *map(str, args.sizes)]
+           "--batch", str(args.batch), "--device", args.device, "--sizes", *map(str, args.sizes)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -278,7 +316,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "nodegraph-bench")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES), metavar="ENGINE")
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES), metavar="ENGINE",
+                    help="default: those in float32 and the device's fast precision (bf16 on the CPU, fp16 on CUDA)")
+    ap.add_argument("--device", default="cpu", choices=list(FAST))
     ap.add_argument("--rounds", type=int, default=3, help="processes per engine, engines interleaved")
     ap.add_argument("--runs", type=int, default=1, help="timed images per size in each process, after a warm-up")
     ap.add_argument("--batch", type=int, default=1, help="images per run (one prompt)")
@@ -286,6 +326,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.cache = args.cache.expanduser()
+    if args.engines is None:
+        args.engines = [label for label, (_, dtype, _, _) in ENGINES.items() if dtype in ("float32", FAST[args.device])]
     if args.child:
         child(args)
         return
@@ -308,10 +350,13 @@ def main() -> None:
 
 def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace) -> str:
     gb = 1024**3
-    lines = [f"4 LCM steps, batch {args.batch}, no CFG; random SD1.5-size weights; {os.cpu_count()} CPU threads; "
+    gpu = args.device != "cpu"
+    where = _device_name(args.device) if gpu else f"{os.cpu_count()} CPU threads"
+    lines = [f"4 LCM steps, batch {args.batch}, no CFG; random SD1.5-size weights; {where}; "
              f"medians of {args.rounds} processes x {args.runs} image(s) after a warm-up",
              "", "| engine | size | load s | first image s | encode s | UNet step s | decode s | total s | peak RSS GB "
-             "| x diffusers same dtype | x diffusers fp32 |", "| --- " * 11 + "|"]
+             + ("| peak VRAM GB " if gpu else "") + "| x diffusers same dtype | x diffusers fp32 |",
+             "| --- " * (12 if gpu else 11) + "|"]
     med: dict[tuple[str, int], dict] = {}
     for label, docs in results.items():
         for size in args.sizes:
@@ -321,28 +366,37 @@ def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace)
         for label, docs in results.items():
             engine, dtype_name, vae, _ = ENGINES[label]
             m = med[label, size]
-            same = f"diffusers {'fp32' if dtype_name == 'float32' else 'bf16'}" + (" tiny VAE" if vae == "tiny" else "")
+            same = f"diffusers {SHORT[dtype_name]}" + (" tiny VAE" if vae == "tiny" else "")
             ratio = lambda ref: f"{m['total'] / med[ref, size]['total']:.2f}" if (ref, size) in med else "-"  # noqa
             first = statistics.median(d[f"first {size}"] for d in docs)
             lines.append(f"| {label} | {size} | {statistics.median(d['load'] for d in docs):.1f} | {first:.1f} | "
                          f"{m['encode']:.3f} | {m['step']:.3f} | {m['decode']:.3f} | {m['total']:.2f} | "
-                         f"{max(d['peak_rss'] for d in docs) / gb:.1f} | {ratio(same)} | {ratio('diffusers fp32')} |")
-        for dtype_name, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+                         f"{max(d['peak_rss'] for d in docs) / gb:.1f} | "
+                         + (f"{max(d['peak_vram'] for d in docs) / gb:.1f} | " if gpu else "")
+                         + f"{ratio(same)} | {ratio('diffusers fp32')} |")
+        for dtype_name in ("float32", FAST[args.device]):
+            short = SHORT[dtype_name]
             s = bound[dtype_name]["seconds"]
             total = s["encode"] + STEPS * s[f"step {size}"] + s[f"decode {size}"]
             tiny = s["encode"] + STEPS * s[f"step {size}"] + s[f"tiny decode {size}"]
             lines.append(f"| floor {short} | {size} | | | {s['encode']:.3f} | {s[f'step {size}']:.3f} | "
                          f"{s[f'decode {size}']:.3f} (tiny {s[f'tiny decode {size}']:.3f}) | "
-                         f"{total:.2f} (tiny {tiny:.2f}) | | | |")
+                         f"{total:.2f} (tiny {tiny:.2f}) | | | |" + (" |" if gpu else ""))
     g = bound["gflop"]
     lines += ["", "GFLOP: encode {:.0f}; ".format(g["encode"]) + "; ".join(
         f"{size}: UNet step {g[f'step {size}']:.0f}, decode {g[f'decode {size}']:.0f}, "
         f"tiny decode {g[f'tiny decode {size}']:.0f}" for size in args.sizes)]
-    for dtype_name in ("float32", "bfloat16"):
+    for dtype_name in ("float32", FAST[args.device]):
         r = bound[dtype_name]["rates"]
         lines.append(f"measured GFLOP/s {dtype_name}: matmul {r['mm']:.0f}, 3x3 conv {r['conv']:.0f}, "
                      f"SDPA {r['attention']:.0f}")
     return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 if __name__ == "__main__":
