@@ -33,7 +33,7 @@ ENGINES = {
     "diffusers from_pretrained (folder)": ("pipeline", "folder"),
     "nodegraph load_components (folder)": ("ours", "folder"),
     "nodegraph load_components (single file)": ("ours", "single"),
-    "nodegraph single file, clone_weights=False": ("ours-mapped", "single"),
+    "nodegraph single file, --map-weights": ("ours-mapped", "single"),
 }
 
 

@@ -58,6 +58,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile models where the node library can: the first run of each image size is slow "
                         "(a minute or more), later ones faster; for long-running servers ($NODEGRAPH_COMPILE)")
+    p.add_argument("--map-weights", action="store_true", default=None,
+                   help="keep weight files memory-mapped where they are used as stored (float32 files in float32, "
+                        "on the CPU): loads in a fraction of the time, like diffusers; the files must then not be "
+                        "rewritten in place while loaded ($NODEGRAPH_MAP_WEIGHTS)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
@@ -141,7 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """The process's settings: the environment's, then what the command line gives."""
     return Settings.from_env(models_dir=args.models, input_dir=args.input, output_dir=getattr(args, "output", None),
                              device=args.device, dtype=args.dtype, memory_format=args.memory_format,
-                             allow_pickle=args.allow_pickle or None, compile=args.compile)
+                             allow_pickle=args.allow_pickle or None, compile=args.compile,
+                             map_weights=args.map_weights)
 
 
 def quiet_openmp(command: str, environ=os.environ) -> None:

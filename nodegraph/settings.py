@@ -7,7 +7,8 @@ Nothing in the process keeps a mutable copy of its own, so two executors with di
 side (the tests do).
 
 Environment variables give the defaults: ``NODEGRAPH_MODELS``, ``NODEGRAPH_INPUT``, ``NODEGRAPH_OUTPUT``,
-``NODEGRAPH_TEMP``, ``NODEGRAPH_DEVICE``, ``NODEGRAPH_DTYPE``, ``NODEGRAPH_MAX_SIZE``, ``NODEGRAPH_COMPILE`` (1/0).
+``NODEGRAPH_TEMP``, ``NODEGRAPH_DEVICE``, ``NODEGRAPH_DTYPE``, ``NODEGRAPH_MAX_SIZE``, ``NODEGRAPH_COMPILE`` (1/0),
+``NODEGRAPH_MAP_WEIGHTS`` (1/0).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 _PATHS = ("models_dir", "input_dir", "output_dir", "temp_dir")
 _ENV = {"models_dir": "NODEGRAPH_MODELS", "input_dir": "NODEGRAPH_INPUT", "output_dir": "NODEGRAPH_OUTPUT",
         "temp_dir": "NODEGRAPH_TEMP", "device": "NODEGRAPH_DEVICE", "dtype": "NODEGRAPH_DTYPE",
-        "max_image_size": "NODEGRAPH_MAX_SIZE", "compile": "NODEGRAPH_COMPILE"}
+        "max_image_size": "NODEGRAPH_MAX_SIZE", "compile": "NODEGRAPH_COMPILE", "map_weights": "NODEGRAPH_MAP_WEIGHTS"}
+_FLAGS = ("compile", "map_weights")
 
 
 def _default_temp() -> Path:
@@ -49,6 +51,9 @@ class Settings:
     max_image_size: int = 4096  # pixels per side: a typo of 51200 should be an error, not an out-of-memory
     previews: bool = False  # whether samplers send preview images with their progress (the server asks for them)
     compile: bool = False  # compile models where the node library can (slow first runs, faster later ones)
+    # Keep weight files memory-mapped where the node library can use them as stored (no cast, no copy): loads take
+    # a fraction of the time, but a file then must not be rewritten in place while its model is loaded.
+    map_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in _PATHS:
@@ -85,7 +90,8 @@ class Settings:
     def fingerprint(self) -> tuple:
         """The settings that change what a node computes from the same inputs (device, precision, layout, ...);
         the executor mixes them into cache keys. Folders are not here: files are identified by their own path."""
-        return (self.device, self.dtype, self.memory_format, self.allow_pickle, self.max_image_size, self.compile)
+        return (self.device, self.dtype, self.memory_format, self.allow_pickle, self.max_image_size, self.compile,
+                self.map_weights)
 
     def to_json(self) -> dict:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
@@ -93,7 +99,7 @@ class Settings:
 
 
 def _parse(name: str, variable: str, raw: str) -> Any:
-    if name == "compile":
+    if name in _FLAGS:
         flag = raw.strip().lower()
         if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError(f"{variable}={raw!r}: say 1 or 0")

@@ -69,10 +69,12 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     if base != NO_BASE:
         own_base = locate(settings, base)[0]
     device = devices.device(settings)
+    dtype = devices.dtype(settings, device)
     channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
-    components = load_components(path, device=device, dtype=devices.dtype(settings, device), base=own_base,
+    mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and _stored_dtype(path) == dtype
+    components = load_components(path, device=device, dtype=dtype, base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, clone_weights=not mapped)
     import torch
 
     if (components.family in ("sdxl", "ssd1b") and components.vae.dtype == torch.float16
@@ -88,6 +90,20 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             module.to(memory_format=torch.channels_last)
     return components
+
+
+def _stored_dtype(path):
+    """The dtype a checkpoint's safetensors store (a single file, or a diffusers folder's UNet); None otherwise.
+    --map-weights maps only what is used as stored: a cast copies every tensor anyway, and the map's pages would
+    count beside the copies."""
+    from .loading import StreamedSafetensors, is_safetensors
+
+    if not isinstance(path, Path):  # a hub id
+        return None
+    files = [path] if path.is_file() else sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    if len(files) != 1 or not is_safetensors(files[0]):
+        return None
+    return StreamedSafetensors(files[0]).file_dtype()
 
 
 class LoadCheckpoint(Node):

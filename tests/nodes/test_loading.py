@@ -729,3 +729,53 @@ def test_channels_last_is_laid_out_while_streaming(tiny, which):
     only_vae = load_components(path, device="cpu", dtype=torch.bfloat16, channels_last=("vae",))
     assert only_vae.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert only_vae.unet.conv_in.weight.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# --map-weights (Settings.map_weights): weights used as stored stay in the file's memory map
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from ``path`` (/proc/self/maps)."""
+    target = str(path.resolve())
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("name, dtype, map_weights, mapped", [
+    ("tiny-sd.safetensors", "float32", True, True),   # a float32 file in float32: used as stored
+    ("tiny-sd", "float32", True, True),               # a diffusers folder alike
+    ("tiny-sd.safetensors", "bfloat16", True, False),  # a cast copies anyway: streamed
+    ("tiny-sd.safetensors", "float32", False, False),  # the default: memory of its own
+])
+def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, name, dtype, map_weights, mapped):
+    import nodegraph as ng
+    from nodes import checkpoint
+
+    settings = ng.Settings(models_dir=models_root, device="cpu", dtype=dtype, memory_format="contiguous",
+                           map_weights=map_weights)
+    components = checkpoint.load(settings, name)
+    path = models_root / "checkpoints" / name
+    weights = path if path.is_file() else path / "unet" / "diffusion_pytorch_model.safetensors"
+    ranges = _mapped_from(weights)
+    inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in components.unet.parameters()]
+    assert all(inside) if mapped else not any(inside)
+    assert {p.dtype for p in components.unet.parameters()} == {getattr(torch, dtype)}
+
+
+def test_map_weights_comes_from_the_command_line_and_the_environment():
+    from nodegraph.cli import make_parser, settings_from_args
+
+    import nodegraph as ng
+
+    assert ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "1"}).map_weights is True
+    assert ng.Settings.from_env({}).map_weights is False
+    args = make_parser().parse_args(["run", "text-to-image", "--map-weights"])
+    assert settings_from_args(args).map_weights is True
+    assert ng.Settings(map_weights=True).fingerprint() != ng.Settings().fingerprint()
