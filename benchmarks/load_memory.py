@@ -12,8 +12,9 @@ loads are interleaved over ``--rounds`` rounds and the table shows medians.
 read once (``+touch s``), as a first run would: diffusers keeps float32 weights memory-mapped and untouched pages
 are not resident, so ``load peak`` alone would flatter it; ``peak`` is taken after that pass. Both include the
 interpreter with torch, diffusers and transformers imported (``base``, measured before the load starts), and the
-imports are not part of the load time. ``clone_weights=False`` keeps a single file's tensors memory-mapped where
-their dtype allows, as diffusers does with a folder (see :mod:`nodes.loading.assemble`).
+imports are not part of the load time. ``--map-weights`` keeps a single file's tensors memory-mapped where they
+are used as stored (its float32 in float32; in bfloat16 it streams, as the row shows), as diffusers does with a
+folder (see :mod:`nodes.loading.assemble`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ def child(engine: str, path: Path, dtype_name: str) -> dict:
                                                        safety_checker=None)
         models = [pipe.unet, pipe.vae, pipe.text_encoder]
     else:
-        c = load_components(path, device="cpu", dtype=dtype, clone_weights=engine != "ours-mapped")
+        from nodes.loading import StreamedSafetensors
+
+        # as --map-weights decides (nodes/checkpoint.py): mapped only where the file's dtype is the one asked for
+        mapped = engine == "ours-mapped" and StreamedSafetensors(path).file_dtype() == dtype
+        c = load_components(path, device="cpu", dtype=dtype, clone_weights=not mapped)
         models = [c.unet, c.vae, c.text_encoder]
     seconds = time.perf_counter() - start
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

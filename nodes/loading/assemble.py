@@ -27,16 +27,18 @@ a first run would, before the peak is taken; base = the interpreter with torch, 
 imported, 0.48 GB, included in the peak)::
 
     engine                                   dtype    load s +touch s load peak peak GB weights GB peak/weights (peak-base)/weights
-    diffusers from_pretrained (folder)       float32     0.5      0.2      0.58    4.80       4.26         1.13                1.01
-    nodegraph load_components (folder)       float32     3.3      0.2      4.82    4.82       4.26         1.13                1.02
-    nodegraph load_components (single file)  float32     1.8      0.2      4.77    4.77       4.26         1.12                1.01
-    diffusers from_pretrained (folder)       bfloat16    1.3      0.7      5.67    5.67       2.13         2.66                2.44
-    nodegraph load_components (folder)       bfloat16    1.9      0.7      2.78    2.86       2.13         1.34                1.12
-    nodegraph load_components (single file)  bfloat16    1.7      0.5      2.79    2.88       2.13         1.35                1.13
+    diffusers from_pretrained (folder)       float32     0.6      0.3      0.58    4.80       4.26         1.12                1.01
+    nodegraph load_components (folder)       float32     3.3      0.1      4.91    4.91       4.26         1.15                1.04
+    nodegraph load_components (single file)  float32     2.2      0.1      4.92    4.92       4.26         1.15                1.04
+    nodegraph single file, --map-weights     float32     0.5      0.2      0.54    4.77       4.26         1.12                1.01
+    diffusers from_pretrained (folder)       bfloat16    1.5      0.8      5.89    5.89       2.13         2.76                2.54
+    nodegraph load_components (folder)       bfloat16    2.1      0.8      2.78    2.87       2.13         1.35                1.12
+    nodegraph load_components (single file)  bfloat16    1.8      0.5      2.79    2.88       2.13         1.35                1.13
 
 Before streaming the same loads peaked at 7.35 GB (folder) and 8.7 GB (single file) in float32, 5.6 and 6.7 GB
 in bfloat16. diffusers' float32 load is only a memory map (its pages are read on first use); ours copies 4.3 GB into
-aligned memory of the process's own, which costs the difference in load time.
+aligned memory of the process's own, which costs the difference in load time, unless ``--map-weights`` (which
+passes ``clone_weights=False`` where the file's dtype is the one asked for) maps it too.
 """
 
 from __future__ import annotations
