@@ -98,10 +98,9 @@ def child(engine: str, path: Path, dtype_name: str) -> dict:
                                                        safety_checker=None)
         models = [pipe.unet, pipe.vae, pipe.text_encoder]
     else:
-        from nodes.loading import StreamedSafetensors
+        from nodes.checkpoint import stored_dtype
 
-        # as --map-weights decides (nodes/checkpoint.py): mapped only where the file's dtype is the one asked for
-        mapped = engine == "ours-mapped" and StreamedSafetensors(path).file_dtype() == dtype
+        mapped = engine == "ours-mapped" and stored_dtype(path) == dtype  # as --map-weights decides
         c = load_components(path, device="cpu", dtype=dtype, clone_weights=not mapped)
         models = [c.unet, c.vae, c.text_encoder]
     seconds = time.perf_counter() - start

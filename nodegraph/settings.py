@@ -26,7 +26,8 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 _PATHS = ("models_dir", "input_dir", "output_dir", "temp_dir")
 _ENV = {"models_dir": "NODEGRAPH_MODELS", "input_dir": "NODEGRAPH_INPUT", "output_dir": "NODEGRAPH_OUTPUT",
         "temp_dir": "NODEGRAPH_TEMP", "device": "NODEGRAPH_DEVICE", "dtype": "NODEGRAPH_DTYPE",
-        "max_image_size": "NODEGRAPH_MAX_SIZE", "compile": "NODEGRAPH_COMPILE", "map_weights": "NODEGRAPH_MAP_WEIGHTS"}
+        "max_image_size": "NODEGRAPH_MAX_SIZE", "compile": "NODEGRAPH_COMPILE",
+        "map_weights": "NODEGRAPH_MAP_WEIGHTS"}
 _FLAGS = ("compile", "map_weights")
 
 

@@ -71,7 +71,7 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     device = devices.device(settings)
     dtype = devices.dtype(settings, device)
     channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
-    mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and _stored_dtype(path) == dtype
+    mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and stored_dtype(path) == dtype
     components = load_components(path, device=device, dtype=dtype, base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
                                  channels_last=channels_last, clone_weights=not mapped)
@@ -92,7 +92,7 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     return components
 
 
-def _stored_dtype(path):
+def stored_dtype(path):
     """The dtype a checkpoint's safetensors store (a single file, or a diffusers folder's UNet); None otherwise.
     --map-weights maps only what is used as stored: a cast copies every tensor anyway, and the map's pages would
     count beside the copies."""

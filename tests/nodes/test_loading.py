@@ -776,6 +776,8 @@ def test_map_weights_comes_from_the_command_line_and_the_environment():
 
     assert ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "1"}).map_weights is True
     assert ng.Settings.from_env({}).map_weights is False
+    with pytest.raises(ValueError, match="NODEGRAPH_MAP_WEIGHTS='maybe': say 1 or 0"):
+        ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "maybe"})
     args = make_parser().parse_args(["run", "text-to-image", "--map-weights"])
     assert settings_from_args(args).map_weights is True
     assert ng.Settings(map_weights=True).fingerprint() != ng.Settings().fingerprint()
