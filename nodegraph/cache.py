@@ -142,7 +142,10 @@ def is_model(value: Any) -> bool:
 def tensor_storage(tensor: Any) -> tuple[Hashable, int]:
     """The storage key and size of an array-like with ``untyped_storage()`` (a torch tensor, duck-typed: the engine
     does not import torch). Two views of one storage have one key; the key holds while the storage lives."""
-    storage = tensor.untyped_storage()
+    try:
+        storage = tensor.untyped_storage()
+    except (NotImplementedError, RuntimeError):  # an opaque layout (oneDNN's blocked weights): its own memory
+        return ("object", id(tensor)), int(tensor.nbytes)
     ptr = storage.data_ptr()
     if not ptr:  # no memory of its own (empty, or on the meta device)
         return ("object", id(tensor)), 0

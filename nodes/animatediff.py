@@ -146,6 +146,7 @@ class ApplyMotionModule(Node):
         if devices.channels_last(ctx.settings, device, "unet"):
             unet.to(memory_format=torch.channels_last)
         _share_weights(unet, model.unet)
+        fastpaths.share_packed(unet, model.unet)
         fastpaths.apply(unet)
         animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
         previews.share(model, animated)
@@ -159,7 +160,7 @@ def _share_weights(animated: torch.nn.Module, base: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in animated.named_parameters():
             theirs = own.get(name)
-            if (theirs is not None and theirs.shape == param.shape and theirs.dtype == param.dtype
+            if (theirs is not None and theirs.layout == param.layout == torch.strided and theirs.shape == param.shape and theirs.dtype == param.dtype
                     and theirs.device == param.device and theirs.stride() == param.stride()
                     and torch.equal(theirs, param)):
                 param.data = theirs.data

@@ -89,6 +89,9 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         fastpaths.apply(module, upsample=part == "vae" and part in channels_last)
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             module.to(memory_format=torch.channels_last)
+    if "unet" in channels_last and not mapped and not settings.compile:
+        # blocked weights once instead of a reorder per call (a mapped file stays mapped; --compile packs its own)
+        fastpaths.pack(components.unet)
     return components
 
 

@@ -65,14 +65,20 @@ def channels_last(settings: Settings, for_device: torch.device, part: str = "vae
     the channels_last layout (see Settings.memory_format).
 
     "auto" follows measurements on the CPU (SD1.5-size models, oneDNN on AMX/AVX-512): channels_last runs the VAE
-    faster in both precisions (float32 decode 10-17%, bfloat16 2x) and the UNet 10% faster in bfloat16, but the
-    float32 UNet 4-7% slower, so that one stays contiguous. Other devices keep PyTorch's default layout."""
+    faster in both precisions (float32 decode 10-17%, bfloat16 2x) and the UNet 10% faster in bfloat16. A float32
+    UNet ran 4-7% slower channels_last, until its convolutions kept their weights blocked (fastpaths.pack): then
+    12-17% faster at 512, so it is channels_last where this CPU computes that form. Other devices keep PyTorch's
+    default layout."""
     chosen = settings.memory_format
     if chosen != "auto":
         return chosen == "channels_last"
     if for_device.type != "cpu":
         return False
-    return part != "unet" or dtype(settings, for_device) != torch.float32
+    if part != "unet" or (chosen_dtype := dtype(settings, for_device)) != torch.float32:
+        return True
+    from . import fastpaths  # imports diffusers: only when a float32 UNet is placed
+
+    return fastpaths.packing_works(chosen_dtype) and not settings.compile and not settings.map_weights
 
 
 def check(settings: Settings) -> None:
@@ -92,6 +98,8 @@ def check(settings: Settings) -> None:
 def prefers_channels_last(module: torch.nn.Module) -> bool:
     """True when the module's first 4-D weight is stored channels_last (inputs then go in that layout too)."""
     for p in module.parameters():
+        if p.ndim == 4 and p.layout != torch.strided:  # blocked convolution weights (fastpaths.pack) give channels_last
+            return True
         if p.ndim == 4:
             return p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False

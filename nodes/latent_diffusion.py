@@ -117,6 +117,10 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
         part = "unet" if component == "unet" else "vae"
         if devices.channels_last(settings, device, part) and component != "bert":
             module.to(memory_format=torch.channels_last)
+            if part == "unet":
+                from . import fastpaths
+
+                fastpaths.pack(module)
         loaded[component] = module
     return folder, loaded, read_json(folder / "scheduler" / "scheduler_config.json")
 

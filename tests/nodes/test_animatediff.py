@@ -3,6 +3,7 @@ diffusers' AnimateDiffPipeline (DDIM, Euler, LCM) on tiny models."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -298,3 +299,24 @@ def test_video_previews_show_the_first_frame_in_the_vae_colours(executor, motion
 
     model = result.output("anim", "model")
     assert previews._VAE_OF.get(model.unet) is not None  # the animated model previews through its VAE
+
+
+def test_an_animated_model_shares_the_checkpoints_blocked_weights(motion_models, tmp_path):
+    from nodes import fastpaths
+    from nodes.values import storages
+
+    if not fastpaths.packing_works(torch.bfloat16):
+        pytest.skip("this build or CPU has no blocked bfloat16 convolutions")
+    settings = ng.Settings(models_dir=motion_models, dtype="bfloat16", device="cpu", output_dir=tmp_path)
+    wf = video_graph(lcm=True, steps=2, frames=4)
+    wf.outputs = ["decode", "ckpt", "anim"]
+    result = ng.Executor(ng.build_registry(), settings=settings).run(wf)
+    assert torch.isfinite(torch.as_tensor(np.asarray(result.output("decode")[0]))).all()
+    base, animated = result.output("ckpt", "model").unet, result.output("anim", "model").unet
+    blocked = [m.weight for m in animated.modules() if type(m) is fastpaths.PackedConv2d]
+    assert blocked and all(w.layout != torch.strided for w in blocked)  # the video ran them blocked
+    theirs, ours = dict(storages(base)), dict(storages(animated))
+    assert theirs.keys() <= ours.keys()  # every weight of the checkpoint's UNet, blocked ones included, shared
+    motion = sum(t.nbytes for n, t in (*animated.named_parameters(), *animated.named_buffers())
+                 if "motion_modules" in n)
+    assert sum(n for k, n in ours.items() if k not in theirs) == motion  # all it adds is its motion module

@@ -136,3 +136,127 @@ def test_vaes_upsample_in_phases_only_in_the_fast_layout(executor, models_root, 
     unet_kinds = {type(m) for m in result.output("ckpt", "model").unet.modules() if isinstance(m, Upsample2D)}
     assert vae_kinds == ({fastpaths.InferenceUpsample2D} if phases else {Upsample2D})
     assert unet_kinds == {Upsample2D}
+
+
+# --- blocked convolution weights (fastpaths.pack) -----------------------------------------------------------------
+
+def _assert_same(got, expected, dtype):
+    if dtype == torch.bfloat16:  # the same kernel, bit for bit
+        assert torch.equal(got, expected)
+    else:  # float32 convolutions of some shapes run another kernel with the plain weight (1e-6 apart)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _packed_pair(dtype, in_channels=16, out_channels=24, bias=True):
+    if not fastpaths.packing_works(dtype):
+        pytest.skip(f"this build or CPU has no blocked {dtype} convolutions")
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias).to(dtype).eval().requires_grad_(False)
+    plain = plain.to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(plain)
+    holder = torch.nn.Sequential(packed)
+    assert fastpaths.pack(holder) == 1 and type(packed) is fastpaths.PackedConv2d
+    return plain, packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_convolutions_compute_what_plain_ones_do(dtype, bias):
+    plain, packed = _packed_pair(dtype, bias=bias)
+    assert packed.weight.layout == torch.strided  # nothing is reordered before the first call
+    with torch.inference_mode():
+        for shape in [(1, 16, 8, 8), (2, 16, 13, 6), (1, 16, 32, 32)]:
+            for layout in (torch.channels_last, torch.contiguous_format):
+                x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+                _assert_same(packed(x), plain(x), dtype)
+                assert packed.weight.layout != torch.strided  # the blocked weight is all it holds
+    assert torch.equal(packed.weight.to_dense(), plain.weight)
+
+
+def test_packed_convolutions_run_autograd_and_hooks_on_the_plain_weight():
+    plain, packed = _packed_pair(torch.float32)
+    x = torch.randn(1, 16, 6, 6)
+    with torch.inference_mode():
+        packed(x)
+    # a LoRA's forward hook sees the packed convolution's output
+    handles = [m.register_forward_hook(lambda module, args, output: output * 2 + 1) for m in (plain, packed)]
+    with torch.inference_mode():
+        _assert_same(packed(x), plain(x), torch.float32)
+    for h in handles:
+        h.remove()
+    leaf = x.clone().requires_grad_(True)
+    out = packed(leaf)  # the blocked op has no autograd: the plain weight runs instead
+    out.sum().backward()
+    expected = x.clone().requires_grad_(True)
+    plain(expected).sum().backward()
+    _assert_same(out, plain(x), torch.float32)
+    _assert_same(leaf.grad, expected.grad, torch.float32)
+
+
+def test_packed_convolutions_give_plain_weights_to_whatever_reads_or_moves_them():
+    plain, packed = _packed_pair(torch.bfloat16)
+    x = torch.randn(1, 16, 8, 8).to(torch.bfloat16)
+    with torch.inference_mode():
+        packed(x)
+    state = packed.state_dict()
+    assert state["weight"].layout == torch.strided and torch.equal(state["weight"], plain.weight)
+    assert torch.equal(state["bias"], plain.bias)
+    copy_ = torch.nn.Conv2d(16, 24, 3, padding=1).to(torch.bfloat16)
+    copy_.load_state_dict(state)  # another model takes them as any Conv2d's
+    assert torch.equal(copy_.weight, plain.weight)
+    packed.to(torch.float32)  # a cast unpacks first: an ordinary Conv2d with the cast weight
+    assert type(packed) is torch.nn.Conv2d and torch.equal(packed.weight, plain.weight.float())
+    _, packed = _packed_pair(torch.bfloat16)
+    with torch.inference_mode():
+        packed(x)
+    replacement = {k: v * 2 for k, v in plain.state_dict().items()}
+    packed.load_state_dict(replacement)  # loading into it unpacks, then loads
+    assert type(packed) is torch.nn.Conv2d and torch.equal(packed.weight, replacement["weight"])
+
+
+def test_the_cache_counts_blocked_weights_as_the_plain_ones():
+    from nodes.values import storages
+
+    plain, packed = _packed_pair(torch.bfloat16)
+    with torch.inference_mode():
+        packed(torch.randn(1, 16, 8, 8).to(torch.bfloat16))
+    assert sum(n for _, n in storages(packed)) == sum(n for _, n in storages(plain)) > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_checkpoints_in_the_fast_layout_pack_their_unet_and_draw_the_same(models_root, tmp_path, monkeypatch, dtype):
+    from tests.nodes.test_parity import graph
+
+    if not fastpaths.packing_works(getattr(torch, dtype)):
+        pytest.skip(f"this build or CPU has no blocked {dtype} convolutions")
+    images = {}
+    for packing in (True, False):
+        if not packing:
+            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+        settings = ng.Settings(models_dir=models_root, dtype=dtype, device="cpu", temp_dir=tmp_path / "t",
+                               output_dir=tmp_path / "o")  # memory format "auto": channels_last on this CPU
+        result = ng.Executor(ng.build_registry(), settings=settings).run(
+            graph("tiny-lcm", "a red circle"), outputs=["decode", "ckpt"])
+        unet = result.output("ckpt", "model").unet
+        convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        packed = [m for m in convs if m.weight.layout != torch.strided]
+        if packing:  # every 3x3 convolution, after the run; 1x1 ones stay plain
+            assert packed and {m.kernel_size for m in packed} == {(3, 3)}
+            assert all(m.kernel_size != (3, 3) for m in convs if m.weight.layout == torch.strided)
+        else:
+            assert not packed
+        images[packing] = torch.as_tensor(result.output("decode"))
+    _assert_same(images[True], images[False], getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("overrides, expected", [({}, True), ({"compile": True}, False),
+                                                 ({"map_weights": True}, False),
+                                                 ({"memory_format": "contiguous"}, False)])
+def test_float32_unets_take_the_blocked_layout_where_it_computes(overrides, expected):
+    from nodes import devices
+
+    if not fastpaths.packing_works(torch.float32):
+        pytest.skip("this build or CPU has no blocked float32 convolutions")
+    settings = ng.Settings(dtype="float32", device="cpu", **overrides)
+    assert devices.channels_last(settings, torch.device("cpu"), "unet") is expected
+    assert devices.channels_last(settings, torch.device("cpu"), "vae") is (overrides.get("memory_format") != "contiguous")
