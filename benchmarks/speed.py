@@ -12,8 +12,10 @@ prompt, 4 LCM steps, batch 1, no classifier-free guidance, decode to pixels.
 Each engine runs in a process of its own, one per round, engines interleaved within a round so that machine drift
 hits all alike: it loads (diffusers: ``from_pretrained`` of the folder; nodegraph: ``LoadCheckpoint`` of the single
 file), then per size one warm-up image and ``--runs`` timed ones. The table gives medians over rounds and runs: the
-load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS, and the time
-relative to diffusers in the same precision and to diffusers in float32. ``--compile`` engines compile the UNet in
+load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS (GB = 1e9 bytes)
+and that peak less the process's RSS before the load (the interpreter with torch, diffusers and transformers)
+over the bytes of the weights it loaded, and the time relative to diffusers in the same precision and to diffusers
+in float32. ``--compile`` engines compile the UNet in
 their warm-up image of each size (``nodes/compilation.py``; the compile time is not in the table).
 
 ``--device cuda`` runs the fp32 and fp16 engines on the GPU (the CPU generator as everywhere, so images are the
@@ -117,6 +119,7 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     from transformers import CLIPTextModel  # noqa: F401 - imports are not part of a load
 
     dtype = getattr(torch, dtype_name)
+    base = _rss()
     start = time.perf_counter()
     # the UNet has no guidance embedding (an LCM-LoRA-style model), so the pipeline is diffusers' LCM-LoRA recipe
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
@@ -137,7 +140,21 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         pipe(f"{PROMPT} {size} {seed}", num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size,
              output_type="np", generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch)
 
-    return {"load": load, **_measure(image, timer, sizes, runs, device)}
+    weights = _weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+    return {"load": load, "base_rss": base, "weights": weights, **_measure(image, timer, sizes, runs, device)}
+
+
+def _rss() -> int:
+    """The process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _weight_bytes(*modules) -> int:
+    return sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
@@ -172,8 +189,13 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         wf.add("decode", "VAEDecode", vae=decoder, latent=ng.Link("sample", "latent"))
         return wf
 
+    base = _rss()
     loaded = executor.run(workflow(8, 0), outputs=["ckpt", *(["taesd"] if vae == "tiny" else [])])
     load = sum(r.duration for r in loaded.nodes.values())
+    held = [loaded.output("ckpt", "model").unet, loaded.output("ckpt", "vae").vae,
+            loaded.output("ckpt", "clip").text_encoder, *([loaded.output("taesd", "vae").vae] if vae == "tiny" else [])]
+    weights = _weight_bytes(*held)
+    del held, loaded
     timer = Timer(device)
 
     def image(size: int, seed: int) -> None:
@@ -181,7 +203,7 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         d = {nid: r.duration for nid, r in result.nodes.items()}
         timer.spent.update(encode=d["pos"], unet=d["sample"], decode=d["decode"])
 
-    return {"load": load, **_measure(image, timer, sizes, runs, device)}
+    return {"load": load, "base_rss": base, "weights": weights, **_measure(image, timer, sizes, runs, device)}
 
 
 def _measure(image, timer: Timer, sizes: list[int], runs: int, device: str = "cpu") -> dict:
@@ -349,14 +371,15 @@ def main() -> None:
 
 
 def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace) -> str:
-    gb = 1024**3
+    gb = 1e9
     gpu = args.device != "cpu"
     where = _device_name(args.device) if gpu else f"{os.cpu_count()} CPU threads"
     lines = [f"4 LCM steps, batch {args.batch}, no CFG; random SD1.5-size weights; {where}; "
              f"medians of {args.rounds} processes x {args.runs} image(s) after a warm-up",
              "", "| engine | size | load s | first image s | encode s | UNet step s | decode s | total s | peak RSS GB "
-             + ("| peak VRAM GB " if gpu else "") + "| x diffusers same dtype | x diffusers fp32 |",
-             "| --- " * (12 if gpu else 11) + "|"]
+             + ("| peak VRAM GB " if gpu else "")
+             + "| (peak - base) / weights | x diffusers same dtype | x diffusers fp32 |",
+             "| --- " * (13 if gpu else 12) + "|"]
     med: dict[tuple[str, int], dict] = {}
     for label, docs in results.items():
         for size in args.sizes:
@@ -373,6 +396,7 @@ def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace)
                          f"{m['encode']:.3f} | {m['step']:.3f} | {m['decode']:.3f} | {m['total']:.2f} | "
                          f"{max(d['peak_rss'] for d in docs) / gb:.1f} | "
                          + (f"{max(d['peak_vram'] for d in docs) / gb:.1f} | " if gpu else "")
+                         + f"{max((d['peak_rss'] - d['base_rss']) / d['weights'] for d in docs):.2f} | "
                          + f"{ratio(same)} | {ratio('diffusers fp32')} |")
         for dtype_name in ("float32", FAST[args.device]):
             short = SHORT[dtype_name]
@@ -381,7 +405,7 @@ def table(results: dict[str, list[dict]], bound: dict, args: argparse.Namespace)
             tiny = s["encode"] + STEPS * s[f"step {size}"] + s[f"tiny decode {size}"]
             lines.append(f"| floor {short} | {size} | | | {s['encode']:.3f} | {s[f'step {size}']:.3f} | "
                          f"{s[f'decode {size}']:.3f} (tiny {s[f'tiny decode {size}']:.3f}) | "
-                         f"{total:.2f} (tiny {tiny:.2f}) | | | |" + (" |" if gpu else ""))
+                         f"{total:.2f} (tiny {tiny:.2f}) | | | | |" + (" |" if gpu else ""))
     g = bound["gflop"]
     lines += ["", "GFLOP: encode {:.0f}; ".format(g["encode"]) + "; ".join(
         f"{size}: UNet step {g[f'step {size}']:.0f}, decode {g[f'decode {size}']:.0f}, "
