@@ -173,8 +173,19 @@ def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
             model = ControlNetModel.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot load the ControlNet: {str(e).splitlines()[0]}") from e
-        return _ready(model, settings)
-    return _ready(_controlnet_from_file(path, settings.allow_pickle), settings)
+        return _fast_layout(_ready(model, settings), settings)
+    return _fast_layout(_ready(_controlnet_from_file(path, settings.allow_pickle), settings), settings)
+
+
+def _fast_layout(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """A ControlNet runs beside the UNet at every step: on the CPU it takes the UNet's layout and blocked weights
+    (nodes/fastpaths.py), which pay the same there."""
+    device = devices.device(settings)
+    if devices.channels_last(settings, device, "unet"):
+        from . import fastpaths
+
+        fastpaths.pack(model.to(memory_format=torch.channels_last))
+    return model
 
 
 def _controlnet_from_file(path: Path, allow_pickle: bool) -> torch.nn.Module:

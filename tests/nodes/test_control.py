@@ -374,3 +374,28 @@ def test_an_sdxl_controlnet_on_an_sd1_model_is_refused(executor):
                                                                                      0.0, 1.0)]))
     assert result.nodes["apply0"].status == "failed"
     assert "use a ControlNet of the checkpoint's family" in result.nodes["apply0"].error["message"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_controlnets_take_the_unets_fast_layout_on_the_cpu(settings, monkeypatch, dtype):
+    from nodes import fastpaths
+
+    if not fastpaths.packing_works(getattr(torch, dtype)):
+        pytest.skip(f"this build or CPU has no blocked {dtype} convolutions")
+    wf = graph("tiny-lcm", "a cat", seed=2, controls=[("tiny-cn", "rings.png", 1.0, 0.0, 1.0)])
+    wf.outputs = ["decode", "cn0"]
+    runs = {}
+    for packing in (True, False):
+        if not packing:
+            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+        fast = settings.replace(dtype=dtype, memory_format="auto")
+        result = ng.Executor(ng.build_registry(), settings=fast).run(wf)
+        net = result.output("cn0", "control_net").net
+        blocked = {m.kernel_size for m in net.modules() if isinstance(m, torch.nn.Conv2d)
+                   and m.weight.layout != torch.strided}
+        assert blocked == ({(3, 3)} if packing else set())  # every 3x3 convolution ran blocked; 1x1 ones never
+        runs[packing] = torch.as_tensor(np.asarray(result.output("decode")))
+    if dtype == "bfloat16":
+        assert torch.equal(runs[True], runs[False])
+    else:
+        assert max_diff(runs[True], runs[False]) < 1e-5
