@@ -71,6 +71,10 @@ def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(kernels, 0)
 
 
+#: The phase upsampler computes its convolution this many bytes of output at a time (see its forward).
+UPSAMPLE_BAND_BYTES = 32 << 20
+
+
 class InferenceUpsample2D(Upsample2D):
     """Upsample2D's nearest 2x + 3x3 convolution as one 2x2 convolution of the input (see the module docstring)."""
 
@@ -81,13 +85,23 @@ class InferenceUpsample2D(Upsample2D):
                 or conv._forward_pre_hooks or (output_size is not None and tuple(output_size) != (2 * h, 2 * w))):
             return super().forward(hidden_states, output_size, *args, **kwargs)  # LoRA hooks see the conv run
         weight, bias = self._phases(conv)
-        z = F.conv2d(F.pad(hidden_states, (1, 1, 1, 1)), weight, bias)  # [n, 4 * out, h + 1, w + 1]
         out_channels = weight.shape[0] // 4
-        phases = z.permute(0, 2, 3, 1).unflatten(3, (2, 2, out_channels))  # a view when z is channels_last
-        out = torch.empty(n, h, 2, w, 2, out_channels, dtype=z.dtype, device=z.device)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a, :, b] = phases[:, a:a + h, b:b + w, a, b]
+        out = torch.empty(n, h, 2, w, 2, out_channels, dtype=hidden_states.dtype, device=hidden_states.device)
+        # The 2x2 convolution's output (four phases of out_channels) is as large as the upsampled map itself: made a
+        # band of rows at a time, it adds a band to the decode's peak instead of another copy of its largest map.
+        rows = max(1, UPSAMPLE_BAND_BYTES // (n * (w + 1) * weight.shape[0] * hidden_states.element_size()))
+        for r0 in range(0, h + 1, rows):
+            r1 = min(h + 1, r0 + rows)  # output rows r0..r1-1 read input rows r0-1..r1-1 (zeros outside)
+            band = hidden_states[:, :, max(r0 - 1, 0):min(r1, h)]
+            if r0 == 0 or r1 == h + 1:
+                band = F.pad(band, (0, 0, int(r0 == 0), int(r1 == h + 1)))
+            z = F.conv2d(band, weight, bias, padding=(0, 1))  # [n, 4 * out, r1 - r0, w + 1]
+            phases = z.permute(0, 2, 3, 1).unflatten(3, (2, 2, out_channels))  # a view when z is channels_last
+            for a in (0, 1):  # output row 2i + a is row i + a of the convolution's output
+                i0, i1 = max(r0 - a, 0), min(r1 - a, h)
+                for b in (0, 1):
+                    if i1 > i0:
+                        out[:, i0:i1, a, :, b] = phases[:, i0 + a - r0:i1 + a - r0, b:b + w, a, b]
         return out.view(n, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)  # channels_last
 
     def _phases(self, conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:

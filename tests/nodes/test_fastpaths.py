@@ -72,6 +72,20 @@ def test_phase_upsampling_equals_diffusers_up_to_rounding(dtype, tolerance, bias
     assert not torch.equal(ours, block(x)) or dtype == torch.float64  # the phase form ran (float32 rounds apart)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("band_rows", [1, 2, 3, 5, 100])
+def test_phase_upsampling_in_bands_of_rows_computes_the_whole_map(monkeypatch, dtype, band_rows):
+    block, fast = _upsampler(dtype)
+    x = torch.randn(2, 8, 5, 7, dtype=dtype).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        whole = fast(x)  # one band: the map is far below the band size
+        row_bytes = 2 * 8 * (4 * 6) * x.element_size()  # batch * (width + 1) * four phases of 6 channels
+        monkeypatch.setattr(fastpaths, "UPSAMPLE_BAND_BYTES", band_rows * row_bytes)
+        banded = fast(x)
+    assert banded.shape == whole.shape == (2, 6, 10, 14)
+    torch.testing.assert_close(banded, whole, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
 def test_phase_upsampling_in_bfloat16_decodes_as_close_to_float32_as_diffusers():
     # One layer alone rounds its summed kernels once more (measured 1.7x diffusers' mean error against float64);
     # through a whole decoder the other bfloat16 roundings dominate (SD-size random VAE at 256: 46.9 against
