@@ -160,7 +160,8 @@ def _share_weights(animated: torch.nn.Module, base: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in animated.named_parameters():
             theirs = own.get(name)
-            if (theirs is not None and theirs.layout == param.layout == torch.strided and theirs.shape == param.shape and theirs.dtype == param.dtype
+            if (theirs is not None and theirs.layout == param.layout == torch.strided  # blocked: share_packed
+                    and theirs.shape == param.shape and theirs.dtype == param.dtype
                     and theirs.device == param.device and theirs.stride() == param.stride()
                     and torch.equal(theirs, param)):
                 param.data = theirs.data

@@ -141,10 +141,9 @@ def load(settings: Settings, name: str) -> ConsistencyModel:
     device = devices.device(settings)
     ready(unet, device, devices.dtype(settings, device))
     if devices.channels_last(settings, device, "unet"):
-        unet.to(memory_format=torch.channels_last)
         from . import fastpaths
 
-        fastpaths.pack(unet)
+        fastpaths.channels_last_packed(unet)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return ConsistencyModel(unet, scheduler_config, unet.config.num_class_embeds, name)
 

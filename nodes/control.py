@@ -184,7 +184,7 @@ def _fast_layout(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     if devices.channels_last(settings, device, "unet"):
         from . import fastpaths
 
-        fastpaths.pack(model.to(memory_format=torch.channels_last))
+        fastpaths.channels_last_packed(model)
     return model
 
 

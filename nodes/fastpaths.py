@@ -13,8 +13,8 @@ the 3x3 one (in float64), run as one convolution with four times the output chan
 of 36 multiply-adds per output value and no upsampled copy: the SD VAE decoder's upsamplers at 512 take half the
 time (0.8 s of a bfloat16 decode on the 2-core machine, 1.6 s in float32). The convolution runs over bands of rows
 (``UPSAMPLE_BAND_BYTES`` of output each) written straight into the upsampled map: the live peak of an SD decode at
-512 in bfloat16 fell from 389 to 354 MB. Not bit-identical (the kernel taps are
-summed before the products), so the exact path (``--memory-format contiguous``) keeps diffusers' form.
+512 in bfloat16 fell from 389 to 354 MB. Not bit-identical (the kernel taps are summed before the products), so
+the exact path (``--memory-format contiguous``) keeps diffusers' form.
 
 :func:`pack` makes a channels_last model's 3x3 convolutions on the CPU reorder their weights into oneDNN's blocked
 layout once, at their first call, and keep only that, instead of PyTorch reordering every weight on every call
@@ -206,6 +206,13 @@ def pack(module: torch.nn.Module) -> int:
             conv.__class__ = PackedConv2d
             count += 1
     return count
+
+
+def channels_last_packed(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with channels_last weights whose 3x3 convolutions keep blocked ones (:func:`pack`): the CPU's fast
+    layout for a denoiser (and a ControlNet beside it)."""
+    pack(module.to(memory_format=torch.channels_last))
+    return module
 
 
 def share_packed(module: torch.nn.Module, like: torch.nn.Module) -> None:

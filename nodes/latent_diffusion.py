@@ -116,11 +116,10 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
         module = ready(module, device, dtype)
         part = "unet" if component == "unet" else "vae"
         if devices.channels_last(settings, device, part) and component != "bert":
-            module.to(memory_format=torch.channels_last)
-            if part == "unet":
-                from . import fastpaths
+            from . import fastpaths
 
-                fastpaths.pack(module)
+            module = (fastpaths.channels_last_packed(module) if part == "unet"
+                      else module.to(memory_format=torch.channels_last))
         loaded[component] = module
     return folder, loaded, read_json(folder / "scheduler" / "scheduler_config.json")
 

@@ -192,3 +192,23 @@ def test_the_imagenet64_example_runs_on_the_tiny_model(executor, cm_models, cm_p
                                        generator=generator(0)).images[0]
     with Image.open(png) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(reference))
+
+
+def test_in_the_cpus_fast_layout_the_unet_keeps_blocked_weights_and_draws_the_same(settings, cm_models,
+                                                                                      monkeypatch):
+    from nodes import fastpaths
+
+    if not fastpaths.packing_works(torch.bfloat16):
+        pytest.skip("this build or CPU has no blocked bfloat16 convolutions")
+    images = {}
+    for packing in (True, False):
+        if not packing:
+            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+        fast = settings.replace(dtype="bfloat16", memory_format="auto")
+        result = ng.Executor(ng.build_registry(), settings=fast).run(sampler_graph(BEDROOM, seed=3),
+                                                                     outputs=["sample", "load"])
+        unet = result.output("load", "model").unet
+        blocked = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.layout != torch.strided]
+        assert bool(blocked) is packing
+        images[packing] = torch.as_tensor(result.output("sample", "image"))
+    assert torch.equal(images[True], images[False])
