@@ -1,19 +1,23 @@
-"""Attention kernels on this CPU at the shapes of an SD1.5 UNet: which one the UNet should run, per shape.
+"""Attention kernels on this CPU at the shapes of an SD1.5 UNet and VAE: which one they should run, per shape.
 
     python benchmarks/attention.py                 # 256 and 512, float32 and bfloat16
     python benchmarks/attention.py --sizes 768 --dtypes bfloat16
 
-For each attention of the UNet at an image size (self-attention over the latent cells of each level, 8 heads of
-40/80/160 channels; cross-attention to 77 prompt tokens), the best of 5 runs of:
+For each attention at an image size (the UNet's self-attention over the latent cells of each level, 8 heads of
+40/80/160 channels, and its cross-attention to 77 prompt tokens; the VAE's middle attention, one head of 512
+channels over the latent cells), the best of 5 runs of:
 
 * ``sdpa``     torch's scaled_dot_product_attention (what diffusers' AttnProcessor2_0 runs; on the CPU a fused,
                blocked kernel);
 * ``math``     the textbook form: scores = q k^T (one matrix product per head), softmax, then times v;
 * ``sliced``   the math form over slices of 1,024 queries (diffusers' sliced attention: bounded memory);
-* ``math f32 softmax``  the math form in bfloat16 with the softmax computed in float32 (bfloat16 runs only).
+* ``math f32 softmax``  the math form in bfloat16 with the softmax computed in float32 (bfloat16 runs only);
+* ``banded``   nodes/attention.py: the math form over bands of queries whose scores stay in cache (what the fast
+               layout runs in bfloat16 on the CPU).
 
-GFLOP/s count 4 * heads * queries * keys * channels per attention; ``err`` is the largest difference from a
-float64 reference. The script ends with the choice per shape: the fastest kernel at most twice as far from the
+GFLOP/s count 4 * heads * queries * keys * channels per attention; ``err`` is the rms difference from the
+attention of the float32 inputs in float64, relative to its rms (so a bfloat16 row includes what rounding the
+inputs costs). The script ends with the choice per shape: the fastest kernel at most twice as far from the
 reference as SDPA.
 """
 
@@ -25,17 +29,22 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nodes.attention import banded_attention
+
 HEADS = 8
 CHANNELS = (320, 640, 1280, 1280)  # per UNet level; head size = channels / heads
 TOKENS = 77
 
 
-def shapes(size: int) -> list[tuple[str, int, int, int]]:
+def shapes(size: int) -> list[tuple[str, int, int, int, int]]:
+    """(name, heads, queries, keys, head size) of every attention at ``size``."""
     out = []
     for level, channels in enumerate(CHANNELS):
         cells = (size // 8 >> level) ** 2  # level 3: the middle block
-        out.append((f"self L{level}", cells, cells, channels // HEADS))
-        out.append((f"cross L{level}", cells, TOKENS, channels // HEADS))
+        out.append((f"self L{level}", HEADS, cells, cells, channels // HEADS))
+        out.append((f"cross L{level}", HEADS, cells, TOKENS, channels // HEADS))
+    cells = (size // 8) ** 2
+    out.append(("VAE middle", 1, cells, cells, 512))
     return out
 
 
@@ -74,26 +83,26 @@ def main() -> None:
         for size in args.sizes:
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                for name, queries, keys, head in shapes(size):
-                    q = torch.randn(1, HEADS, queries, head, dtype=dtype)
-                    k = torch.randn(1, HEADS, keys, head, dtype=dtype)
-                    v = torch.randn(1, HEADS, keys, head, dtype=dtype)
-                    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+                for name, heads, queries, keys, head in shapes(size):
+                    q32, k32, v32 = (torch.randn(1, heads, n, head) for n in (queries, keys, keys))
+                    reference = F.scaled_dot_product_attention(q32.double(), k32.double(), v32.double())
+                    q, k, v = (t.to(dtype) for t in (q32, k32, v32))
                     kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                                "math": lambda: math_attention(q, k, v),
-                               "sliced": lambda: math_attention(q, k, v, slice_size=1024)}
+                               "sliced": lambda: math_attention(q, k, v, slice_size=1024),
+                               "banded": lambda: banded_attention(q, k, v).unflatten(-1, (heads, -1)).transpose(1, 2)}
                     if dtype == torch.bfloat16:
                         kernels["math f32 softmax"] = lambda: math_attention(q, k, v, float_softmax=True)
-                    flops = 4 * HEADS * queries * keys * head
+                    flops = 4 * heads * queries * keys * head
                     timings = {}
                     for kernel, fn in kernels.items():
                         seconds = best_seconds(fn)
-                        err = (fn().double() - reference).abs().max().item()
+                        err = ((fn().double() - reference).pow(2).mean() / reference.pow(2).mean()).sqrt().item()
                         timings[kernel] = (seconds, err)
                         print(f"| {size} | {dtype_name} | {name} | {queries} x {keys} x {head} | {kernel} | "
                               f"{seconds * 1e3:.2f} | {flops / seconds / 1e9:.0f} | {err:.1e} |", flush=True)
                     # as accurate as SDPA (twice its error at most): rounding differs, precision must not
-                    bound = max(2 * timings["sdpa"][1], 1e-5)
+                    bound = max(2 * timings["sdpa"][1], 1e-6)
                     fastest = min((s, kernel) for kernel, (s, e) in timings.items() if e <= bound)[1]
                     choice[size, dtype_name, name] = fastest
     print()

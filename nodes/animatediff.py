@@ -143,11 +143,12 @@ class ApplyMotionModule(Node):
             unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
         device = model.device
         ready(unet, device, model.dtype, clone=False)
-        if devices.channels_last(ctx.settings, device, "unet"):
+        fast_layout = devices.channels_last(ctx.settings, device, "unet")
+        if fast_layout:
             unet.to(memory_format=torch.channels_last)
         _share_weights(unet, model.unet)
         fastpaths.share_packed(unet, model.unet)
-        fastpaths.apply(unet)
+        fastpaths.apply(unet, attention=fast_layout)
         animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
         previews.share(model, animated)
         return animated

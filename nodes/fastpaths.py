@@ -40,6 +40,8 @@ from diffusers.models.upsampling import Upsample2D
 
 from nodegraph import heap
 
+from .attention import use_banded
+
 
 class InferenceResnetBlock2D(ResnetBlock2D):
     """ResnetBlock2D's forward for eval mode, without its temporary copies (see the module docstring)."""
@@ -209,9 +211,10 @@ def pack(module: torch.nn.Module) -> int:
 
 
 def channels_last_packed(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with channels_last weights whose 3x3 convolutions keep blocked ones (:func:`pack`): the CPU's fast
-    layout for a denoiser (and a ControlNet beside it)."""
+    """``module`` with channels_last weights whose 3x3 convolutions keep blocked ones (:func:`pack`) and banded
+    bfloat16 attention (nodes/attention.py): the CPU's fast layout for a denoiser (and a ControlNet beside it)."""
     pack(module.to(memory_format=torch.channels_last))
+    use_banded(module)
     return module
 
 
@@ -251,12 +254,15 @@ def _fits(block: torch.nn.Module) -> bool:
             and block.output_scale_factor == 1.0 and isinstance(block.nonlinearity, torch.nn.SiLU))
 
 
-def apply(module: torch.nn.Module, upsample: bool = False) -> torch.nn.Module:
-    """Give ``module``'s fitting ResnetBlock2Ds the inference forward (in place), and with ``upsample`` its fitting
-    Upsample2Ds the phase form; returns ``module``."""
+def apply(module: torch.nn.Module, upsample: bool = False, attention: bool = False) -> torch.nn.Module:
+    """Give ``module``'s fitting ResnetBlock2Ds the inference forward (in place), with ``upsample`` its fitting
+    Upsample2Ds the phase form, and with ``attention`` its attentions banded bfloat16 attention on the CPU
+    (nodes/attention.py: the fast layout's); returns ``module``."""
     for block in module.modules():
         if _fits(block):
             block.__class__ = InferenceResnetBlock2D
         elif upsample and _fits_upsample(block):
             block.__class__ = InferenceUpsample2D
+    if attention:
+        use_banded(module)
     return module

@@ -519,7 +519,7 @@ def _as_vae(ctx, module: torch.nn.Module, name: str, device: torch.device) -> Va
     from . import fastpaths
 
     fast_layout = devices.channels_last(ctx.settings, device)
-    fastpaths.apply(module, upsample=fast_layout)
+    fastpaths.apply(module, upsample=fast_layout, attention=fast_layout)
     if fast_layout:
         module.to(memory_format=torch.channels_last)
     return Vae(module, name)

@@ -116,10 +116,12 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
         module = ready(module, device, dtype)
         part = "unet" if component == "unet" else "vae"
         if devices.channels_last(settings, device, part) and component != "bert":
-            from . import fastpaths
+            from . import attention, fastpaths
 
-            module = (fastpaths.channels_last_packed(module) if part == "unet"
-                      else module.to(memory_format=torch.channels_last))
+            if part == "unet":
+                module = fastpaths.channels_last_packed(module)
+            else:
+                attention.use_banded(module.to(memory_format=torch.channels_last))
         loaded[component] = module
     return folder, loaded, read_json(folder / "scheduler" / "scheduler_config.json")
 
