@@ -38,7 +38,7 @@ def test_bands_compute_sdpa_in_float32(monkeypatch, batch, heads, queries, keys,
 
 
 @pytest.mark.parametrize("scores_scale", [1.0, 2.0])
-def test_in_bfloat16_the_bands_add_less_error_than_bfloat16_inputs_bring(scores_scale):
+def test_in_bfloat16_the_bands_cost_less_than_twice_and_a_half_sdpas_error(scores_scale):
     q, k, v = _qkv(1, 4, 512, 512, 40, seed=1)
     q = q * scores_scale
     exact = _heads_last(F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
@@ -50,8 +50,9 @@ def test_in_bfloat16_the_bands_add_less_error_than_bfloat16_inputs_bring(scores_
     def rms(t):
         return t.pow(2).mean().sqrt().item()
 
-    assert rms(sdpa) < rms(banded) < 3 * rms(sdpa)  # the scores' rounding costs something, within a small factor
-    assert rms(banded - inputs_only) < 3 * rms(inputs_only)
+    # the scores' rounding to bfloat16 costs something (1.5-1.9x SDPA's error here), within a small factor
+    assert rms(sdpa) < rms(banded) < 2.5 * rms(sdpa)
+    assert rms(banded - inputs_only) < 2.5 * rms(inputs_only)
 
 
 def _attention_module(kind: str) -> tuple[Attention, dict]:
@@ -59,7 +60,8 @@ def _attention_module(kind: str) -> tuple[Attention, dict]:
     if kind == "self":
         return Attention(32, heads=2, dim_head=16), {}
     if kind == "cross":
-        return Attention(32, cross_attention_dim=24, heads=4, dim_head=8), {"encoder_hidden_states": torch.randn(2, 77, 24)}
+        context = {"encoder_hidden_states": torch.randn(2, 77, 24)}
+        return Attention(32, cross_attention_dim=24, heads=4, dim_head=8), context
     # the VAE's middle attention: an image in, group norm, one head, residual and a rescale
     return Attention(32, heads=1, dim_head=32, norm_num_groups=8, residual_connection=True, bias=True,
                      rescale_output_factor=2.0, upcast_softmax=True, _from_deprecated_attn_block=True), {}
@@ -135,7 +137,14 @@ def test_checkpoints_take_banded_attention_in_the_fast_layout_only(executor, mod
         assert kinds == ({attention.BandedAttnProcessor} if banded else {AttnProcessor2_0})
 
 
-def test_a_bfloat16_image_with_bands_is_the_image_sdpa_draws(models_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ckpt, size, cells, calls_expected", [
+    # 256 cells at the UNet's first level (self and cross in its 3 transformers there, 4 steps) and the VAE's middle
+    ("tiny-lcm", 128, {256}, 4 * 6 + 1),
+    # SDXL attends from its second level on (2 transformer layers a block): 256 cells at 256 pixels, the VAE 1,024
+    ("tiny-sdxl-lcm", 256, {256, 1024}, 4 * 16 + 1),
+])
+def test_a_bfloat16_image_with_bands_is_the_image_sdpa_draws(models_root, tmp_path, monkeypatch, ckpt, size, cells,
+                                                              calls_expected):
     from tests.nodes.test_parity import graph
 
     images, calls = {}, []
@@ -143,12 +152,11 @@ def test_a_bfloat16_image_with_bands_is_the_image_sdpa_draws(models_root, tmp_pa
     monkeypatch.setattr(attention, "banded_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     for bands in (True, False):
         if not bands:
-            assert {shape[2] for shape in calls} == {256}  # the UNet's first level and the VAE's middle, all steps
+            assert {shape[2] for shape in calls} == cells
             monkeypatch.setattr(attention, "MIN_QUERIES", 1 << 30)
         settings = ng.Settings(models_dir=models_root, dtype="bfloat16", device="cpu", temp_dir=tmp_path / "t",
                                output_dir=tmp_path / "o")
-        # 128 pixels: 256 cells at the UNet's first level and in the VAE's middle, where the bands run
-        wf = graph("tiny-lcm", "a red circle", width=128, height=128, guidance=1.0)
+        wf = graph(ckpt, "a red circle", width=size, height=size, guidance=1.0)
         images[bands] = torch.as_tensor(ng.Executor(ng.build_registry(), settings=settings).run(wf).output("decode"))
     difference = (images[True].float() - images[False].float()).abs()
-    assert len(calls) == 25 and difference.max() < 0.04 and difference.mean() < 3e-3
+    assert len(calls) == calls_expected and difference.max() < 0.04 and difference.mean() < 3e-3
