@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -221,7 +220,9 @@ def _measure(image, timer: Timer, sizes: list[int], runs: int, device: str = "cp
             else:
                 out[f"first {size}"] = total
         out[str(size)] = samples
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from load_memory import peak_rss
+
+    out["peak_rss"] = peak_rss()
     if device.startswith("cuda"):
         import torch
 
