@@ -2,10 +2,11 @@
 
     python benchmarks/attention.py                 # 256 and 512, float32 and bfloat16
     python benchmarks/attention.py --sizes 768 --dtypes bfloat16
+    python benchmarks/attention.py --family sdxl --sizes 1024 --dtypes bfloat16   # or sd2: heads of 64 channels
 
-For each attention at an image size (the UNet's self-attention over the latent cells of each level, 8 heads of
-40/80/160 channels, and its cross-attention to 77 prompt tokens; the VAE's middle attention, one head of 512
-channels over the latent cells), the best of 5 runs of:
+For each attention at an image size (the UNet's self-attention over the latent cells of each level: SD1.5's 8 heads
+of 40/80/160 channels, or with ``--family`` SD2's or SDXL's heads of 64; its cross-attention to 77 prompt tokens;
+the VAE's middle attention, one head of 512 channels over the latent cells), the best of 5 runs of:
 
 * ``sdpa``     torch's scaled_dot_product_attention (what diffusers' AttnProcessor2_0 runs; on the CPU a fused,
                blocked kernel);
@@ -31,18 +32,23 @@ import torch.nn.functional as F
 
 from nodes.attention import banded_attention
 
-HEADS = 8
-CHANNELS = (320, 640, 1280, 1280)  # per UNet level; head size = channels / heads
+#: Per family: the UNet levels that attend (the last one: its middle block, at the same cells) as (level, channels,
+#: heads). SD1.x: 8 heads at every level; SD2.x and SDXL: heads of 64 channels; SDXL attends from its second level.
+FAMILIES = {
+    "sd15": ((0, 320, 8), (1, 640, 8), (2, 1280, 8), (3, 1280, 8)),
+    "sd2": ((0, 320, 5), (1, 640, 10), (2, 1280, 20), (3, 1280, 20)),
+    "sdxl": ((1, 640, 10), (2, 1280, 20)),
+}
 TOKENS = 77
 
 
-def shapes(size: int) -> list[tuple[str, int, int, int, int]]:
-    """(name, heads, queries, keys, head size) of every attention at ``size``."""
+def shapes(size: int, family: str = "sd15") -> list[tuple[str, int, int, int, int]]:
+    """(name, heads, queries, keys, head size) of every attention of ``family`` at ``size``."""
     out = []
-    for level, channels in enumerate(CHANNELS):
-        cells = (size // 8 >> level) ** 2  # level 3: the middle block
-        out.append((f"self L{level}", HEADS, cells, cells, channels // HEADS))
-        out.append((f"cross L{level}", HEADS, cells, TOKENS, channels // HEADS))
+    for level, channels, heads in FAMILIES[family]:
+        cells = (size // 8 >> level) ** 2
+        out.append((f"self L{level}", heads, cells, cells, channels // heads))
+        out.append((f"cross L{level}", heads, cells, TOKENS, channels // heads))
     cells = (size // 8) ** 2
     out.append(("VAE middle", 1, cells, cells, 512))
     return out
@@ -74,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--family", choices=list(FAMILIES), default="sd15", help="whose attention shapes")
     args = ap.parse_args()
     print("| size | dtype | attention | queries x keys x head | kernel | ms | GFLOP/s | err |")
     print("| --- " * 8 + "|")
@@ -83,7 +90,7 @@ def main() -> None:
         for size in args.sizes:
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                for name, heads, queries, keys, head in shapes(size):
+                for name, heads, queries, keys, head in shapes(size, args.family):
                     q32, k32, v32 = (torch.randn(1, heads, n, head) for n in (queries, keys, keys))
                     reference = F.scaled_dot_product_attention(q32.double(), k32.double(), v32.double())
                     q, k, v = (t.to(dtype) for t in (q32, k32, v32))
