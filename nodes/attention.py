@@ -93,7 +93,3 @@ def use_banded(module: torch.nn.Module) -> int:
             count += 1
     return count
 
-
-def uses_banded(module: torch.nn.Module) -> bool:
-    """Whether any attention of ``module`` runs :class:`BandedAttnProcessor`."""
-    return any(isinstance(m, Attention) and isinstance(m.processor, BandedAttnProcessor) for m in module.modules())

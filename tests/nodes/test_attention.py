@@ -78,7 +78,7 @@ def test_the_processor_runs_bands_in_bfloat16_within_rounding_of_sdpa(monkeypatc
     module, kwargs = _attention_module(kind)
     module = module.eval().to(torch.bfloat16)
     banded = copy.deepcopy(module)
-    assert attention.use_banded(banded) == 1 and attention.uses_banded(banded)
+    assert attention.use_banded(banded) == 1 and isinstance(banded.processor, attention.BandedAttnProcessor)
     calls = []
     real = attention.banded_attention
     monkeypatch.setattr(attention, "banded_attention", lambda *a: calls.append(a[0].shape) or real(*a))
