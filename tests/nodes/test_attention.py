@@ -51,7 +51,7 @@ def test_in_bfloat16_the_bands_cost_less_than_twice_and_a_half_sdpas_error(score
         return t.pow(2).mean().sqrt().item()
 
     # the scores' rounding to bfloat16 costs something (1.5-1.9x SDPA's error here), within a small factor
-    assert rms(sdpa) < rms(banded) < 2.5 * rms(sdpa)
+    assert rms(banded) < 2.5 * rms(sdpa)
     assert rms(banded - inputs_only) < 2.5 * rms(inputs_only)
 
 
