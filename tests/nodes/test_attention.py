@@ -30,7 +30,7 @@ def _heads_last(out: torch.Tensor) -> torch.Tensor:  # SDPA's [b, h, n, c] as ba
 @pytest.mark.parametrize("batch, heads, queries, keys, channels, band", [
     (1, 2, 300, 300, 8, 7), (2, 3, 257, 77, 16, 64), (1, 1, 64, 500, 24, 1 << 21)])
 def test_bands_compute_sdpa_in_float32(monkeypatch, batch, heads, queries, keys, channels, band):
-    # bands of 16+ rows with a shorter last one, cross-attention (keys != queries), and one band for everything
+    # bands of 64 rows with a shorter last one, cross-attention (keys != queries), and one band for everything
     monkeypatch.setattr(attention, "BAND_ELEMENTS", band * batch * heads * keys)
     q, k, v = _qkv(batch, heads, queries, keys, channels)
     got = attention.banded_attention(q, k, v)
