@@ -74,11 +74,18 @@ def build(cache: Path) -> tuple[Path, Path]:
     return folder, single
 
 
-def _rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where there is none (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
+
+
+def rss_now() -> int:
+    """This process's resident memory now in bytes (0 where /proc is missing)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def child(engine: str, path: Path, dtype_name: str) -> dict:
@@ -91,7 +98,7 @@ def child(engine: str, path: Path, dtype_name: str) -> dict:
 
     from nodes.loading import load_components
 
-    base = _rss_now()
+    base = rss_now()
     start = time.perf_counter()
     if engine == "pipeline":
         pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
@@ -126,13 +133,9 @@ def peak_rss() -> int:
     """This process's peak resident memory in bytes: Linux's ``VmHWM``, which starts afresh at exec. ``ru_maxrss``
     does not: a child forked from a parent that holds memory (one that has just built the models) reports at least
     the parent's resident size at the fork (it read 4.9 GB for a load that peaked at 3.3)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

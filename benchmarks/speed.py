@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from load_memory import build as build_sd15, peak_rss, rss_now, warm  # noqa: E402 - after the path above
+
 PROMPT = "a red circle on a blue background"
 STEPS = 4
 # label -> (engine, dtype, vae, compiled)
@@ -68,8 +70,6 @@ PARTS = ("encode", "step", "decode", "total")
 
 def build(cache: Path) -> tuple[Path, Path, Path]:
     """The SD1.5-size folder and single file (load_memory.py's), and a random full-size tiny VAE folder."""
-    from load_memory import build as build_sd15
-
     folder, single = build_sd15(cache)
     taesd = cache / "taesd-random"
     if not (taesd / "config.json").is_file():
@@ -118,7 +118,7 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     from transformers import CLIPTextModel  # noqa: F401 - imports are not part of a load
 
     dtype = getattr(torch, dtype_name)
-    base = _rss()
+    base = rss_now()
     start = time.perf_counter()
     # the UNet has no guidance embedding (an LCM-LoRA-style model), so the pipeline is diffusers' LCM-LoRA recipe
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
@@ -141,15 +141,6 @@ def run_diffusers(folder: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
 
     weights = _weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
     return {"load": load, "base_rss": base, "weights": weights, **_measure(image, timer, sizes, runs, device)}
-
-
-def _rss() -> int:
-    """The process's resident memory now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 def _weight_bytes(*modules) -> int:
@@ -188,7 +179,7 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
         wf.add("decode", "VAEDecode", vae=decoder, latent=ng.Link("sample", "latent"))
         return wf
 
-    base = _rss()
+    base = rss_now()
     loaded = executor.run(workflow(8, 0), outputs=["ckpt", *(["taesd"] if vae == "tiny" else [])])
     load = sum(r.duration for r in loaded.nodes.values())
     held = [loaded.output("ckpt", "model").unet, loaded.output("ckpt", "vae").vae,
@@ -220,8 +211,6 @@ def _measure(image, timer: Timer, sizes: list[int], runs: int, device: str = "cp
             else:
                 out[f"first {size}"] = total
         out[str(size)] = samples
-    from load_memory import peak_rss
-
     out["peak_rss"] = peak_rss()
     if device.startswith("cuda"):
         import torch
@@ -361,8 +350,6 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from load_memory import warm
-
     for path in build(args.cache):  # loads are timed with the page cache warm, for every engine alike
         warm(path)
     results: dict[str, list[dict]] = {label: [] for label in args.engines}
