@@ -7,6 +7,10 @@ and a server keeps them between prompts. ``malloc_trim(0)`` returns the free pag
 millisecond or so, which only a long node can pay for, and the next node faults the pages back in as it uses them.
 Measured on the SD1.5-size model in bfloat16 at 512 (``benchmarks/speed.py``'s job): RSS between prompts 3.02 ->
 2.70 GB (weights 2.13 GB), the decode's peak 3.35 -> 3.25 GB, no change in time. Elsewhere (no glibc) a no-op.
+
+Within one long node the same holds between its stages: :func:`trim_if_due` is for code that runs a model stage by
+stage (nodes/fastpaths.py calls it before each block of a UNet or VAE), and trims only when the last trim is at
+least ``STAGE_TRIM_S`` old, so that small models, whose stages take microseconds, never pay for it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 
 # Nodes that ran at least this long give their freed memory back; shorter ones (most nodes) skip the call.
 TRIM_AFTER_S = 0.25
+# Within a node, a trim at most this often (see trim_if_due).
+STAGE_TRIM_S = 0.05
+
+_last_trim = 0.0
 
 
 @functools.cache
@@ -31,8 +40,15 @@ def _malloc_trim():
 
 def trim() -> bool:
     """Give the free pages of the allocator's heaps back to the OS; True when glibc could (and did)."""
+    global _last_trim
     fn = _malloc_trim()
+    _last_trim = time.monotonic()
     return bool(fn is not None and fn(0))
+
+
+def trim_if_due() -> bool:
+    """:func:`trim` when the last trim was at least ``STAGE_TRIM_S`` ago; True when it trimmed."""
+    return time.monotonic() - _last_trim >= STAGE_TRIM_S and trim()
 
 
 def after_node(duration: float) -> None:

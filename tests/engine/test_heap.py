@@ -43,3 +43,13 @@ def test_trim_returns_freed_heap_pages_to_the_os():
         pytest.skip("no glibc malloc_trim here")
     assert before - _rss() > 100 << 20
     assert pinned[0] == 1
+
+
+def test_stages_trim_only_when_the_last_trim_is_old_enough(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(heap, "STAGE_TRIM_S", 60.0)
+    assert heap.trim()  # a node's trim counts as the last one
+    assert not heap.trim_if_due() and len(calls) == 1
+    monkeypatch.setattr(heap, "STAGE_TRIM_S", 0.0)
+    assert heap.trim_if_due() and heap.trim_if_due() and calls == [0, 0, 0]
