@@ -50,6 +50,30 @@ def test_loaded_checkpoints_run_the_inference_blocks(executor):
         assert kinds == {fastpaths.InferenceResnetBlock2D}  # the VAE decoder's "group" blocks too
 
 
+def test_unet_and_vae_stages_trim_the_heap_on_the_cpu_only(executor, monkeypatch):
+    from nodegraph import heap
+    from tests.nodes.test_parity import graph
+
+    result = executor.run(graph("tiny-lcm", "a red circle"), outputs=["ckpt"])
+    unet = result.output("ckpt", "model").unet
+    stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert fastpaths.trim_stages(unet) == 0  # hooked once, at load
+    trims = []
+    monkeypatch.setattr(heap, "trim_if_due", lambda: trims.append(1))
+    sample = torch.randn(1, 4, 8, 8, dtype=unet.dtype)
+    with torch.inference_mode():
+        plain = copy.deepcopy(unet)
+        for stage in [*plain.down_blocks, plain.mid_block, *plain.up_blocks]:
+            stage._forward_pre_hooks.clear()
+        cond = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+        out = unet(sample, 10, cond).sample
+        assert len(trims) == len(stages)
+        assert torch.equal(out, plain(sample, 10, cond).sample)  # numbers untouched
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        unet(sample, 10, cond)
+    assert len(trims) == len(stages)  # not inside a compiled graph
+
+
 def _upsampler(dtype, channels=8, out_channels=6, bias=True, name="conv"):
     torch.manual_seed(0)
     block = Upsample2D(channels, use_conv=True, out_channels=out_channels, bias=bias, name=name).eval().to(dtype)
