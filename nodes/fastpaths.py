@@ -14,8 +14,9 @@ of 36 multiply-adds per output value and no upsampled copy: the SD VAE decoder's
 time (0.8 s of a bfloat16 decode on the 2-core machine, 1.6 s in float32). The convolution runs over bands of rows
 (``UPSAMPLE_BAND_BYTES`` of output each) written straight into the upsampled map: the live peak of an SD decode at
 512 in bfloat16 fell from 389 to 354 MB. Bands of 8 MB rather than 32 (the convolution's scratch grows with them):
-the last upsampler of an SD decode at 512 in float32 peaks 287 MB above its input instead of 393, in no more time. Not bit-identical (the kernel taps are summed before the products), so
-the exact path (``--memory-format contiguous``) keeps diffusers' form.
+the last upsampler of an SD decode at 512 in float32 peaks 287 MB above its input instead of 393, in no more time.
+Not bit-identical (the kernel taps are summed before the products), so the exact path (``--memory-format
+contiguous``) keeps diffusers' form.
 
 :func:`pack` makes a channels_last model's 3x3 convolutions on the CPU reorder their weights into oneDNN's blocked
 layout once, at their first call, and keep only that, instead of PyTorch reordering every weight on every call

@@ -24,10 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import Decoder
-from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
 
 from nodegraph import heap
+
+from .fastpaths import InferenceResnetBlock2D, _trim_before_stage
 
 #: Maps smaller than this run diffusers' forward (their copies are small beside the decode's peak).
 MIN_BYTES = 16 << 20
@@ -135,8 +136,6 @@ def norm_act_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv
 
 def _hooked(block: torch.nn.Module) -> bool:
     """Whether hooks other than the stage trims (nodes/fastpaths.py) watch ``block``'s calls."""
-    from .fastpaths import _trim_before_stage
-
     return bool(block._forward_hooks) or any(h is not _trim_before_stage for h in block._forward_pre_hooks.values())
 
 
@@ -147,13 +146,12 @@ def _lean(x: torch.Tensor) -> bool:
 
 def _fits_resnet(block: torch.nn.Module) -> bool:
     # the inference ResnetBlock2D of nodes/fastpaths.py (no resampling, no time embedding, output scale 1)
-    return (isinstance(block, ResnetBlock2D) and type(block).__name__ == "InferenceResnetBlock2D"
-            and _group_norm(block.norm1) and _group_norm(block.norm2) and _conv3x3(block.conv1)
-            and _conv3x3(block.conv2) and isinstance(block.dropout, torch.nn.Dropout)
+    return (type(block) is InferenceResnetBlock2D and _group_norm(block.norm1) and _group_norm(block.norm2)
+            and _conv3x3(block.conv1) and _conv3x3(block.conv2) and isinstance(block.dropout, torch.nn.Dropout)
             and not block._forward_hooks and not block._forward_pre_hooks)
 
 
-def resnet(block: ResnetBlock2D, box: list) -> torch.Tensor:
+def resnet(block: InferenceResnetBlock2D, box: list) -> torch.Tensor:
     """``block(x)`` for the ``x`` handed over in ``box`` (emptied), freeing ``x`` once it is read."""
     x = box.pop()
     if not (_lean(x) and _fits_resnet(block)):
