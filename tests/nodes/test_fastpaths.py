@@ -72,6 +72,12 @@ def test_unet_and_vae_stages_trim_the_heap_on_the_cpu_only(executor, monkeypatch
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         unet(sample, 10, cond)
     assert len(trims) == len(stages)  # not inside a compiled graph
+    monkeypatch.undo()
+    monkeypatch.setattr(heap, "trim_if_due", lambda: trims.append(1))
+    fastpaths._trim_before_stage(stages[0], (), {"hidden_states": torch.empty(1, device="meta")})
+    assert len(trims) == len(stages)  # nor for a model on another device (the CPU heap is not its memory)
+    fastpaths._trim_before_stage(stages[0], (), {"hidden_states": torch.empty(1)})
+    assert len(trims) == len(stages) + 1
 
 
 def _upsampler(dtype, channels=8, out_channels=6, bias=True, name="conv"):
