@@ -30,8 +30,9 @@ from nodegraph import heap
 
 from .fastpaths import InferenceResnetBlock2D, _trim_before_stage
 
-#: Maps smaller than this run diffusers' forward (their copies are small beside the decode's peak).
-MIN_BYTES = 16 << 20
+#: Maps smaller than this run diffusers' forward: their copies are small beside the decode's peak, and bands of
+#: them cost time (a float32 decode at 256 ran 3.5% longer with 16 MB here; at 64 MB it runs in the same time).
+MIN_BYTES = 64 << 20
 #: Each band normalises about this many bytes of float32 input at a time.
 BAND_BYTES = 8 << 20
 
@@ -99,38 +100,39 @@ def norm_act_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv
     which no later band reads."""
     n, c, h, w = x.shape
     scale, shift = group_scale_shift(x, norm)
-    nhwc = x.permute(0, 2, 3, 1)
     out = into if into is not None else torch.empty(n, conv.out_channels, h, w, dtype=x.dtype, device=x.device,
                                                     memory_format=torch.channels_last)
-    rows = _bands(h, c, w, n)
+    rows = _bands(h, c, w, 1)  # image by image: a batch's bands would otherwise shrink to a row or two
     if shortcut is not None:
         rows = max(rows, 2)  # band k >= 1 starts at row 2 or later, so its halo row lies past what was overwritten
         k = shortcut.out_channels
         short = x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), (1, k, h, w), (h * w * k, 1, w * k, k))
-    buf = torch.empty(n, rows + 2, w, c, dtype=torch.float32)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        a, b = max(r0 - 1, 0), min(r1 + 1, h)  # input rows the band's outputs read (zeros beyond the map)
-        top = a - (r0 - 1)  # 1 when the band starts the map: a zero row above
-        band = buf[:, :top + (b - a) + (r1 + 1 - b)]
-        rows_in = band[:, top:top + b - a]
-        if x.dtype == torch.float32:
-            torch.addcmul(shift, nhwc[:, a:b], scale, out=rows_in)
-        else:  # converted first: an operation mixing bfloat16 and float32 runs an unvectorised loop
-            torch.addcmul(shift, rows_in.copy_(nhwc[:, a:b]), scale, out=rows_in)
-        F.silu(rows_in, inplace=True)
-        if top:
-            band[:, 0].zero_()
-        if r1 + 1 > b:
-            band[:, -1].zero_()
-        inp = band.to(x.dtype).permute(0, 3, 1, 2)  # [n, c, rows + 2, w], channels_last
-        y = F.conv2d(inp, conv.weight, conv.bias, padding=(0, 1))
-        if into is not None:
-            out[:, :, r0:r1].add_(y)
-        else:
-            out[:, :, r0:r1].copy_(y)
-        if shortcut is not None:  # after every read of this band's x rows
-            short[:, :, r0:r1].copy_(shortcut(x[:, :, r0:r1]))
+    buf = torch.empty(1, rows + 2, w, c, dtype=torch.float32)
+    for i in range(n):
+        nhwc = x[i:i + 1].permute(0, 2, 3, 1)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            a, b = max(r0 - 1, 0), min(r1 + 1, h)  # input rows the band's outputs read (zeros beyond the map)
+            top = a - (r0 - 1)  # 1 when the band starts the map: a zero row above
+            band = buf[:, :top + (b - a) + (r1 + 1 - b)]
+            rows_in = band[:, top:top + b - a]
+            if x.dtype == torch.float32:
+                torch.addcmul(shift[i:i + 1], nhwc[:, a:b], scale[i:i + 1], out=rows_in)
+            else:  # converted first: an operation mixing bfloat16 and float32 runs an unvectorised loop
+                torch.addcmul(shift[i:i + 1], rows_in.copy_(nhwc[:, a:b]), scale[i:i + 1], out=rows_in)
+            F.silu(rows_in, inplace=True)
+            if top:
+                band[:, 0].zero_()
+            if r1 + 1 > b:
+                band[:, -1].zero_()
+            inp = band.to(x.dtype).permute(0, 3, 1, 2)  # [1, c, rows + 2, w], channels_last
+            y = F.conv2d(inp, conv.weight, conv.bias, padding=(0, 1))
+            if into is not None:
+                out[i:i + 1, :, r0:r1].add_(y)
+            else:
+                out[i:i + 1, :, r0:r1].copy_(y)
+            if shortcut is not None:  # after every read of this band's x rows (a single image: i == 0)
+                short[:, :, r0:r1].copy_(shortcut(x[:, :, r0:r1]))
     return out if shortcut is None else (out, short)
 
 
