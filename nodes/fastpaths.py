@@ -268,12 +268,17 @@ def share_packed(module: torch.nn.Module, like: torch.nn.Module) -> None:
     pack(module)
 
 
+def same_conv3x3(conv: torch.nn.Module | None) -> bool:
+    """Whether ``conv`` is a plain Conv2d with a 3x3 kernel that keeps the map's size (stride 1, zero padding 1)."""
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
 def _fits_upsample(block: torch.nn.Module) -> bool:
     conv = getattr(block, "conv" if getattr(block, "name", None) == "conv" else "Conv2d_0", None)
     return (type(block) is Upsample2D and block.use_conv and not block.use_conv_transpose and block.interpolate
-            and block.norm is None and type(conv) is torch.nn.Conv2d and conv.kernel_size == (3, 3)
-            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+            and block.norm is None and same_conv3x3(conv))
 
 
 def _fits(block: torch.nn.Module) -> bool:
