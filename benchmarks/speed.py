@@ -11,7 +11,8 @@ prompt, 4 LCM steps, batch 1, no classifier-free guidance, decode to pixels.
 
 Each engine runs in a process of its own, one per round, engines interleaved within a round so that machine drift
 hits all alike: it loads (diffusers: ``from_pretrained`` of the folder; nodegraph: ``LoadCheckpoint`` of the single
-file), then per size one warm-up image and ``--runs`` timed ones. The table gives medians over rounds and runs: the
+file, copied, or mapped as ``nodegraph run`` keeps it: ``--map-weights``), then per size one warm-up image and
+``--runs`` timed ones. The table gives medians over rounds and runs: the
 load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS (GB = 1e9 bytes)
 and that peak less the process's RSS before the load (the interpreter with torch, diffusers and transformers)
 over the bytes of the weights it loaded, and the time relative to diffusers in the same precision and to diffusers
@@ -51,6 +52,7 @@ STEPS = 4
 ENGINES = {
     "diffusers fp32": ("diffusers", "float32", "full", False),
     "nodegraph fp32": ("nodegraph", "float32", "full", False),
+    "nodegraph fp32 mapped": ("nodegraph mapped", "float32", "full", False),  # --map-weights: `run`'s default
     "diffusers bf16": ("diffusers", "bfloat16", "full", False),
     "nodegraph bf16": ("nodegraph", "bfloat16", "full", False),
     "diffusers bf16 tiny VAE": ("diffusers", "bfloat16", "tiny", False),
@@ -148,7 +150,7 @@ def _weight_bytes(*modules) -> int:
 
 
 def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
-                  compiled: bool = False, batch: int = 1, device: str = "cpu") -> dict:
+                  compiled: bool = False, batch: int = 1, device: str = "cpu", map_weights: bool = False) -> dict:
     import nodegraph as ng
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel  # noqa: F401 - imports are not
     from diffusers.loaders import single_file_utils  # noqa: F401 - part of a load (as for diffusers above)
@@ -161,7 +163,7 @@ def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: l
     (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
     (models / "vae_approx").symlink_to(taesd.parent, target_is_directory=True)
     settings = ng.Settings(models_dir=models, output_dir=tempfile.mkdtemp(), dtype=dtype_name, compile=compiled,
-                           device=device)
+                           device=device, map_weights=map_weights)
     executor = ng.Executor(ng.build_registry(), settings=settings)
 
     def workflow(size: int, seed: int) -> ng.Workflow:
@@ -317,7 +319,7 @@ def child(args: argparse.Namespace) -> None:
         doc = run_diffusers(folder, taesd, dtype_name, vae, args.sizes, args.runs, args.batch, args.device)
     else:
         doc = run_nodegraph(single, taesd, dtype_name, vae, args.sizes, args.runs, compiled, args.batch,
-                            args.device)
+                            args.device, map_weights=engine == "nodegraph mapped")
     print(json.dumps(doc))
 
 
@@ -346,7 +348,9 @@ def main() -> None:
     args = ap.parse_args()
     args.cache = args.cache.expanduser()
     if args.engines is None:
-        args.engines = [label for label, (_, dtype, _, _) in ENGINES.items() if dtype in ("float32", FAST[args.device])]
+        args.engines = [label for label, (engine, dtype, _, _) in ENGINES.items()
+                        if dtype in ("float32", FAST[args.device])
+                        and (args.device == "cpu" or engine != "nodegraph mapped")]  # maps only on the CPU
     if args.child:
         child(args)
         return

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import events as ev
 from .assets import find_workflow, shipped_workflows
@@ -58,10 +58,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile models where the node library can: the first run of each image size is slow "
                         "(a minute or more), later ones faster; for long-running servers ($NODEGRAPH_COMPILE)")
-    p.add_argument("--map-weights", action="store_true", default=None,
+    p.add_argument("--map-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="keep weight files memory-mapped where they are used as stored (float32 files in float32, "
                         "on the CPU): loads in a fraction of the time, like diffusers; the files must then not be "
-                        "rewritten in place while loaded ($NODEGRAPH_MAP_WEIGHTS)")
+                        "rewritten in place while loaded (default: on for run, off for serve and worker; "
+                        "$NODEGRAPH_MAP_WEIGHTS)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
@@ -141,12 +142,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
     """The process's settings: the environment's, then what the command line gives."""
-    return Settings.from_env(models_dir=args.models, input_dir=args.input, output_dir=getattr(args, "output", None),
-                             device=args.device, dtype=args.dtype, memory_format=args.memory_format,
-                             allow_pickle=args.allow_pickle or None, compile=args.compile,
-                             map_weights=args.map_weights)
+    map_weights = args.map_weights
+    if map_weights is None and args.command == "run" and not environ.get("NODEGRAPH_MAP_WEIGHTS"):
+        # A run loads, draws and exits: a mapped file loads in a fraction of the time and is not held long enough
+        # to be rewritten under it. Servers and workers hold their models for hours: their own copies by default.
+        map_weights = True
+    return Settings.from_env(environ, models_dir=args.models, input_dir=args.input,
+                             output_dir=getattr(args, "output", None), device=args.device, dtype=args.dtype,
+                             memory_format=args.memory_format, allow_pickle=args.allow_pickle or None,
+                             compile=args.compile, map_weights=map_weights)
 
 
 def quiet_openmp(command: str, environ=os.environ) -> None:

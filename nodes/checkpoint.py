@@ -72,9 +72,15 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     dtype = devices.dtype(settings, device)
     channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
     mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and stored_dtype(path) == dtype
+    from . import fastpaths  # imports diffusers: not at start-up
+
+    # blocked weights once instead of a reorder per call (--compile packs its own), packed from the layout they
+    # are loaded in (a mapped file's pages then leave the process)
+    packed = "unet" in channels_last and not settings.compile and fastpaths.packing_works(dtype)
     components = load_components(path, device=device, dtype=dtype, base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
-                                 channels_last=channels_last, clone_weights=not mapped)
+                                 channels_last=channels_last, clone_weights=not mapped,
+                                 packed=("unet",) if packed else ())
     import torch
 
     if (components.family in ("sdxl", "ssd1b") and components.vae.dtype == torch.float16
@@ -82,16 +88,13 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         # SDXL's VAE overflows in float16 (black or NaN images); its pipelines upcast it to decode, so it stays in
         # float32 here (VAEs that are fine in float16, such as sdxl-vae-fp16-fix, say force_upcast: false)
         components.vae.to(torch.float32)
-    from . import fastpaths  # imports diffusers: not at start-up
-
     for part, module in (("unet", components.unet), ("vae", components.vae)):
         # the phase form of upsampling for the VAE only: in the UNet it saves 1% of a step for 118 MB more weights
         fastpaths.apply(module, upsample=part == "vae" and part in channels_last, attention=part in channels_last)
+        if part == "unet" and packed:
+            fastpaths.pack(module)
         if part in channels_last:  # a no-op for kernels streamed in that layout already
-            module.to(memory_format=torch.channels_last)
-    if "unet" in channels_last and not mapped and not settings.compile:
-        # blocked weights once instead of a reorder per call (a mapped file stays mapped; --compile packs its own)
-        fastpaths.pack(components.unet)
+            fastpaths.to_channels_last(module)
     return components
 
 

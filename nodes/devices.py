@@ -78,7 +78,7 @@ def channels_last(settings: Settings, for_device: torch.device, part: str = "vae
         return True
     from . import fastpaths  # imports diffusers: only when a float32 UNet is placed
 
-    return fastpaths.packing_works(chosen_dtype) and not settings.compile and not settings.map_weights
+    return fastpaths.packing_works(chosen_dtype) and not settings.compile
 
 
 def check(settings: Settings) -> None:
@@ -97,11 +97,15 @@ def check(settings: Settings) -> None:
 
 def prefers_channels_last(module: torch.nn.Module) -> bool:
     """True when the module's first 4-D weight is stored channels_last (inputs then go in that layout too)."""
-    for p in module.parameters():
-        if p.ndim == 4 and p.layout != torch.strided:  # blocked convolution weights (fastpaths.pack) give channels_last
+    for owner in module.modules():
+        p = owner._parameters.get("weight")
+        if p is None or p.ndim != 4:
+            continue
+        # blocked convolution weights (fastpaths.pack), and those still to be packed at the first call (kept in
+        # their file's layout), run channels_last
+        if p.layout != torch.strided or getattr(owner, "packs_weight", False):
             return True
-        if p.ndim == 4:
-            return p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        return p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False
 
 

@@ -90,6 +90,7 @@ class _Options:
     allow_pickle: bool
     clone: bool
     channels_last: frozenset[str] = frozenset()  # the components whose kernels are streamed channels_last
+    packed: frozenset[str] = frozenset()  # ... but for their 3x3 kernels, packed later from the file's layout
 
 
 #: Builds the UNet in place of a checkpoint's own, given that checkpoint's UNet configuration (to check the fit).
@@ -107,6 +108,7 @@ def load_components(
     config: Path | str | None = None,
     clone_weights: bool = True,
     channels_last: Collection[str] = (),
+    packed: Collection[str] = (),
 ) -> Components:
     """Load the checkpoint at ``path`` (see :mod:`nodes.loading` for the formats) on ``device`` in ``dtype``.
 
@@ -119,12 +121,15 @@ def load_components(
     * ``channels_last``: the components ("unet", "vae") whose convolution kernels are laid out channels_last as
       they are streamed (a streamed load then needs no second copy for the layout; others are converted by the
       caller as before).
+    * ``packed``: of those, the components whose 3x3 kernels the caller packs (``fastpaths.pack``): they keep the
+      file's layout, from which packing takes half the time, and need no channels_last copy first.
     * ``checkpoints_dir``: where local checkpoints are read from, named when a hub id cannot be had.
 
     Never touches the network except for a hub repository id while the hub is online. Every failure is a
     :class:`CheckpointError` that names the file and the reason.
     """
-    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, frozenset(channels_last))
+    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, frozenset(channels_last),
+                    frozenset(packed))
     config_dir = Path(config) if config is not None else None
     if config_dir is not None and detect(config_dir) != "diffusers":
         raise CheckpointError(f"{config_dir}: config= must be a diffusers folder (with model_index.json)")
@@ -328,7 +333,8 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
         tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype,
-                                      channels_last=where.name in opts.channels_last)
+                                      channels_last=where.name in opts.channels_last,
+                                      plain_3x3=where.name in opts.packed)
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())
@@ -447,11 +453,11 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
     if unet_over:
         unet = unet_over(configs["unet"])
     else:
-        _lay_out(tensors, "unet" in opts.channels_last)
+        _lay_out(tensors, "unet" in opts.channels_last, "unet" in opts.packed)
         unet = _build("UNet2DConditionModel", configs["unet"],
                       lambda _: convert_ldm_unet_checkpoint(tensors, configs["unet"]), "UNet", origin, opts,
                       streamed)
-    _lay_out(tensors, "vae" in opts.channels_last)
+    _lay_out(tensors, "vae" in opts.channels_last, "vae" in opts.packed)
     return Components(
         unet=unet,
         vae=_build("AutoencoderKL", configs["vae"], lambda _: convert_ldm_vae_checkpoint(tensors, configs["vae"]),
@@ -463,10 +469,11 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
     )
 
 
-def _lay_out(tensors: Mapping[str, torch.Tensor], channels_last: bool) -> None:
+def _lay_out(tensors: Mapping[str, torch.Tensor], channels_last: bool, plain_3x3: bool) -> None:
     """The layout in which a streamed file gives the next component's kernels (one file holds every component)."""
     if isinstance(tensors, StreamedSafetensors):
         tensors.channels_last = channels_last
+        tensors.plain_3x3 = plain_3x3
 
 
 def _convert_text(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, prefix: str, kind: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,10 +186,12 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     Asking twice for a key reads it twice: take each once.
     """
 
-    def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False):
+    def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False,
+                 plain_3x3: bool = False):
         self.path = Path(path)
         self.dtype = dtype
         self.channels_last = channels_last
+        self.plain_3x3 = plain_3x3  # 3x3 kernels keep the file's layout (packed from it: fastpaths.pack)
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
@@ -200,7 +203,7 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         nbytes = entry.end - entry.begin
         cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
         relayout = (self.channels_last and torch_dtype.is_floating_point and len(entry.shape) == 4
-                    and entry.shape[1] > 1)
+                    and entry.shape[1] > 1 and not (self.plain_3x3 and entry.shape[2:] == (3, 3)))
         # Every tensor is read into one reused buffer, then copied into memory of its own in its final dtype and
         # layout: no file-layout copy is allocated, and the kernel's read never lands in fresh pages (on a VM,
         # reading 4 GB straight into new memory took 25 s against 1 s into touched memory plus a 2 s copy).
@@ -237,6 +240,57 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot read the safetensors data: {first_line(e)}") from e
+
+
+_MADV_DONTNEED = 4
+
+
+def release_mapped(tensor: torch.Tensor) -> int:
+    """Take out of this process's resident memory the pages of a memory-mapped weights file that lie wholly inside
+    ``tensor``, once the caller has replaced it by a copy in another layout (a packed or channels_last kernel).
+
+    Pages of a file map that were read stay counted in the process's RSS while the map is open, so a mapped
+    model whose kernels are re-laid out would otherwise hold both forms. Only pages of a private map of a file,
+    and only if none of them was ever written (a written page holds data the file does not): a view that still
+    reads them gets the file's same bytes again from the page cache. Returns the bytes released (0 elsewhere, and
+    off Linux)."""
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided or not sys.platform.startswith("linux"):
+        return 0
+    if not (tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start or not _in_private_file_map(start, end):
+        return 0
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = memoryview(f.read((end - start) // page * 8)).cast("Q")
+    except OSError:
+        return 0
+    # bit 63: present; bit 61: a file page (or shared). Present and not a file page: written, copied on write.
+    if any(e >> 63 and not (e >> 61) & 1 for e in entries):
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return end - start if libc.madvise(start, end - start, _MADV_DONTNEED) == 0 else 0
+
+
+def _in_private_file_map(start: int, end: int) -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= start < high:
+                    return (end <= high and fields[1].endswith("p") and fields[4] != "0"
+                            and len(fields) == 6 and fields[5].startswith("/"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

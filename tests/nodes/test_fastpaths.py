@@ -294,7 +294,7 @@ def test_checkpoints_in_the_fast_layout_pack_their_unet_and_draw_the_same(models
 
 
 @pytest.mark.parametrize("overrides, expected", [({}, True), ({"compile": True}, False),
-                                                 ({"map_weights": True}, False),
+                                                 ({"map_weights": True}, True),  # packed from the map
                                                  ({"memory_format": "contiguous"}, False)])
 def test_float32_unets_take_the_blocked_layout_where_it_computes(overrides, expected):
     from nodes import devices

@@ -780,4 +780,90 @@ def test_map_weights_comes_from_the_command_line_and_the_environment():
         ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "maybe"})
     args = make_parser().parse_args(["run", "text-to-image", "--map-weights"])
     assert settings_from_args(args).map_weights is True
+
+    def chosen(*argv: str, **environ: str) -> bool:
+        return settings_from_args(make_parser().parse_args(argv), environ).map_weights
+
+    # a one-shot run maps by default; processes that hold models for hours copy them
+    assert chosen("run", "text-to-image") is True
+    assert chosen("serve") is False and chosen("worker", "--scheduler", "tcp://127.0.0.1:8786") is False
+    assert chosen("run", "text-to-image", "--no-map-weights") is False
+    assert chosen("run", "text-to-image", NODEGRAPH_MAP_WEIGHTS="0") is False
+    assert chosen("serve", "--map-weights") is True and chosen("serve", NODEGRAPH_MAP_WEIGHTS="1") is True
     assert ng.Settings(map_weights=True).fingerprint() != ng.Settings().fingerprint()
+
+
+def _resident_pages(t: torch.Tensor) -> tuple[int, int]:
+    """How many of the whole pages inside ``t`` are resident in this process (/proc/self/pagemap's present bit),
+    of how many."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = struct.unpack(f"<{(end - start) // page}Q", f.read((end - start) // page * 8))
+    return sum(e >> 63 for e in entries), len(entries)
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/pagemap")
+def test_release_mapped_gives_back_only_unwritten_pages_of_a_file_map(tmp_path):
+    from nodes.loading import release_mapped
+    from nodes.loading.weights import read_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    stored = {name: torch.randn(50_000, generator=generator) for name in ("kept", "released", "written")}
+    save_file(stored, tmp_path / "w.safetensors")
+    mapped = read_safetensors(tmp_path / "w.safetensors")
+    for t in mapped.values():
+        t.sum()  # read: resident
+    pages = {name: _resident_pages(t) for name, t in mapped.items()}
+    assert all(resident == whole >= 47 for resident, whole in pages.values())
+
+    assert release_mapped(mapped["released"]) == pages["released"][1] * os.sysconf("SC_PAGE_SIZE")
+    assert _resident_pages(mapped["released"])[0] == 0 and _resident_pages(mapped["kept"]) == pages["kept"]
+    assert torch.equal(mapped["released"], stored["released"])  # read again from the file: the same bytes
+
+    mapped["written"].add_(1)  # copied on write: the map now holds data the file does not
+    assert release_mapped(mapped["written"]) == 0
+    assert torch.equal(mapped["written"], stored["written"] + 1)
+    assert release_mapped(torch.ones(50_000)) == 0  # memory of the process's own is never touched
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/pagemap")
+def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
+    """--map-weights with the fast layout: the UNet's 3x3 kernels stay in the file's map until their first call
+    packs them; then their pages leave the process, and the UNet computes what a copied load computes."""
+    import nodegraph as ng
+    from nodes import checkpoint, fastpaths
+
+    if not fastpaths.packing_works(torch.float32):
+        pytest.skip("this build or CPU has no blocked float32 convolutions")
+    path = models_root / "checkpoints" / "tiny-sd.safetensors"
+
+    def load(map_weights: bool):
+        settings = ng.Settings(models_dir=models_root, device="cpu", dtype="float32", map_weights=map_weights)
+        return checkpoint.load(settings, path.name).unet
+
+    mapped, copied = load(True), load(False)
+    ranges = _mapped_from(path)
+    kernels = [m for m in mapped.modules() if isinstance(m, fastpaths.PackedConv2d)]
+    assert kernels and all(any(a <= m.weight.data_ptr() < b for a, b in ranges) for m in kernels)
+    assert all(m.weight.is_contiguous() for m in kernels)  # the file's layout, packed from it
+    # a copied (streamed) load reads them in that layout too: packing from it takes half the time
+    assert all(m.weight.is_contiguous() for m in copied.modules() if isinstance(m, fastpaths.PackedConv2d))
+    plain = [m.weight.data for m in kernels]
+    for t in plain:
+        t.sum()
+    assert sum(_resident_pages(t)[0] for t in plain) > 0
+    others = [m.weight for m in mapped.modules() if type(m) is torch.nn.Conv2d and m.weight.shape[1] > 1]
+    assert others and all(w.is_contiguous(memory_format=torch.channels_last) for w in others)
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(1, 77, mapped.config.cross_attention_dim, generator=generator)
+    with torch.inference_mode():
+        got = mapped(sample, 10, text).sample
+        expected = copied(sample, 10, text).sample
+    assert all(m.weight.layout != torch.strided for m in kernels)
+    assert sum(_resident_pages(t)[0] for t in plain) == 0  # packed: the plain kernels' pages were given back
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
