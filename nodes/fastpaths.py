@@ -25,8 +25,9 @@ was. The same oneDNN kernel computes: bfloat16 outputs are bit-identical here, f
 shapes where the plain path picks another kernel, within 2e-6 (the tests check both; at first use per dtype a small
 convolution checks that this build and CPU compute the blocked form at all, else nothing packs). The SD1.5-size
 UNet's step on the 2-core machine: bfloat16 0.79 -> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last
-1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a second once, in the first step. 1x1 convolutions are left
-alone: oneDNN runs them slower blocked. Whatever moves, casts or loads into such a convolution gets the plain
+1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a second once, in the first step, less from the layout a
+file stores (contiguous) than from channels_last, so those kernels are loaded as stored and packed from that
+(:func:`to_channels_last` leaves them be). 1x1 convolutions are left alone: oneDNN runs them slower blocked. Whatever moves, casts or loads into such a convolution gets the plain
 weight back first (:meth:`PackedConv2d.unpack`), and its ``state_dict`` holds the plain weight, so other code sees
 an ordinary ``Conv2d``.
 """
