@@ -11,6 +11,9 @@ Measured on the SD1.5-size model in bfloat16 at 512 (``benchmarks/speed.py``'s j
 Within one long node the same holds between its stages: :func:`trim_if_due` is for code that runs a model stage by
 stage (nodes/fastpaths.py calls it before each block of a UNet or VAE), and trims only when the last trim is at
 least ``STAGE_TRIM_S`` old, so that small models, whose stages take microseconds, never pay for it.
+
+:func:`discard` is for memory still allocated but whose contents are dead (the part of a buffer that an in-place
+computation no longer needs): its whole pages leave the RSS at once and read as zeros if touched again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+import sys
 import time
 
 # Nodes that ran at least this long give their freed memory back; shorter ones (most nodes) skip the call.
@@ -26,6 +31,14 @@ TRIM_AFTER_S = 0.25
 STAGE_TRIM_S = 0.05
 
 _last_trim = 0.0
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except (OSError, TypeError):
+        return None
 
 
 @functools.cache
@@ -49,6 +62,20 @@ def trim() -> bool:
 def trim_if_due() -> bool:
     """:func:`trim` when the last trim was at least ``STAGE_TRIM_S`` ago; True when it trimmed."""
     return time.monotonic() - _last_trim >= STAGE_TRIM_S and trim()
+
+
+def discard(address: int, nbytes: int) -> int:
+    """Drop the whole pages within ``[address, address + nbytes)`` from the process's memory
+    (``madvise(MADV_DONTNEED)``): private anonymous pages read as zeros afterwards, pages of a private file map as
+    the file's bytes. The caller owns that memory and needs none of its contents. Returns the bytes dropped (0 off
+    Linux, or when no whole page lies inside)."""
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if end <= start or libc is None:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return end - start if libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", 4)) == 0 else 0
 
 
 def after_node(duration: float) -> None:

@@ -98,6 +98,7 @@ def norm_act_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv
     which no later band reads."""
     n, c, h, w = x.shape
     scale, shift = group_scale_shift(x, norm)
+    heap.trim_if_due()  # the statistics' float32 bands, and what the caller freed, before this map's bands
     out = into if into is not None else torch.empty(n, conv.out_channels, h, w, dtype=x.dtype, device=x.device,
                                                     memory_format=torch.channels_last)
     rows = _bands(h, c, w, 1)  # image by image: a batch's bands would otherwise shrink to a row or two
@@ -160,6 +161,10 @@ def resnet(block: InferenceResnetBlock2D, box: list) -> torch.Tensor:
         # the shortcut over the input's bytes: the input, the first convolution's output and bands, instead of
         # those and the shortcut (4 -> 3 maps of the output's size at SD's last level); then one compact copy
         hidden, out = norm_act_conv(x, block.norm1, block.conv1, shortcut=block.conv_shortcut)
+        # x is spent: the pages of its storage past the shortcut's hold nothing that the rest of the block needs
+        # (67 MB less under the second convolution at SD's last level, in bfloat16 at 512)
+        kept = out.numel() * out.element_size()
+        heap.discard(x.data_ptr() + kept, x.numel() * x.element_size() - kept)
         del x
         out = norm_act_conv(hidden, block.norm2, block.conv2, into=out)
         del hidden
@@ -177,10 +182,15 @@ def _fits_overwrite(x: torch.Tensor, conv: torch.nn.Module | None) -> bool:
 
 
 def up_block(block: UpDecoderBlock2D, box: list) -> torch.Tensor:
+    # Before each ResNet and upsampler, the heap gives back what the last one freed: their bands (a few MB each,
+    # below glibc's mmap threshold) otherwise pile up in the heap, 240 MB of it under the last upsampler of an SD
+    # decode at 512 in bfloat16, whose output is the decode's largest map.
     for res in block.resnets:
+        heap.trim_if_due()
         box = [resnet(res, box)]
     if block.upsamplers is not None:
         for upsampler in block.upsamplers:
+            heap.trim_if_due()
             x = box.pop()
             box = [upsampler(x)]
             del x

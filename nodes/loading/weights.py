@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import sys
 import zipfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from nodegraph import heap
 
 from .errors import CheckpointError, first_line
 
@@ -242,9 +245,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read the safetensors data: {first_line(e)}") from e
 
 
-_MADV_DONTNEED = 4
-
-
 def release_mapped(tensor: torch.Tensor) -> int:
     """Take out of this process's resident memory the pages of a memory-mapped weights file that lie wholly inside
     ``tensor``, once the caller has replaced it by a copy in another layout (a packed or channels_last kernel).
@@ -258,9 +258,9 @@ def release_mapped(tensor: torch.Tensor) -> int:
         return 0
     if not (tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)):
         return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    page = mmap.PAGESIZE
+    begin, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    start, end = -(-begin // page) * page, (begin + nbytes) // page * page
     if end <= start or not _in_private_file_map(start, end):
         return 0
     try:
@@ -272,11 +272,7 @@ def release_mapped(tensor: torch.Tensor) -> int:
     # bit 63: present; bit 61: a file page (or shared). Present and not a file page: written, copied on write.
     if any(e >> 63 and not (e >> 61) & 1 for e in entries):
         return 0
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return end - start if libc.madvise(start, end - start, _MADV_DONTNEED) == 0 else 0
+    return heap.discard(begin, nbytes)
 
 
 def _in_private_file_map(start: int, end: int) -> bool:

@@ -53,3 +53,22 @@ def test_stages_trim_only_when_the_last_trim_is_old_enough(monkeypatch):
     assert not heap.trim_if_due() and len(calls) == 1
     monkeypatch.setattr(heap, "STAGE_TRIM_S", 0.0)
     assert heap.trim_if_due() and heap.trim_if_due() and calls == [0, 0, 0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_discard_drops_whole_pages_of_owned_memory_and_nothing_around_them():
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    # private and anonymous, as the allocator maps large blocks (a plain mmap(-1, n) is shared)
+    region = mmap.mmap(-1, 8 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.write(b"\x07" * (8 * page))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    # from the middle of page 2 to the middle of page 6: pages 3, 4 and 5 lie wholly inside
+    assert heap.discard(address + 2 * page + page // 2, 4 * page) == 3 * page
+    data = region[:]
+    assert data[:3 * page] == b"\x07" * (3 * page)  # the partial page before is kept
+    assert data[3 * page:6 * page] == bytes(3 * page)  # dropped pages read as zeros
+    assert data[6 * page:] == b"\x07" * (2 * page)
+    assert heap.discard(address + 1, page // 2) == 0  # no whole page inside
