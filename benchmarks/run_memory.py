@@ -15,7 +15,6 @@ the ratio issue #14's memory target puts at 1.15. Linux only (it reads and reset
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -25,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_memory import build, warm  # noqa: E402 - after the path above
+from load_memory import _status_bytes, build, warm  # noqa: E402 - after the path above
 
 
 def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+    value = _status_bytes(field)
+    if value is None:
+        raise SystemExit("this benchmark reads /proc/self/status (Linux only)")
+    return value
 
 
 def _reset_peak() -> None:

@@ -43,12 +43,8 @@ def _libc():
 
 @functools.cache
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        return libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
-        return None
+    libc = _libc()
+    return getattr(libc, "malloc_trim", None) if libc is not None else None  # glibc's only (not musl, macOS)
 
 
 def trim() -> bool:
