@@ -74,8 +74,8 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and stored_dtype(path) == dtype
     from . import fastpaths  # imports diffusers: not at start-up
 
-    # blocked weights once instead of a reorder per call (--compile packs its own), packed from the layout they
-    # are loaded in (a mapped file's pages then leave the process)
+    # blocked weights once instead of a reorder per call (--compile packs its own), packed from the layout the file
+    # stores (a mapped file's pages then leave the process)
     packed = "unet" in channels_last and not settings.compile and fastpaths.packing_works(dtype)
     components = load_components(path, device=device, dtype=dtype, base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
@@ -92,7 +92,9 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         # the phase form of upsampling for the VAE only: in the UNet it saves 1% of a step for 118 MB more weights
         fastpaths.apply(module, upsample=part == "vae" and part in channels_last, attention=part in channels_last)
         if part == "unet" and packed:
-            fastpaths.pack(module)
+            # a copied load packs now, from kernels it read straight from the file's map (no copy in between, and
+            # the file is no longer mapped once loaded); a mapped one at the first call
+            fastpaths.pack(module, now=not mapped)
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             fastpaths.to_channels_last(module)
     return components

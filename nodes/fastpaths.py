@@ -209,16 +209,20 @@ def _packable(conv: torch.nn.Conv2d) -> bool:
             and (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)))
 
 
-def pack(module: torch.nn.Module) -> int:
+def pack(module: torch.nn.Module, now: bool = False) -> int:
     """Make ``module``'s 3x3 convolutions :class:`PackedConv2d`: each reorders its weight into oneDNN's blocked
-    layout at its first inference call on the CPU (where this machine computes that form: :func:`packing_works`)
-    and keeps only that. Call it before :func:`to_channels_last`, which then leaves their kernels in the layout
-    they were loaded in. Returns how many."""
+    layout at its first inference call on the CPU (where this machine computes that form: :func:`packing_works`),
+    or with ``now`` at once, and keeps only that. Call it before :func:`to_channels_last`, which then leaves their
+    kernels in the layout they were loaded in. Returns how many."""
     count = 0
     for conv in module.modules():
         if type(conv) is torch.nn.Conv2d and _packable(conv):
             conv.__class__ = PackedConv2d
             count += 1
+        if now and type(conv) is PackedConv2d and conv.weight.layout == torch.strided and _packable(conv) \
+                and packing_works(conv.weight.dtype):
+            with torch.no_grad():
+                conv._pack()
     return count
 
 

@@ -121,8 +121,10 @@ def load_components(
     * ``channels_last``: the components ("unet", "vae") whose convolution kernels are laid out channels_last as
       they are streamed (a streamed load then needs no second copy for the layout; others are converted by the
       caller as before).
-    * ``packed``: of those, the components whose 3x3 kernels the caller packs (``fastpaths.pack``): they keep the
-      file's layout, from which packing takes half the time, and need no channels_last copy first.
+    * ``packed``: of those, the components whose 3x3 kernels the caller packs at once (``fastpaths.pack(...,
+      now=True)``): they keep the file's layout, from which packing takes half the time, and where the file stores
+      them in ``dtype`` a streamed load gives them as views of the file's memory map, which packing then replaces
+      (no copy of them in between; until packed, the file must not be rewritten in place).
     * ``checkpoints_dir``: where local checkpoints are read from, named when a hub id cannot be had.
 
     Never touches the network except for a hub repository id while the hub is online. Every failure is a

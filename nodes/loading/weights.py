@@ -194,9 +194,10 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         self.dtype = dtype
         self.channels_last = channels_last
-        self.plain_3x3 = plain_3x3  # 3x3 kernels keep the file's layout (packed from it: fastpaths.pack)
+        self.plain_3x3 = plain_3x3  # 3x3 kernels as stored, for the caller to pack at once (fastpaths.pack)
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._mapped = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
@@ -210,6 +211,11 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         # Every tensor is read into one reused buffer, then copied into memory of its own in its final dtype and
         # layout: no file-layout copy is allocated, and the kernel's read never lands in fresh pages (on a VM,
         # reading 4 GB straight into new memory took 25 s against 1 s into touched memory plus a 2 s copy).
+        if self.plain_3x3 and not cast and len(entry.shape) == 4 and entry.shape[2:] == (3, 3) \
+                and torch_dtype.is_floating_point:
+            # to be packed as soon as the model is built (fastpaths.pack(now=True)): read from the file's map, not
+            # copied into memory that packing would replace at once; the map goes with the last such kernel
+            return self._map().get_tensor(key)
         if self._scratch.numel() < nbytes:
             self._scratch = torch.empty(nbytes, dtype=torch.uint8)
         raw = self._scratch[:nbytes]
@@ -218,6 +224,13 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         tensor = raw.view(torch_dtype).reshape(entry.shape)
         layout = torch.channels_last if relayout else torch.contiguous_format
         return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype, memory_format=layout).copy_(tensor)
+
+    def _map(self):
+        if self._mapped is None:
+            from safetensors import safe_open
+
+            self._mapped = safe_open(str(self.path), framework="pt", device="cpu")
+        return self._mapped
 
     def file_dtype(self) -> torch.dtype | None:
         """The dtype of the file's first floating-point tensor (None if it has none)."""
@@ -266,11 +279,11 @@ def release_mapped(tensor: torch.Tensor) -> int:
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(start // page * 8)
-            entries = memoryview(f.read((end - start) // page * 8)).cast("Q")
+            entries = torch.frombuffer(bytearray(f.read((end - start) // page * 8)), dtype=torch.int64)
     except OSError:
         return 0
     # bit 63: present; bit 61: a file page (or shared). Present and not a file page: written, copied on write.
-    if any(e >> 63 and not (e >> 61) & 1 for e in entries):
+    if bool(((entries < 0) & (entries & (1 << 61) == 0)).any()):
         return 0
     return heap.discard(begin, nbytes)
 

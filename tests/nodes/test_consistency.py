@@ -203,7 +203,7 @@ def test_in_the_cpus_fast_layout_the_unet_keeps_blocked_weights_and_draws_the_sa
     images = {}
     for packing in (True, False):
         if not packing:
-            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+            monkeypatch.setattr(fastpaths, "pack", lambda module, now=False: 0)
         fast = settings.replace(dtype="bfloat16", memory_format="auto")
         result = ng.Executor(ng.build_registry(), settings=fast).run(sampler_graph(BEDROOM, seed=3),
                                                                      outputs=["sample", "load"])

@@ -387,7 +387,7 @@ def test_controlnets_take_the_unets_fast_layout_on_the_cpu(settings, monkeypatch
     runs = {}
     for packing in (True, False):
         if not packing:
-            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+            monkeypatch.setattr(fastpaths, "pack", lambda module, now=False: 0)
         fast = settings.replace(dtype=dtype, memory_format="auto")
         result = ng.Executor(ng.build_registry(), settings=fast).run(wf)
         net = result.output("cn0", "control_net").net

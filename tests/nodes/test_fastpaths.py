@@ -276,7 +276,7 @@ def test_checkpoints_in_the_fast_layout_pack_their_unet_and_draw_the_same(models
     images = {}
     for packing in (True, False):
         if not packing:
-            monkeypatch.setattr(fastpaths, "pack", lambda module: 0)
+            monkeypatch.setattr(fastpaths, "pack", lambda module, now=False: 0)
         settings = ng.Settings(models_dir=models_root, dtype=dtype, device="cpu", temp_dir=tmp_path / "t",
                                output_dir=tmp_path / "o")  # memory format "auto": channels_last on this CPU
         result = ng.Executor(ng.build_registry(), settings=settings).run(
