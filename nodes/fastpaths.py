@@ -20,17 +20,18 @@ Not bit-identical (the kernel taps are summed before the products), so the exact
 contiguous``) keeps diffusers' form.
 
 :func:`pack` makes a channels_last model's 3x3 convolutions on the CPU reorder their weights into oneDNN's blocked
-layout once, at their first call, and keep only that, instead of PyTorch reordering every weight on every call
-(eager convolutions do: at the UNet's 8x8 level the reorder costs as much as the convolution). Memory stays as it
-was. The same oneDNN kernel computes: bfloat16 outputs are bit-identical here, float32 ones equal or, for the few
-shapes where the plain path picks another kernel, within 2e-6 (the tests check both; at first use per dtype a small
-convolution checks that this build and CPU compute the blocked form at all, else nothing packs). The SD1.5-size
-UNet's step on the 2-core machine: bfloat16 0.79 -> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last
-1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a second once, in the first step, less from the layout a
-file stores (contiguous) than from channels_last, so those kernels are loaded as stored and packed from that
-(:func:`to_channels_last` leaves them be). 1x1 convolutions are left alone: oneDNN runs them slower blocked. Whatever moves, casts or loads into such a convolution gets the plain
-weight back first (:meth:`PackedConv2d.unpack`), and its ``state_dict`` holds the plain weight, so other code sees
-an ordinary ``Conv2d``.
+layout once (at their first call, or at once: ``pack(..., now=True)``, as a copied checkpoint load does) and keep
+only that, instead of PyTorch reordering every weight on every call (eager convolutions do: at the UNet's 8x8 level
+the reorder costs as much as the convolution). Memory stays as it was. The same oneDNN kernel computes: bfloat16
+outputs are bit-identical here, float32 ones equal or, for the few shapes where the plain path picks another kernel,
+within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build and CPU compute
+the blocked form at all, else nothing packs). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79 ->
+0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a
+second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are loaded as
+stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 convolutions are left alone: oneDNN runs
+them slower blocked. Whatever moves, casts or loads into such a convolution gets the plain weight back first
+(:meth:`PackedConv2d.unpack`), and its ``state_dict`` holds the plain weight, so other code sees an ordinary
+``Conv2d``.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def pack(module: torch.nn.Module, now: bool = False) -> int:
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     """``module``'s 4-D weights and buffers channels_last, as ``module.to(memory_format=torch.channels_last)``
-    makes them, except the kernels of its :class:`PackedConv2d`: they are packed at their first call from whatever
+    makes them, except the kernels of its :class:`PackedConv2d`: they are packed (at load or first call) from whatever
     layout they have (from a file's, contiguous, in 35-45 ms instead of 64-70 for a 1280-channel kernel), so a
     channels_last copy before would only cost time. The kernels of a memory-mapped file (``--map-weights``) that
     are copied here give the file's pages back (:func:`~.loading.release_mapped`)."""

@@ -333,7 +333,8 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
     return _placed(model, opts)
 
 
-def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None, opts: _Options) -> torch.nn.Module | None:
+def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None,
+                        opts: _Options) -> torch.nn.Module | None:
     """A folder component built on the meta device and given its weights file tensor by tensor, in their final
     dtype (:class:`StreamedSafetensors`): the same values as ``from_pretrained`` then :func:`ready`, without the
     memory-mapped file and the model's copy side by side. None when the folder is not that simple (sharded
