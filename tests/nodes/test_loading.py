@@ -835,7 +835,7 @@ def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
     packs them; then their pages leave the process, and the UNet computes what a copied load computes (which
     packed its kernels as it loaded them)."""
     import nodegraph as ng
-    from nodes import checkpoint, fastpaths
+    from nodes import checkpoint, devices, fastpaths
 
     if not fastpaths.packing_works(torch.float32):
         pytest.skip("this build or CPU has no blocked float32 convolutions")
@@ -859,6 +859,7 @@ def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
     for t in plain:
         t.sum()
     assert sum(_resident_pages(t)[0] for t in plain) > 0
+    assert devices.prefers_channels_last(mapped)  # inputs go channels_last before the first call packs
     others = [m.weight for m in mapped.modules() if type(m) is torch.nn.Conv2d and m.weight.shape[1] > 1]
     assert others and all(w.is_contiguous(memory_format=torch.channels_last) for w in others)
 
@@ -871,3 +872,20 @@ def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
     assert all(m.weight.layout != torch.strided for m in kernels)
     assert sum(_resident_pages(t)[0] for t in plain) == 0  # packed: the plain kernels' pages were given back
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_single_files_assemble_their_tokenizer_once_per_process(models_root, monkeypatch):
+    """The vocabulary a single file's tokenizer is built from is written once per process, not at every load."""
+    from nodes import tokenizers
+    from nodes.loading import assemble
+
+    monkeypatch.setattr(assemble, "_ASSEMBLED", {})
+    written = []
+    real = tokenizers.write_clip_tokenizer_subset
+    monkeypatch.setattr(tokenizers, "write_clip_tokenizer_subset", lambda *a, **k: written.append(1) or real(*a, **k))
+    path = models_root / "checkpoints" / "tiny-sd.safetensors"
+    first, second = (load_components(path, device=CPU, dtype=torch.float32) for _ in range(2))
+    assert len(written) == 1
+    prompt = "a red circle on a blue background"
+    assert first.tokenizer(prompt).input_ids == second.tokenizer(prompt).input_ids
+    assert len(first.tokenizer) == len(second.tokenizer)
