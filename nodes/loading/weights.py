@@ -185,9 +185,9 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     A loader that takes each tensor once and drops what it does not keep holds at most its model's weights in
     their final dtype plus the one tensor being read: never the file's copy beside the model's. The one exception,
     ``plain_3x3``: 3x3 kernels stored in the requested dtype come as views of the file's memory map, for a caller
-    that packs them at once (``fastpaths.pack(..., now=True)``), which replaces each and gives its pages back. Memory-mapped
-    reading (safetensors' ``load_file`` / ``safe_open``) counts every page read in the process's RSS until the map
-    is closed, so reading a whole model through a map peaks at the file's size plus the model's.
+    that packs them at once (``fastpaths.pack(..., now=True)``), which replaces each and gives its pages back.
+    Memory-mapped reading (safetensors' ``load_file`` / ``safe_open``) counts every page read in the process's RSS
+    until the map is closed, so reading a whole model through a map peaks at the file's size plus the model's.
     Asking twice for a key reads it twice: take each once.
     """
 
