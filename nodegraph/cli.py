@@ -60,9 +60,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(a minute or more), later ones faster; for long-running servers ($NODEGRAPH_COMPILE)")
     p.add_argument("--map-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="keep weight files memory-mapped where they are used as stored (float32 files in float32, "
-                        "on the CPU): loads in a fraction of the time, like diffusers; the files must then not be "
-                        "rewritten in place while loaded (default: on for run, off for serve and worker; "
-                        "$NODEGRAPH_MAP_WEIGHTS)")
+                        "on the CPU): loads in a fraction of the time, like diffusers. Default: where a lease "
+                        "guards the file against being rewritten in place (Linux, your own files), copied "
+                        "elsewhere; --map-weights maps unguarded files too, --no-map-weights always copies "
+                        "($NODEGRAPH_MAP_WEIGHTS=1, 0 or auto)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="layout of convolution weights (default auto: channels_last on the CPU, faster there; "
                         "contiguous gives results bit-identical to diffusers' pipelines)")
@@ -144,15 +145,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
     """The process's settings: the environment's, then what the command line gives."""
-    map_weights = args.map_weights
-    if map_weights is None and args.command == "run" and not environ.get("NODEGRAPH_MAP_WEIGHTS"):
-        # A run loads, draws and exits: a mapped file loads in a fraction of the time and is not held long enough
-        # to be rewritten under it. Servers and workers hold their models for hours: their own copies by default.
-        map_weights = True
     return Settings.from_env(environ, models_dir=args.models, input_dir=args.input,
                              output_dir=getattr(args, "output", None), device=args.device, dtype=args.dtype,
                              memory_format=args.memory_format, allow_pickle=args.allow_pickle or None,
-                             compile=args.compile, map_weights=map_weights)
+                             compile=args.compile, map_weights=args.map_weights)
 
 
 def quiet_openmp(command: str, environ=os.environ) -> None:

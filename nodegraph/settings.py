@@ -52,9 +52,10 @@ class Settings:
     max_image_size: int = 4096  # pixels per side: a typo of 51200 should be an error, not an out-of-memory
     previews: bool = False  # whether samplers send preview images with their progress (the server asks for them)
     compile: bool = False  # compile models where the node library can (slow first runs, faster later ones)
-    # Keep weight files memory-mapped where the node library can use them as stored (no cast, no copy): loads take
-    # a fraction of the time, but a file then must not be rewritten in place while its model is loaded.
-    map_weights: bool = False
+    # Keep weights memory-mapped where the node library can use them as stored (no cast, no copy): loads take a
+    # fraction of the time. None: only where the file is guarded against being rewritten in place under its maps
+    # (nodegraph.filemaps), copied elsewhere; True: mapped even unguarded; False: always copied.
+    map_weights: bool | None = None
 
     def __post_init__(self) -> None:
         for name in _PATHS:
@@ -102,8 +103,10 @@ class Settings:
 def _parse(name: str, variable: str, raw: str) -> Any:
     if name in _FLAGS:
         flag = raw.strip().lower()
+        if name == "map_weights" and flag == "auto":
+            return None
         if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ValueError(f"{variable}={raw!r}: say 1 or 0")
+            raise ValueError(f"{variable}={raw!r}: say 1 or 0" + (" (or auto)" if name == "map_weights" else ""))
         return flag in ("1", "true", "yes", "on")
     if name == "max_image_size":
         try:

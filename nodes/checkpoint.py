@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nodegraph import Combo, Folder, Node, Output, Settings, file_identity
+from nodegraph import Combo, Folder, Node, Output, Settings, file_identity, filemaps
 
 from . import devices, previews
 from .loading import CHECKPOINT_SUFFIXES, is_checkpoint_folder, load_components, looks_like_hub_id
@@ -71,7 +71,11 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     device = devices.device(settings)
     dtype = devices.dtype(settings, device)
     channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
-    mapped = settings.map_weights and device.type == "cpu" and base == NO_BASE and stored_dtype(path) == dtype
+    # map what is used as stored (on the CPU): where a lease guards the files against being rewritten in place
+    # (nodegraph.filemaps), or everywhere if asked (--map-weights); --no-map-weights copies
+    mapped = (settings.map_weights is not False and device.type == "cpu" and base == NO_BASE
+              and stored_dtype(path) == dtype
+              and (settings.map_weights or all(filemaps.guard(f) is not None for f in weight_files(path))))
     from . import fastpaths  # imports diffusers: not at start-up
 
     # blocked weights once instead of a reorder per call (--compile packs its own), packed from the layout the file
@@ -80,6 +84,7 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     components = load_components(path, device=device, dtype=dtype, base=own_base,
                                  allow_pickle=settings.allow_pickle, checkpoints_dir=CHECKPOINTS.root(settings),
                                  channels_last=channels_last, clone_weights=not mapped,
+                                 guarded_only=settings.map_weights is None,
                                  packed=("unet",) if packed else ())
     import torch
 
@@ -98,6 +103,14 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             fastpaths.to_channels_last(module)
     return components
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files a local checkpoint's load reads (a single file, or a diffusers folder's components)."""
+    if path.is_file():
+        return [path]
+    return [f for part in ("unet", "vae", "text_encoder", "text_encoder_2") for f in sorted((path / part).glob(
+        "*.safetensors"))]
 
 
 def stored_dtype(path):

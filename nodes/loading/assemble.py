@@ -52,11 +52,13 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
+from nodegraph import filemaps
+
 from .configs import derive_configs, family_config_dir, read_json
 from .detect import TEXT_ENCODERS, detect, detect_family, require_parts
 from .errors import CheckpointError, few, first_line
 from .hub import fetch
-from .weights import StreamedSafetensors, read_header, read_pickle, read_safetensors
+from .weights import StreamedSafetensors, read_header, read_pickle
 
 CLIP_BPE_DIR = Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 _TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -91,6 +93,14 @@ class _Options:
     clone: bool
     channels_last: frozenset[str] = frozenset()  # the components whose kernels are streamed channels_last
     packed: frozenset[str] = frozenset()  # ... but for their 3x3 kernels, packed later from the file's layout
+    guarded_only: bool = False  # without clone: map only files a lease guards (nodegraph.filemaps), copy others
+
+    def maps(self, path: Path):
+        """How to map ``path``'s tensors (see StreamedSafetensors' ``maps``); None: read them into copies."""
+        if self.clone:
+            return None
+        guard = filemaps.guard(path)
+        return guard if guard is not None or self.guarded_only else filemaps.Unguarded(path)
 
 
 #: Builds the UNet in place of a checkpoint's own, given that checkpoint's UNet configuration (to check the fit).
@@ -109,6 +119,7 @@ def load_components(
     clone_weights: bool = True,
     channels_last: Collection[str] = (),
     packed: Collection[str] = (),
+    guarded_only: bool = False,
 ) -> Components:
     """Load the checkpoint at ``path`` (see :mod:`nodes.loading` for the formats) on ``device`` in ``dtype``.
 
@@ -117,7 +128,10 @@ def load_components(
     * ``config``: for single files, a diffusers folder whose configurations (and tokenizer, scheduler) replace the
       family's shipped ones, as diffusers' ``from_single_file(config=...)``. Needed only for non-standard models whose
       head counts or norm groups the defaults do not fit.
-    * ``clone_weights``: copy memory-mapped weights into memory of their own (see the module docstring).
+    * ``clone_weights``: copy memory-mapped weights into memory of their own (see the module docstring). False
+      keeps every tensor used as stored in a private map of the file, guarded against the file being rewritten in
+      place where a lease can be had (:mod:`nodegraph.filemaps`); with ``guarded_only``, only there (files without
+      a guard are copied).
     * ``channels_last``: the components ("unet", "vae") whose convolution kernels are laid out channels_last as
       they are streamed (a streamed load then needs no second copy for the layout; others are converted by the
       caller as before).
@@ -131,7 +145,7 @@ def load_components(
     :class:`CheckpointError` that names the file and the reason.
     """
     opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, frozenset(channels_last),
-                    frozenset(packed))
+                    frozenset(packed), guarded_only)
     config_dir = Path(config) if config is not None else None
     if config_dir is not None and detect(config_dir) != "diffusers":
         raise CheckpointError(f"{config_dir}: config= must be a diffusers folder (with model_index.json)")
@@ -171,11 +185,11 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         return _load_diffusers(path, opts, unet_over)
     if kind == "safetensors":
         shapes = read_header(path)
-        if not opts.clone:  # keep the memory-mapped tensors, as asked
-            return _load_single_file(path, shapes, lambda _: read_safetensors(path), opts, config_dir, unet_over)
-        # Streamed: each tensor read once, into its final dtype, straight into the model being built.
-        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype), opts, config_dir,
-                                 unet_over, streamed=True)
+        # Streamed: each tensor read once, into its final dtype, straight into the model being built (or mapped,
+        # where used as stored and asked for).
+        maps = opts.maps(path)
+        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, maps=maps), opts,
+                                 config_dir, unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -318,10 +332,9 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
         kwargs["subfolder"] = subfolder
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True  # never unpickle a .bin silently
-    if opts.clone:
-        streamed = _streamed_component(cls, folder, where, kwargs["variant"], opts)
-        if streamed is not None:
-            return streamed
+    streamed = _streamed_component(cls, folder, where, kwargs["variant"], opts)
+    if streamed is not None:
+        return streamed
     try:
         with quiet_transformers():
             model = cls.from_pretrained(folder, **kwargs)
@@ -330,7 +343,8 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
         if not opts.allow_pickle and any(where.glob("*.bin")) and not any(where.glob("*.safetensors")):
             hint = " Its weights are a pickle (.bin): convert them to safetensors, or allow pickles (--allow-pickle)."
         raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}.{hint}") from e
-    return _placed(model, opts)
+    # from_pretrained maps whole files, unguarded: copied unless any map was asked for
+    return ready(model, opts.device, opts.dtype, clone=opts.clone or opts.guarded_only)
 
 
 def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None,
@@ -350,7 +364,7 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
         tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype,
                                       channels_last=where.name in opts.channels_last,
-                                      plain_3x3=where.name in opts.packed)
+                                      plain_3x3=where.name in opts.packed, maps=opts.maps(weights))
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())

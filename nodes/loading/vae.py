@@ -18,7 +18,7 @@ from .assemble import _build, _Options
 from .configs import _derive_vae, family_config_dir, read_json
 from .detect import VAE
 from .errors import CheckpointError
-from .weights import StreamedSafetensors, file_kind, read_header, read_pickle, read_safetensors
+from .weights import StreamedSafetensors, file_kind, read_header, read_pickle
 
 #: Where a VAE's keys may sit in a file (diffusers' converter recognises the same); none, for a bare VAE file.
 _PREFIXES = (VAE, "vae.")
@@ -29,14 +29,15 @@ def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.
     """The ``AutoencoderKL`` of an original-layout VAE file (safetensors; a pickle only with ``allow_pickle``),
     ready to run on ``device`` in ``dtype``. Failures are :class:`CheckpointError` naming the file."""
     path = Path(path)
+    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights)
     if file_kind(path) == "pickle":
         tensors = read_pickle(path, allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         read = lambda: tensors
     else:
         shapes = read_header(path)
-        # Streamed (each tensor once, in its final dtype) unless the mapped tensors are to be kept.
-        read = (lambda: StreamedSafetensors(path, dtype)) if clone_weights else (lambda: read_safetensors(path))
+        # Streamed (each tensor once, in its final dtype), or mapped where used as stored if asked
+        read = lambda: StreamedSafetensors(path, dtype, maps=opts.maps(path))
     prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in shapes)), "")
     own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if "encoder.conv_in.weight" not in own:
@@ -55,5 +56,4 @@ def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.
 
     return _build("AutoencoderKL", config, lambda _: convert_ldm_vae_checkpoint(tensors, config), "VAE",
                   f"{path} (an original-layout VAE)",
-                  _Options(torch.device(device), dtype, allow_pickle, clone_weights),
-                  streamed=isinstance(tensors, StreamedSafetensors))
+                  opts, streamed=isinstance(tensors, StreamedSafetensors))

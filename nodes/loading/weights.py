@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from nodegraph import heap
+from nodegraph import filemaps, heap
 
 from .errors import CheckpointError, first_line
 
@@ -183,23 +183,33 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     read, so that no second copy is made to change their layout afterwards.
 
     A loader that takes each tensor once and drops what it does not keep holds at most its model's weights in
-    their final dtype plus the one tensor being read: never the file's copy beside the model's. The one exception,
-    ``plain_3x3``: 3x3 kernels stored in the requested dtype come as views of the file's memory map, for a caller
-    that packs them at once (``fastpaths.pack(..., now=True)``), which replaces each and gives its pages back.
-    Memory-mapped reading (safetensors' ``load_file`` / ``safe_open``) counts every page read in the process's RSS
-    until the map is closed, so reading a whole model through a map peaks at the file's size plus the model's.
-    Asking twice for a key reads it twice: take each once.
+    their final dtype plus the one tensor being read: never the file's copy beside the model's. Memory-mapped
+    reading of a whole file (safetensors' ``load_file`` / ``safe_open``) counts every page read in the process's RSS
+    until the map is closed, so reading a whole model through one map peaks at the file's size plus the model's.
+
+    Maps of single tensors instead, each unmapped when its tensor is gone:
+
+    * ``maps`` (a :class:`nodegraph.filemaps.Guard`, or :class:`~nodegraph.filemaps.Unguarded`): every tensor used
+      as stored (no cast, no new layout) is a view of a private map of its own bytes in the file (see
+      ``--map-weights``); the others are read as above.
+    * ``plain_3x3``: 3x3 kernels stored in the requested dtype are views of such maps, for a caller that packs them
+      at once (``fastpaths.pack(..., now=True)``), which replaces each: its map then goes.
+
+    A tensor in a map sits at the same offset within its page as safetensors' own map of the whole file puts it
+    (CPU kernels' results can depend on that alignment at the 1e-7 level). Asking twice for a key reads it twice:
+    take each once.
     """
 
     def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False,
-                 plain_3x3: bool = False):
+                 plain_3x3: bool = False, maps=None):
         self.path = Path(path)
         self.dtype = dtype
         self.channels_last = channels_last
         self.plain_3x3 = plain_3x3  # 3x3 kernels as stored, for the caller to pack at once (fastpaths.pack)
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
-        self._mapped = None
+        self.maps = maps
+        self._plain_maps = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
@@ -210,14 +220,19 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
         relayout = (self.channels_last and torch_dtype.is_floating_point and len(entry.shape) == 4
                     and entry.shape[1] > 1 and not (self.plain_3x3 and entry.shape[2:] == (3, 3)))
+        maps = self.maps
+        if maps is None and self.plain_3x3 and not cast and len(entry.shape) == 4 and entry.shape[2:] == (3, 3) \
+                and torch_dtype.is_floating_point:
+            # to be packed as soon as the model is built (fastpaths.pack(now=True)): not copied into memory that
+            # packing would replace at once
+            maps = self._plain_maps = self._plain_maps or filemaps.Unguarded(self.path)
+        if maps is not None and not cast and not relayout and nbytes:
+            view = maps.map(self._start + entry.begin, nbytes)
+            if view is not None:  # None: its guard was broken (the file is being written); read it below
+                return torch.frombuffer(view, dtype=torch.uint8).view(torch_dtype).reshape(entry.shape)
         # Every tensor is read into one reused buffer, then copied into memory of its own in its final dtype and
         # layout: no file-layout copy is allocated, and the kernel's read never lands in fresh pages (on a VM,
         # reading 4 GB straight into new memory took 25 s against 1 s into touched memory plus a 2 s copy).
-        if self.plain_3x3 and not cast and len(entry.shape) == 4 and entry.shape[2:] == (3, 3) \
-                and torch_dtype.is_floating_point:
-            # to be packed as soon as the model is built (fastpaths.pack(now=True)): read from the file's map, not
-            # copied into memory that packing would replace at once; the map goes with the last such kernel
-            return self._map().get_tensor(key)
         if self._scratch.numel() < nbytes:
             self._scratch = torch.empty(nbytes, dtype=torch.uint8)
         raw = self._scratch[:nbytes]
@@ -226,13 +241,6 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         tensor = raw.view(torch_dtype).reshape(entry.shape)
         layout = torch.channels_last if relayout else torch.contiguous_format
         return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype, memory_format=layout).copy_(tensor)
-
-    def _map(self):
-        if self._mapped is None:
-            from safetensors import safe_open
-
-            self._mapped = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._mapped
 
     def file_dtype(self) -> torch.dtype | None:
         """The dtype of the file's first floating-point tensor (None if it has none)."""
@@ -273,6 +281,11 @@ def release_mapped(tensor: torch.Tensor) -> int:
         return 0
     if not (tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)):
         return 0
+    with filemaps.LOCK:  # a guard answering a write must not copy these pages between the check and the discard
+        return _release_mapped(tensor)
+
+
+def _release_mapped(tensor: torch.Tensor) -> int:
     page = mmap.PAGESIZE
     begin, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     start, end = -(-begin // page) * page, (begin + nbytes) // page * page

@@ -11,7 +11,9 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -752,7 +754,9 @@ def _mapped_from(path: Path) -> list[tuple[int, int]]:
     ("tiny-sd.safetensors", "float32", True, True),   # a float32 file in float32: used as stored
     ("tiny-sd", "float32", True, True),               # a diffusers folder alike
     ("tiny-sd.safetensors", "bfloat16", True, False),  # a cast copies anyway: streamed
-    ("tiny-sd.safetensors", "float32", False, False),  # the default: memory of its own
+    ("tiny-sd.safetensors", "float32", False, False),  # --no-map-weights: memory of its own
+    ("tiny-sd.safetensors", "float32", None, "guarded"),  # the default: mapped where a lease guards the file
+    ("tiny-sd", "float32", None, "guarded"),
 ])
 def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, name, dtype, map_weights, mapped):
     import nodegraph as ng
@@ -763,6 +767,10 @@ def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, 
     components = checkpoint.load(settings, name)
     path = models_root / "checkpoints" / name
     weights = path if path.is_file() else path / "unet" / "diffusion_pytorch_model.safetensors"
+    if mapped == "guarded":
+        from nodegraph import filemaps
+
+        mapped = filemaps.guard(weights) is not None  # this file system and user allow leases
     ranges = _mapped_from(weights)
     inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in components.unet.parameters()]
     assert all(inside) if mapped else not any(inside)
@@ -775,22 +783,24 @@ def test_map_weights_comes_from_the_command_line_and_the_environment():
     import nodegraph as ng
 
     assert ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "1"}).map_weights is True
-    assert ng.Settings.from_env({}).map_weights is False
-    with pytest.raises(ValueError, match="NODEGRAPH_MAP_WEIGHTS='maybe': say 1 or 0"):
+    assert ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "auto"}).map_weights is None
+    assert ng.Settings.from_env({}).map_weights is None  # mapped where guarded, copied elsewhere
+    with pytest.raises(ValueError, match=r"NODEGRAPH_MAP_WEIGHTS='maybe': say 1 or 0 \(or auto\)"):
         ng.Settings.from_env({"NODEGRAPH_MAP_WEIGHTS": "maybe"})
     args = make_parser().parse_args(["run", "text-to-image", "--map-weights"])
     assert settings_from_args(args).map_weights is True
 
-    def chosen(*argv: str, **environ: str) -> bool:
+    def chosen(*argv: str, **environ: str) -> bool | None:
         return settings_from_args(make_parser().parse_args(argv), environ).map_weights
 
-    # a one-shot run maps by default; processes that hold models for hours copy them
-    assert chosen("run", "text-to-image") is True
-    assert chosen("serve") is False and chosen("worker", "--scheduler", "tcp://127.0.0.1:8786") is False
+    # the same default for one-shot runs and for processes that hold models for hours: the guard makes it safe
+    assert chosen("run", "text-to-image") is None and chosen("serve") is None
+    assert chosen("worker", "--scheduler", "tcp://127.0.0.1:8786") is None
     assert chosen("run", "text-to-image", "--no-map-weights") is False
     assert chosen("run", "text-to-image", NODEGRAPH_MAP_WEIGHTS="0") is False
-    assert chosen("serve", "--map-weights") is True and chosen("serve", NODEGRAPH_MAP_WEIGHTS="1") is True
-    assert ng.Settings(map_weights=True).fingerprint() != ng.Settings().fingerprint()
+    assert chosen("serve", "--map-weights", NODEGRAPH_MAP_WEIGHTS="0") is True
+    assert chosen("serve", NODEGRAPH_MAP_WEIGHTS="1") is True
+    assert len({ng.Settings(map_weights=m).fingerprint() for m in (True, False, None)}) == 3
 
 
 def _resident_pages(t: torch.Tensor) -> tuple[int, int]:
@@ -889,3 +899,45 @@ def test_single_files_assemble_their_tokenizer_once_per_process(models_root, mon
     prompt = "a red circle on a blue background"
     assert first.tokenizer(prompt).input_ids == second.tokenizer(prompt).input_ids
     assert len(first.tokenizer) == len(second.tokenizer)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guards are leases, a Linux feature")
+def test_a_checkpoint_mapped_by_default_survives_being_rewritten_in_place(models_root, tmp_path):
+    """The default (mapped where guarded), end to end: LoadCheckpoint maps the single file, another program then
+    copies other weights over it in place (cp truncates it), and the loaded UNet still computes what it did (a
+    child process: without the guard, it would die of SIGBUS)."""
+    from nodegraph import filemaps
+
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = tmp_path / "checkpoints" / "tiny.safetensors"
+    shutil.copyfile(models_root / "checkpoints" / "tiny-sd.safetensors", ckpt)
+    if filemaps.guard(ckpt) is None:
+        pytest.skip("this file system or user cannot take leases")
+    filemaps.release(ckpt)
+    other = models_root / "checkpoints" / "tiny-sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    code = f"""
+import subprocess, torch
+from pathlib import Path
+import nodegraph as ng
+from nodegraph import filemaps
+from nodes import checkpoint
+settings = ng.Settings(models_dir=Path({str(tmp_path)!r}), device="cpu", dtype="float32")
+assert settings.map_weights is None
+unet = checkpoint.load(settings, "tiny.safetensors").unet
+g = torch.Generator().manual_seed(0)
+x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+def run():
+    with torch.no_grad():
+        return unet(x, torch.tensor(999), encoder_hidden_states=text).sample
+before = run()
+(guard,) = filemaps.held()
+assert filemaps.private_maps(guard.key), "mapped"
+subprocess.run(["cp", {str(other)!r}, {str(ckpt)!r}], check=True)
+assert guard.broken and not filemaps.private_maps(guard.key)
+assert torch.equal(run(), before)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
