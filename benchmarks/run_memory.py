@@ -1,7 +1,7 @@
 """Peak memory of one process that loads the SD1.5-size single file and draws images, node by node.
 
     python benchmarks/run_memory.py                                   # bfloat16 where the CPU computes it, 512 px
-    python benchmarks/run_memory.py --dtype float32 --images 2 --steps 4 --map-weights
+    python benchmarks/run_memory.py --dtype float32 --images 2 --steps 4 --no-map-weights  # copied
 
 The job of ``benchmarks/speed.py`` (a prompt, ``--steps`` LCM steps, batch 1, no guidance, decode) in one process
 through the executor, as ``nodegraph run`` or a server runs it: LoadCheckpoint of the random-weight single file that
@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--map-weights", action="store_true", help="as nodegraph run loads (a float32 file in float32)")
+    ap.add_argument("--map-weights", action=argparse.BooleanOptionalAction, default=None,
+                    help="as the CLI option; default: nodegraph's (a float32 file in float32 mapped where guarded)")
     args = ap.parse_args()
 
     import torch  # noqa: F401 - imports are part of the base, not of the load
@@ -87,7 +88,7 @@ def main() -> None:
     weights = sum(t.nbytes for m in held for t in (*m.parameters(), *m.buffers()))
     del held, loaded
     print(f"{single.name}, {settings.dtype or 'default dtype'}, {args.size} px, {args.steps} steps"
-          f"{', mapped' if args.map_weights else ''}: weights {weights / 1e9:.2f} GB, base {base / 1e9:.2f} GB\n")
+          f", map_weights={settings.map_weights}: weights {weights / 1e9:.2f} GB, base {base / 1e9:.2f} GB\n")
     print("| image | node | s | start MB | peak MB | end MB | (peak - base) / weights |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     peak_hwm = _status("VmHWM")

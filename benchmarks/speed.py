@@ -11,9 +11,8 @@ prompt, 4 LCM steps, batch 1, no classifier-free guidance, decode to pixels.
 
 Each engine runs in a process of its own, one per round, engines interleaved within a round so that machine drift
 hits all alike: it loads (diffusers: ``from_pretrained`` of the folder; nodegraph: ``LoadCheckpoint`` of the single
-file, copied, or mapped as ``nodegraph run`` keeps it: ``--map-weights``), then per size one warm-up image and
-``--runs`` timed ones. The table gives medians over rounds and runs: the
-load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS (GB = 1e9 bytes)
+file, mapped where a lease guards it as by default, or copied: ``--no-map-weights``), then per size one warm-up
+image and ``--runs`` timed ones. The table gives medians over rounds and runs: the load, the text encoder, one UNet step, the VAE decode and the whole image, the process's peak RSS (GB = 1e9 bytes)
 and that peak less the process's RSS before the load (the interpreter with torch, diffusers and transformers)
 over the bytes of the weights it loaded, and the time relative to diffusers in the same precision and to diffusers
 in float32. ``--compile`` engines compile the UNet in
@@ -51,8 +50,8 @@ STEPS = 4
 # label -> (engine, dtype, vae, compiled)
 ENGINES = {
     "diffusers fp32": ("diffusers", "float32", "full", False),
-    "nodegraph fp32": ("nodegraph", "float32", "full", False),
-    "nodegraph fp32 mapped": ("nodegraph mapped", "float32", "full", False),  # --map-weights: `run`'s default
+    "nodegraph fp32": ("nodegraph", "float32", "full", False),  # the default: the file mapped, guarded
+    "nodegraph fp32 copied": ("nodegraph copied", "float32", "full", False),  # --no-map-weights
     "diffusers bf16": ("diffusers", "bfloat16", "full", False),
     "nodegraph bf16": ("nodegraph", "bfloat16", "full", False),
     "diffusers bf16 tiny VAE": ("diffusers", "bfloat16", "tiny", False),
@@ -150,7 +149,7 @@ def _weight_bytes(*modules) -> int:
 
 
 def run_nodegraph(single: Path, taesd: Path, dtype_name: str, vae: str, sizes: list[int], runs: int,
-                  compiled: bool = False, batch: int = 1, device: str = "cpu", map_weights: bool = False) -> dict:
+                  compiled: bool = False, batch: int = 1, device: str = "cpu", map_weights: bool | None = None) -> dict:
     import nodegraph as ng
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel  # noqa: F401 - imports are not
     from diffusers.loaders import single_file_utils  # noqa: F401 - part of a load (as for diffusers above)
@@ -319,7 +318,7 @@ def child(args: argparse.Namespace) -> None:
         doc = run_diffusers(folder, taesd, dtype_name, vae, args.sizes, args.runs, args.batch, args.device)
     else:
         doc = run_nodegraph(single, taesd, dtype_name, vae, args.sizes, args.runs, compiled, args.batch,
-                            args.device, map_weights=engine == "nodegraph mapped")
+                            args.device, map_weights=False if engine == "nodegraph copied" else None)
     print(json.dumps(doc))
 
 
@@ -350,7 +349,7 @@ def main() -> None:
     if args.engines is None:
         args.engines = [label for label, (engine, dtype, _, _) in ENGINES.items()
                         if dtype in ("float32", FAST[args.device])
-                        and (args.device == "cpu" or engine != "nodegraph mapped")]  # maps only on the CPU
+                        and (args.device == "cpu" or engine != "nodegraph copied")]  # maps only on the CPU
     if args.child:
         child(args)
         return
