@@ -11,7 +11,11 @@ for writing, and any truncation, until the holder lets go (up to ``/proc/sys/fs/
 default), and tells it with a signal. One thread of this module answers: it copies every private map of the file
 into anonymous memory *at the same address* (the copy is moved over the map with ``mremap``, so pointers into it
 stay valid and a reader sees the same bytes throughout), then releases the lease, and the writer goes on. The maps
-have become memory of the process's own, as a copied load would have made them, a few milliseconds per 100 MB.
+have become memory of the process's own, as a copied load would have made them. The copy must end before the
+kernel gives up waiting (then the file is truncated under the maps anyway), and writing 1 GB into fresh memory took
+0.9-3.3 s on the 2-core development VM (fresh pages are slow there): files larger than the break time allows at
+``COPY_S_PER_GB`` with half of it to spare are not guarded (an SD1.5 float32 file of 4.3 GB is, an SDXL one of
+13.9 GB is not, at the default 45 s; raise ``/proc/sys/fs/lease-break-time`` for more).
 
 The notice is a signal whose default action is to ignore it (SIGURG), directed at the answering thread
 (``F_SETOWN_EX``), which alone blocks and waits for it: no other thread, handler or event loop is involved, and a
@@ -20,11 +24,13 @@ to the whole process, until the lease is directed at the thread an instant later
 thread, which also checks every guard each second, answers within that second.
 
 Where a lease cannot be had (not Linux, a file of another user without CAP_LEASE, a file open for writing right now,
-a file system without leases such as NFS) :func:`guard` gives None and the caller copies instead.
+a file system without leases such as NFS, a file too large, see above) :func:`guard` gives None and the caller
+copies instead.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import fcntl
 import logging
@@ -46,6 +52,8 @@ _SIGNAL = signal.SIGURG  # default action: ignored (see the module docstring)
 _POLL_S = 1.0
 _PRUNE_AFTER_S = 60.0
 _CHUNK = 64 * 1024 * 1024  # bytes copied per mremap: bounds the extra memory while a map is replaced
+COPY_S_PER_GB = 4.0  # a pessimistic time to copy maps into fresh memory (see the module docstring)
+_MADV_HUGEPAGE = 14
 _F_SETSIG, _F_SETOWN_EX, _F_OWNER_TID = 10, 15, 0
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_ANONYMOUS = 0x20
@@ -65,6 +73,7 @@ def _libc():
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.mremap.restype = ctypes.c_void_p
         libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         libc._filemaps_typed = True
@@ -108,7 +117,7 @@ class Guard:
             self.broken = True
             _guards.pop(self.key, None)
             try:
-                moved = sum(_replace(lo, hi) for lo, hi in private_maps(self.key))
+                moved = _replace_all(private_maps(self.key))
                 log.info("%s is being written: %.0f MB of its maps copied into memory first", self.path, moved / 2**20)
             except Exception:  # noqa: BLE001 - the writer must be let go whatever happens
                 log.exception("%s is being written and its maps could not all be copied", self.path)
@@ -135,6 +144,8 @@ def guard(path: Path | str) -> Guard | None:
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
+        if st.st_size > max_guarded_bytes():
+            raise OSError(f"{st.st_size / 1e9:.1f} GB cannot be copied within the lease-break time")
         with LOCK:
             _prune()
             held = _guards.get(key)
@@ -215,19 +226,36 @@ def private_maps(key: tuple[int, int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _replace(low: int, high: int) -> int:
-    """Move a copy of ``[low, high)`` in anonymous memory over it, chunk by chunk; the bytes moved."""
+def _replace_all(ranges: list[tuple[int, int]]) -> int:
+    """Move a copy of each range in anonymous memory over it, in chunks, on as many threads as there are cores
+    (up to 8: the time goes in faulting fresh pages, which the kernel does in parallel); the bytes moved."""
+    chunks = [(start, min(_CHUNK, high - start)) for low, high in ranges for start in range(low, high, _CHUNK)]
+    if not chunks:
+        return 0
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(chunks))) as pool:
+        list(pool.map(lambda chunk: _replace(*chunk), chunks))  # the first failure, once every chunk had its try
+    return sum(n for _, n in chunks)
+
+
+def _replace(start: int, n: int) -> None:
     libc = _libc()
-    for start in range(low, high, _CHUNK):
-        n = min(_CHUNK, high - start)
-        copy = libc.mmap(None, n, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
-        if copy in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "no memory for the copy of a map")
-        ctypes.memmove(copy, start, n)
-        if libc.mremap(copy, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, start) != start:
-            libc.munmap(copy, n)
-            raise OSError(ctypes.get_errno(), "mremap over a map failed")
-    return high - low
+    copy = libc.mmap(None, n, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+    if copy in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "no memory for the copy of a map")
+    libc.madvise(copy, n, _MADV_HUGEPAGE)  # fewer faults where transparent huge pages are on (a hint only)
+    ctypes.memmove(copy, start, n)
+    if libc.mremap(copy, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, start) != start:
+        libc.munmap(copy, n)
+        raise OSError(ctypes.get_errno(), "mremap over a map failed")
+
+
+def max_guarded_bytes() -> int:
+    """The largest file a guard is taken for: its copy must fit in half the kernel's lease-break time."""
+    try:
+        seconds = int(Path("/proc/sys/fs/lease-break-time").read_text())
+    except (OSError, ValueError):
+        seconds = 45
+    return int(seconds / 2 / COPY_S_PER_GB * 1e9)
 
 
 def _release(fd: int) -> None:
@@ -255,11 +283,14 @@ def _listen(started: threading.Event) -> None:
     _listener_tid = threading.get_native_id()
     started.set()
     while True:
-        signal.sigtimedwait({_SIGNAL}, _POLL_S)
-        with LOCK:
-            breaking = [g for g in _guards.values() if g._breaking()]
-        for g in breaking:
-            g._answer()
+        try:
+            signal.sigtimedwait({_SIGNAL}, _POLL_S)
+            with LOCK:
+                breaking = [g for g in _guards.values() if g._breaking()]
+            for g in breaking:
+                g._answer()
+        except Exception:  # noqa: BLE001 - the thread must outlive any one failure: every lease points at it
+            log.exception("answering a lease notice failed")
 
 
 def held() -> list[Guard]:

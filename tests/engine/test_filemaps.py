@@ -132,3 +132,13 @@ def test_no_guard_for_a_file_open_for_writing(path):
     assert filemaps.held() == []
     maps = filemaps.Unguarded(path)  # asked for anyway (--map-weights): mapped without a guard
     assert bytes(maps.map(5000, 8)) == path.read_bytes()[5000:5008]
+
+
+def test_no_guard_for_a_file_too_large_to_copy_within_the_lease_break_time(path, monkeypatch):
+    seconds = int(Path("/proc/sys/fs/lease-break-time").read_text())
+    assert filemaps.max_guarded_bytes() == int(seconds / 2 / filemaps.COPY_S_PER_GB * 1e9)
+    monkeypatch.setattr(filemaps, "COPY_S_PER_GB", seconds / 2 / (_BYTES - 16) * 1e9)  # a few bytes short
+    assert filemaps.guard(path) is None and filemaps.held() == []
+    monkeypatch.setattr(filemaps, "COPY_S_PER_GB", seconds / 2 / (_BYTES + 16) * 1e9)
+    assert filemaps.guard(path) is not None
+    filemaps.release(path)
