@@ -7,6 +7,8 @@ is read once, and replacing the file loads it afresh.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from nodegraph import Combo, Folder, Node, Output, Settings, file_identity, filemaps
@@ -14,6 +16,8 @@ from nodegraph import Combo, Folder, Node, Output, Settings, file_identity, file
 from . import devices, previews
 from .loading import CHECKPOINT_SUFFIXES, is_checkpoint_folder, load_components, looks_like_hub_id
 from .values import CLIP, MODEL, VAE, Clip, Model, Vae
+
+log = logging.getLogger(__name__)
 
 NO_BASE = "none"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -65,6 +69,7 @@ def locate(settings: Settings, name: str) -> tuple[Path | str, Path | None]:
 def load(settings: Settings, name: str, base: str = NO_BASE):
     """The components of checkpoint ``name`` (embedded, in the checkpoints folder, or a hub id), with the UNet-only
     folders loaded over ``base``."""
+    started = time.perf_counter()
     path, own_base = locate(settings, name)
     if base != NO_BASE:
         own_base = locate(settings, base)[0]
@@ -102,6 +107,10 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
             fastpaths.pack(module, now=not mapped)
         if part in channels_last:  # a no-op for kernels streamed in that layout already
             fastpaths.to_channels_last(module)
+    how = ("copied" if not mapped else "mapped" if settings.map_weights else
+           "mapped, guarded against being rewritten in place")
+    log.info("%s loaded in %.1f s (%s, %s, weights %s)", name, time.perf_counter() - started, device,
+             str(dtype).removeprefix("torch."), how)
     return components
 
 

@@ -758,13 +758,15 @@ def _mapped_from(path: Path) -> list[tuple[int, int]]:
     ("tiny-sd.safetensors", "float32", None, "guarded"),  # the default: mapped where a lease guards the file
     ("tiny-sd", "float32", None, "guarded"),
 ])
-def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, name, dtype, map_weights, mapped):
+def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, name, dtype, map_weights, mapped,
+                                                                   caplog):
     import nodegraph as ng
     from nodes import checkpoint
 
     settings = ng.Settings(models_dir=models_root, device="cpu", dtype=dtype, memory_format="contiguous",
                            map_weights=map_weights)
-    components = checkpoint.load(settings, name)
+    with caplog.at_level("INFO", logger="nodes.checkpoint"):
+        components = checkpoint.load(settings, name)
     path = models_root / "checkpoints" / name
     weights = path if path.is_file() else path / "unet" / "diffusion_pytorch_model.safetensors"
     if mapped == "guarded":
@@ -775,6 +777,8 @@ def test_map_weights_keeps_weights_used_as_stored_in_the_files_map(models_root, 
     inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in components.unet.parameters()]
     assert all(inside) if mapped else not any(inside)
     assert {p.dtype for p in components.unet.parameters()} == {getattr(torch, dtype)}
+    how = ("copied" if not mapped else "mapped" if map_weights else "mapped, guarded against being rewritten in place")
+    assert f"{name} loaded in" in caplog.text and f"(cpu, {dtype}, weights {how})" in caplog.text
 
 
 def test_map_weights_comes_from_the_command_line_and_the_environment():
