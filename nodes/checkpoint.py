@@ -76,11 +76,8 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     device = devices.device(settings)
     dtype = devices.dtype(settings, device)
     channels_last = {part for part in ("unet", "vae") if devices.channels_last(settings, device, part)}
-    # map what is used as stored (on the CPU): where a lease guards the files against being rewritten in place
-    # (nodegraph.filemaps), or everywhere if asked (--map-weights); --no-map-weights copies
-    mapped = (settings.map_weights is not False and device.type == "cpu" and base == NO_BASE
-              and stored_dtype(path) == dtype
-              and (settings.map_weights or all(filemaps.guard(f) is not None for f in weight_files(path))))
+    mapped = base == NO_BASE and maps_weights(settings, device, dtype, stored_dtype(path),
+                                             lambda: weight_files(path))
     from . import fastpaths  # imports diffusers: not at start-up
 
     # blocked weights once instead of a reorder per call (--compile packs its own), packed from the layout the file
@@ -112,6 +109,15 @@ def load(settings: Settings, name: str, base: str = NO_BASE):
     log.info("%s loaded in %.1f s (%s, %s, weights %s)", name, time.perf_counter() - started, device,
              str(dtype).removeprefix("torch."), how)
     return components
+
+
+def maps_weights(settings: Settings, device, dtype, stored, files) -> bool:
+    """Whether a load keeps its weights in maps of their files (``load_components(clone_weights=False)``): on the
+    CPU, when the main file stores ``dtype`` (a cast copies every tensor anyway, and the map's pages would count
+    beside the copies), and where a lease guards every file of ``files()`` against being rewritten in place
+    (nodegraph.filemaps), or everywhere if asked (--map-weights); never with --no-map-weights."""
+    return (settings.map_weights is not False and device.type == "cpu" and stored == dtype
+            and (settings.map_weights or all(filemaps.guard(f) is not None for f in files())))
 
 
 def weight_files(path: Path) -> list[Path]:

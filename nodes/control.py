@@ -49,7 +49,6 @@ from .loading import (
     head_count,
     indices,
     norm_groups,
-    read_weights,
     ready,
     unet_layout,
 )
@@ -161,63 +160,70 @@ def _ready(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
 
 
 def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
-    """A ControlNetModel from a diffusers folder or a single file (original or diffusers key layout)."""
+    """A ControlNetModel from a diffusers folder or a single original-layout file, loaded as a
+    checkpoint's UNet is (nodes/checkpoint.py): streamed tensor by tensor into the run's dtype and layout, or kept
+    in guarded maps of the file where used as stored; on the CPU in the UNet's fast layout, which pays the same
+    beside it (it runs at every step)."""
+    from . import fastpaths
+    from .checkpoint import maps_weights
+    from .loading import StreamedSafetensors, is_safetensors
+    from .loading.weights import file_kind
+    from .loading.assemble import _Options, _pretrained
+
+    device = devices.device(settings)
+    dtype = devices.dtype(settings, device)
+    fast = devices.channels_last(settings, device, "unet")
+    packed = fast and not settings.compile and fastpaths.packing_works(dtype)
     if path.is_dir():
         kind = config_class(path)
         if kind != "ControlNetModel":
             raise CheckpointError(f"{path}: not a ControlNet folder (its config.json names {kind!r}, expected "
                                   f"'ControlNetModel')")
-        from diffusers import ControlNetModel
-
-        try:
-            model = ControlNetModel.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load the ControlNet: {str(e).splitlines()[0]}") from e
-        return _fast_layout(_ready(model, settings), settings)
-    return _fast_layout(_ready(_controlnet_from_file(path, settings.allow_pickle), settings), settings)
-
-
-def _fast_layout(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
-    """A ControlNet runs beside the UNet at every step: on the CPU it takes the UNet's layout and blocked weights
-    (nodes/fastpaths.py), which pay the same there."""
-    device = devices.device(settings)
-    if devices.channels_last(settings, device, "unet"):
-        from . import fastpaths
-
-        fastpaths.channels_last_packed(model)
+        files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+    else:
+        files = [path] if file_kind(path) == "safetensors" else []
+    stored = StreamedSafetensors(files[0]).file_dtype() if len(files) == 1 and is_safetensors(files[0]) else None
+    mapped = maps_weights(settings, device, dtype, stored, lambda: files)
+    opts = _Options(device, dtype, settings.allow_pickle, clone=not mapped,
+                    channels_last=frozenset({"controlnet"} if fast else ()),
+                    packed=frozenset({"controlnet"} if packed else ()), guarded_only=settings.map_weights is None)
+    model = (_pretrained("ControlNetModel", path, None, opts, part="controlnet") if path.is_dir()
+             else _controlnet_from_file(path, opts))
+    if fast:
+        fastpaths.pack(model, now=not mapped)  # a mapped kernel at its first call (its map goes then)
+        fastpaths.to_channels_last(model)
+        fastpaths.use_banded(model)
+        fastpaths.trim_stages(model)
     return model
 
 
-def _controlnet_from_file(path: Path, allow_pickle: bool) -> torch.nn.Module:
-    from accelerate import init_empty_weights
-    from diffusers import ControlNetModel
+def _controlnet_from_file(path: Path, opts) -> torch.nn.Module:
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    tensors = read_weights(path, allow_pickle=allow_pickle)
-    if any(k.startswith(_ORIGINAL_PREFIX) for k in tensors):
-        tensors = {k[len(_ORIGINAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ORIGINAL_PREFIX)}
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    config = derive_controlnet_config(shapes, str(path))
-    with init_empty_weights():
-        model = ControlNetModel.from_config(config)
-    if "time_embedding.linear_1.weight" in tensors:  # already in diffusers' layout
-        state = tensors
+    from .loading.weights import StreamedSafetensors, file_kind, read_header, read_pickle
+    from .loading.assemble import _build
+
+    if file_kind(path) == "safetensors":
+        shapes = read_header(path)
+        # each tensor read once, in the run's dtype and layout (or mapped), as it is converted
+        tensors = StreamedSafetensors(path, opts.dtype, channels_last="controlnet" in opts.channels_last,
+                                      plain_3x3="controlnet" in opts.packed, maps=opts.maps(path))
     else:
-        try:
-            state = convert_controlnet_checkpoint(tensors, config)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot convert the ControlNet weights: {str(e).splitlines()[0]}") from e
-    state = {k: v for k, v in state.items() if v is not None}
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: the weights do not fit a ControlNet: missing {few(missing)}; unexpected "
-                              f"{few(unexpected)}. If it has a non-standard architecture, use its diffusers folder.")
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except Exception as e:  # noqa: BLE001 - shape mismatches
-        raise CheckpointError(f"{path}: the ControlNet weights do not fit: {str(e).splitlines()[0]}") from e
-    return model
+        tensors = read_pickle(path, opts.allow_pickle)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    prefixed = any(k.startswith(_ORIGINAL_PREFIX) for k in shapes)
+    if prefixed:
+        shapes = {k[len(_ORIGINAL_PREFIX):]: v for k, v in shapes.items() if k.startswith(_ORIGINAL_PREFIX)}
+    config = derive_controlnet_config(shapes, str(path))  # refuses diffusers' layout (it needs its config.json)
+
+    def convert(model: torch.nn.Module) -> dict:
+        own = ({k[len(_ORIGINAL_PREFIX):]: tensors[k] for k in tensors if k.startswith(_ORIGINAL_PREFIX)}
+               if prefixed else {k: tensors[k] for k in tensors})
+        return {k: v for k, v in convert_controlnet_checkpoint(own, config).items() if v is not None}
+
+    return _build("ControlNetModel", config, convert, "ControlNet", str(path), opts,
+                  streamed=isinstance(tensors, StreamedSafetensors),
+                  hint="If it has a non-standard architecture, use its diffusers folder.")
 
 
 def derive_controlnet_config(shapes: Mapping[str, Sequence[int]], where: str = "the file") -> dict:

@@ -161,7 +161,7 @@ def load_components(
         raise CheckpointError(f"{base_path}: the base must be a full checkpoint, not another UNet folder")
 
     def unet_folder(base_config: Mapping[str, Any]) -> torch.nn.Module:
-        unet = _pretrained("UNet2DConditionModel", source_path, None, opts)
+        unet = _pretrained("UNet2DConditionModel", source_path, None, opts, part="unet")
         _check_unet_fits(unet.config, base_config, source_path, base_path)
         return unet
 
@@ -303,7 +303,7 @@ def _family_of_configs(unet_config: Mapping, text_config: Any, has_second_encode
 
 
 def _model_class(name: str) -> type:
-    if name in ("UNet2DConditionModel", "AutoencoderKL"):
+    if name in ("UNet2DConditionModel", "AutoencoderKL", "ControlNetModel"):
         import diffusers
 
         return getattr(diffusers, name)
@@ -321,8 +321,10 @@ def _variant(folder: Path) -> str | None:
     return variants[0] if variants else None
 
 
-def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Options) -> torch.nn.Module:
-    """One component of a diffusers folder (or a lone UNet folder when ``subfolder`` is None), ready to run."""
+def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Options,
+                part: str | None = None) -> torch.nn.Module:
+    """One component of a diffusers folder (or a lone model folder when ``subfolder`` is None), ready to run.
+    ``part``: its name in ``opts.channels_last`` and ``opts.packed`` (default: the folder's name)."""
     where = folder / subfolder if subfolder else folder
     if not where.is_dir():
         raise CheckpointError(f"{folder}: model_index.json lists {subfolder!r} but there is no {subfolder}/ folder")
@@ -332,7 +334,7 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
         kwargs["subfolder"] = subfolder
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True  # never unpickle a .bin silently
-    streamed = _streamed_component(cls, folder, where, kwargs["variant"], opts)
+    streamed = _streamed_component(cls, folder, where, kwargs["variant"], opts, part or where.name)
     if streamed is not None:
         return streamed
     try:
@@ -347,8 +349,8 @@ def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Opt
     return ready(model, opts.device, opts.dtype, clone=opts.clone or opts.guarded_only)
 
 
-def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None,
-                        opts: _Options) -> torch.nn.Module | None:
+def _streamed_component(cls: type, folder: Path, where: Path, variant: str | None, opts: _Options,
+                        part: str) -> torch.nn.Module | None:
     """A folder component built on the meta device and given its weights file tensor by tensor, in their final
     dtype (:class:`StreamedSafetensors`): the same values as ``from_pretrained`` then :func:`ready`, without the
     memory-mapped file and the model's copy side by side. None when the folder is not that simple (sharded
@@ -363,8 +365,8 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
         tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype,
-                                      channels_last=where.name in opts.channels_last,
-                                      plain_3x3=where.name in opts.packed, maps=opts.maps(weights))
+                                      channels_last=part in opts.channels_last,
+                                      plain_3x3=part in opts.packed, maps=opts.maps(weights))
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())
@@ -532,7 +534,9 @@ def _convert_text(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, p
 
 
 def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module], dict], what: str, origin: str,
-           opts: _Options, streamed: bool = False) -> torch.nn.Module:
+           opts: _Options, streamed: bool = False,
+           hint: str = "If the model has a non-standard architecture, pass config= with its diffusers folder.",
+           ) -> torch.nn.Module:
     """Build a model from ``config`` without allocating weights, then give it the converted tensors (strictly).
 
     ``streamed``: the tensors were read into memory of their own (see :class:`StreamedSafetensors`); they are
@@ -560,8 +564,7 @@ def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module]
     if missing or unexpected:
         raise CheckpointError(
             f"{origin}: the {what} weights do not fit a {class_name} of the expected configuration: "
-            f"missing {few(missing)}; unexpected {few(unexpected)}. If the model has a non-standard architecture, "
-            f"pass config= with its diffusers folder.")
+            f"missing {few(missing)}; unexpected {few(unexpected)}. {hint}")
     try:
         model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
     except Exception as e:  # noqa: BLE001 - shape mismatches
