@@ -73,8 +73,10 @@ class LoadMotionModule(Node):
         from .loading import CheckpointError, ready
 
         path = MOTION_MODULES.locate(ctx.settings, motion_module)
+        # in the run's dtype, as the models it will animate: ApplyMotionModule then shares its tensors
+        dtype = devices.dtype(ctx.settings, devices.device(ctx.settings))
         if path.is_file():
-            adapter = motion_adapter_from_file(path, ctx.settings.allow_pickle)
+            adapter = motion_adapter_from_file(path, ctx.settings.allow_pickle, dtype)
         elif _motion_adapter_folder(path) is not True:
             raise CheckpointError(f"{path}: not a motion module (a folder whose config.json names a MotionAdapter)")
         else:
@@ -82,21 +84,31 @@ class LoadMotionModule(Node):
                 adapter = MotionAdapter.from_pretrained(path, local_files_only=True)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{path}: cannot load the motion module: {str(e).splitlines()[0]}") from e
-        return MotionModule(ready(adapter, torch.device("cpu"), torch.float32), motion_module)
+        return MotionModule(ready(adapter, torch.device("cpu"), dtype, clone=not path.is_file()), motion_module)
 
 
-def motion_adapter_from_file(path: Path, allow_pickle: bool = False) -> torch.nn.Module:
+def motion_adapter_from_file(path: Path, allow_pickle: bool = False,
+                             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A MotionAdapter from an original AnimateDiff file (``down_blocks.0.motion_modules.0.temporal_transformer.*``):
     keys renamed as diffusers' converter does, the configuration read from the tensor shapes. Head count and norm
-    groups leave no trace in the shapes: every released v1/v2/v3 module uses 8 and 32, diffusers' defaults."""
+    groups leave no trace in the shapes: every released v1/v2/v3 module uses 8 and 32, diffusers' defaults.
+    A safetensors file is read tensor by tensor into ``dtype`` (no map of the whole file beside the copy)."""
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
-    from .loading import CheckpointError, few, read_weights
+    from .loading import CheckpointError, few
+    from .loading.assemble import empty_weights
+    from .loading.weights import StreamedSafetensors, file_kind, read_header, read_pickle
 
-    tensors = read_weights(path, allow_pickle=allow_pickle)
-    positions = next((v for k, v in tensors.items() if k.endswith("pos_encoder.pe")), None)
-    state = convert_animatediff_checkpoint_to_diffusers(tensors)
+    if file_kind(path) == "safetensors":
+        shapes = read_header(path)
+        tensors = StreamedSafetensors(path, dtype)
+    else:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in read_pickle(path, allow_pickle).items()}
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    positions = next((v for k, v in shapes.items() if k.endswith("pos_encoder.pe")), None)
+    state = convert_animatediff_checkpoint_to_diffusers(tensors)  # reads each tensor once
     widths = []
     while f"down_blocks.{len(widths)}.motion_modules.0.proj_in.weight" in state:
         widths.append(int(state[f"down_blocks.{len(widths)}.motion_modules.0.proj_in.weight"].shape[0]))
@@ -108,9 +120,10 @@ def motion_adapter_from_file(path: Path, allow_pickle: bool = False) -> torch.nn
     config = dict(block_out_channels=tuple(widths), motion_layers_per_block=layers,
                   motion_transformer_layers_per_block=blocks,
                   use_motion_mid_block=any(k.startswith("mid_block.") for k in state),
-                  motion_max_seq_length=int(positions.shape[1]) if positions is not None else 32)
-    adapter = MotionAdapter(**config)
-    missing, unexpected = adapter.load_state_dict(state, strict=False)
+                  motion_max_seq_length=int(positions[1]) if positions is not None else 32)
+    with empty_weights():  # parameters on the meta device until they are given theirs (buffers are computed)
+        adapter = MotionAdapter(**config)
+    missing, unexpected = adapter.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("pos_embed.pe")]  # computed, not stored, as in diffusers
     if missing or unexpected:
         raise CheckpointError(f"{path.name}: the weights do not fit a motion module of blocks {tuple(widths)}: "
@@ -147,6 +160,7 @@ class ApplyMotionModule(Node):
         if fast_layout:
             unet.to(memory_format=torch.channels_last)
         _share_weights(unet, model.unet)
+        _share_weights(unet, motion_module.adapter)  # its motion modules, where in the model's dtype and device
         fastpaths.share_packed(unet, model.unet)
         fastpaths.apply(unet, attention=fast_layout)
         animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
@@ -155,8 +169,9 @@ class ApplyMotionModule(Node):
 
 
 def _share_weights(animated: torch.nn.Module, base: torch.nn.Module) -> None:
-    """Point the animated UNet's copies of the base UNet's weights (from_unet2d copies them all) back at the base's
-    own tensors, so the two models hold one copy in memory. Only equal tensors are shared."""
+    """Point the animated UNet's copies of the base UNet's (or the motion adapter's) weights (from_unet2d copies
+    them all) back at the base's own tensors, so the two models hold one copy in memory. Only equal tensors of the
+    same names are shared (the adapter names its motion modules as the animated UNet does)."""
     own = dict(base.named_parameters())
     with torch.no_grad():
         for name, param in animated.named_parameters():

@@ -134,6 +134,29 @@ def test_the_animated_model_shares_the_checkpoints_weights(executor, motion_mode
     own = sum(p.numel() for p in animated.parameters() if p.data_ptr() not in {q.data_ptr() for q in base.parameters()})
     motion = sum(p.numel() for n, p in animated.named_parameters() if "motion_modules" in n)
     assert own == motion  # what the animated model adds is its motion module
+    adapter = {p.data_ptr() for p in result.output("mm", "motion_module").adapter.parameters()}
+    assert all(p.data_ptr() in adapter for n, p in animated.named_parameters() if "motion_modules" in n)  # its own
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_single_file_motion_module_is_read_once_into_the_runs_dtype(motion_models, tmp_path, monkeypatch, dtype):
+    from nodes.loading import StreamedSafetensors
+    from nodes.testing.tiny_adapters import motion_adapter_to_original
+
+    folder = motion_models / "animatediff_models"
+    motion_adapter_to_original(folder / "tiny-motion", folder / "mm_tiny_v2.safetensors")
+    read: list[str] = []
+    original = StreamedSafetensors.__getitem__
+    monkeypatch.setattr(StreamedSafetensors, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    settings = ng.Settings(models_dir=motion_models, dtype=dtype, device="cpu", output_dir=tmp_path)
+    wf = ng.Workflow()
+    wf.add("mm", "LoadMotionModule", motion_module="mm_tiny_v2.safetensors")
+    result = ng.Executor(ng.build_registry(), settings=settings).run(wf, outputs=["mm"])
+    assert result.status == "success", result.errors
+    adapter = result.output("mm", "motion_module").adapter
+    assert read and len(read) == len(set(read))
+    assert {p.dtype for p in adapter.parameters()} == {getattr(torch, dtype)}
+    assert not any(p.is_meta for p in (*adapter.parameters(), *adapter.buffers()))
 
 
 def test_save_animation_writes_an_mp4(executor, motion_models):
