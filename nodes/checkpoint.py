@@ -120,6 +120,22 @@ def maps_weights(settings: Settings, device, dtype, stored, files) -> bool:
             and (settings.map_weights or all(filemaps.guard(f) is not None for f in files())))
 
 
+def standalone_options(settings: Settings, files: list[Path], channels_last: frozenset[str] = frozenset(),
+                       packed: frozenset[str] = frozenset()):
+    """How to load a model of its own (a ControlNet, an image encoder) from ``files`` (its safetensors), as
+    checkpoints load: on the run's device in its dtype, streamed, or mapped where :func:`maps_weights` says so
+    (then ``not options.clone``)."""
+    from .loading import StreamedSafetensors, is_safetensors
+    from .loading.assemble import _Options
+
+    device = devices.device(settings)
+    dtype = devices.dtype(settings, device)
+    stored = StreamedSafetensors(files[0]).file_dtype() if len(files) == 1 and is_safetensors(files[0]) else None
+    mapped = maps_weights(settings, device, dtype, stored, lambda: files)
+    return _Options(device, dtype, settings.allow_pickle, clone=not mapped, channels_last=channels_last,
+                    packed=packed, guarded_only=settings.map_weights is None)
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files a local checkpoint's load reads (a single file, or a diffusers folder's components)."""
     if path.is_file():

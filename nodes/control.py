@@ -165,15 +165,13 @@ def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
     in guarded maps of the file where used as stored; on the CPU in the UNet's fast layout, which pays the same
     beside it (it runs at every step)."""
     from . import fastpaths
-    from .checkpoint import maps_weights
-    from .loading import StreamedSafetensors, is_safetensors
+    from .checkpoint import standalone_options
+    from .loading.assemble import _pretrained
     from .loading.weights import file_kind
-    from .loading.assemble import _Options, _pretrained
 
     device = devices.device(settings)
-    dtype = devices.dtype(settings, device)
     fast = devices.channels_last(settings, device, "unet")
-    packed = fast and not settings.compile and fastpaths.packing_works(dtype)
+    packed = fast and not settings.compile and fastpaths.packing_works(devices.dtype(settings, device))
     if path.is_dir():
         kind = config_class(path)
         if kind != "ControlNetModel":
@@ -182,15 +180,12 @@ def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
         files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
     else:
         files = [path] if file_kind(path) == "safetensors" else []
-    stored = StreamedSafetensors(files[0]).file_dtype() if len(files) == 1 and is_safetensors(files[0]) else None
-    mapped = maps_weights(settings, device, dtype, stored, lambda: files)
-    opts = _Options(device, dtype, settings.allow_pickle, clone=not mapped,
-                    channels_last=frozenset({"controlnet"} if fast else ()),
-                    packed=frozenset({"controlnet"} if packed else ()), guarded_only=settings.map_weights is None)
+    opts = standalone_options(settings, files, channels_last=frozenset({"controlnet"} if fast else ()),
+                              packed=frozenset({"controlnet"} if packed else ()))
     model = (_pretrained("ControlNetModel", path, None, opts, part="controlnet") if path.is_dir()
              else _controlnet_from_file(path, opts))
     if fast:
-        fastpaths.pack(model, now=not mapped)  # a mapped kernel at its first call (its map goes then)
+        fastpaths.pack(model, now=opts.clone)  # a mapped kernel at its first call (its map goes then)
         fastpaths.to_channels_last(model)
         fastpaths.use_banded(model)
         fastpaths.trim_stages(model)

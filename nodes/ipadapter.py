@@ -28,11 +28,11 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from nodegraph import Combo, Float, Folder, Node, Output, Socket
+from nodegraph import Combo, Float, Folder, Node, Output, Settings, Socket
 
 from . import devices
 from .images import tensor_to_pils
-from .loading import CheckpointError, few, first_line, quiet_transformers, read_weights, ready
+from .loading import CheckpointError, few, read_weights, ready
 from .values import IMAGE, MODEL, UNET_BATCH, Model, field_storages, param_bytes
 
 IP_ADAPTER = "IP_ADAPTER"
@@ -264,31 +264,40 @@ def derive_vision_config(shapes: Mapping[str, Sequence[int]], where: str) -> dic
             "hidden_act": "quick_gelu" if hidden in _QUICK_GELU_WIDTHS else "gelu"}
 
 
-def load_image_encoder(path: Path, allow_pickle: bool = False):
+def load_image_encoder(path: Path, settings: Settings):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a transformers folder or a single safetensors
-    file. Without a preprocessor_config.json the preprocessing is diffusers' default for IP-Adapters: resize and
-    centre-crop to the encoder's image size, CLIP's mean and std."""
+    file, ready to run, loaded as checkpoints are (streamed into the run's dtype, or mapped where used as stored and
+    guarded: ``checkpoint.standalone_options``). Without a preprocessor_config.json the preprocessing is diffusers'
+    default for IP-Adapters: resize and centre-crop to the encoder's image size, CLIP's mean and std."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from .checkpoint import standalone_options
+    from .loading.assemble import _pretrained, empty_weights
+    from .loading.weights import StreamedSafetensors, file_kind, read_header, read_pickle
+
+    files = sorted(path.glob("model*.safetensors")) if path.is_dir() else [path]
+    opts = standalone_options(settings, [f for f in files if file_kind(f) == "safetensors"])
     if path.is_dir():
-        try:
-            with quiet_transformers():
-                encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load the CLIP vision encoder: {first_line(e)}") from e
+        encoder = _pretrained("CLIPVisionModelWithProjection", path, None, opts)  # errors name the folder
         if (path / "preprocessor_config.json").is_file():
             return encoder, CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     else:
-        tensors = read_weights(path, allow_pickle=allow_pickle)
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        if file_kind(path) == "safetensors":
+            shapes = read_header(path)
+            tensors = StreamedSafetensors(path, opts.dtype, maps=opts.maps(path))  # each read once, in its dtype
+        else:
+            tensors = read_pickle(path, settings.allow_pickle)
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         config = CLIPVisionConfig(**derive_vision_config(shapes, path.name))
-        encoder = CLIPVisionModelWithProjection(config)
+        with empty_weights():  # no random initialisation of weights about to be replaced
+            encoder = CLIPVisionModelWithProjection(config)
         wanted = set(encoder.state_dict())
-        state = {k: v for k, v in tensors.items() if k in wanted}
+        state = {k: tensors[k] for k in tensors if k in wanted}
         missing = sorted(wanted - set(state) - {"vision_model.embeddings.position_ids"})
         if missing:
             raise CheckpointError(f"{path}: the weights do not fit a CLIP vision encoder: missing {few(missing)}")
-        encoder.load_state_dict(state, strict=False)
+        encoder.load_state_dict(state, strict=False, assign=True)
+        ready(encoder, opts.device, opts.dtype, clone=False)  # read into memory of its own, or mapped as asked
     size = int(encoder.config.image_size)
     return encoder, CLIPImageProcessor(size=size, crop_size=size)
 
@@ -312,7 +321,7 @@ class LoadIPAdapter(Node):
     def run(self, ctx, ip_adapter, image_encoder):
         settings = ctx.settings
         projection, to_k, to_v = load_adapter_weights(IPADAPTERS.locate(settings, ip_adapter), settings.allow_pickle)
-        encoder, processor = load_image_encoder(CLIP_VISION.locate(settings, image_encoder), settings.allow_pickle)
+        encoder, processor = load_image_encoder(CLIP_VISION.locate(settings, image_encoder), settings)
         width = encoder.config.projection_dim
         if projection.image_embeds.in_features != width:
             raise IPAdapterError(f"the IP-Adapter {ip_adapter!r} takes {projection.image_embeds.in_features}-wide "
@@ -321,7 +330,7 @@ class LoadIPAdapter(Node):
         device = devices.device(settings)
         place = lambda module: ready(module, device, devices.dtype(settings, device))  # noqa: E731
         return IPAdapter(ip_adapter, place(projection), tuple(place(m) for m in to_k), tuple(place(m) for m in to_v),
-                         place(encoder), processor)
+                         encoder, processor)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
