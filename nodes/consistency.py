@@ -121,25 +121,16 @@ def check_folder(path: Path) -> None:
 
 def load(settings: Settings, name: str) -> ConsistencyModel:
     """Consistency model ``name`` of the consistency_models folder, on the run-time device and dtype."""
-    from diffusers import UNet2DModel
-
-    from .loading import CheckpointError, first_line, ready
+    from .checkpoint import standalone_options
+    from .loading.assemble import _pretrained
     from .loading.configs import read_json
 
     path = CONSISTENCY.locate(settings, name)
     check_folder(path)
-    kwargs = {"subfolder": "unet", "local_files_only": True}
-    if not settings.allow_pickle:
-        kwargs["use_safetensors"] = True  # never unpickle a .bin silently
-    try:
-        unet = UNet2DModel.from_pretrained(path, **kwargs)
-    except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
-        hint = ""
-        if not settings.allow_pickle and any((path / "unet").glob("*.bin")):
-            hint = " Its weights are a pickle (.bin): convert them to safetensors, or allow pickles (--allow-pickle)."
-        raise CheckpointError(f"{path / 'unet'}: cannot load the {UNET_CLASS}: {first_line(e)}.{hint}") from e
+    # streamed, or mapped where guarded, as checkpoints load; errors name the folder (a .bin needs --allow-pickle)
+    opts = standalone_options(settings, sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors")))
+    unet = _pretrained(UNET_CLASS, path, "unet", opts)
     device = devices.device(settings)
-    ready(unet, device, devices.dtype(settings, device))
     if devices.channels_last(settings, device, "unet"):
         from . import fastpaths
 

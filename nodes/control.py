@@ -45,11 +45,9 @@ from .images import pil_to_tensor, tensor_to_pils
 from .loading import (
     CheckpointError,
     config_class,
-    few,
     head_count,
     indices,
     norm_groups,
-    ready,
     unet_layout,
 )
 from .values import CONDITIONING, IMAGE, field_storages, param_bytes
@@ -151,12 +149,6 @@ CONTROLNETS = Folder("controlnet", what="ControlNets (diffusers folders or singl
                      suffixes=WEIGHT_SUFFIXES, entry_dir=_class_is("ControlNetModel"), flag="--models")
 T2I_ADAPTERS = Folder("t2i_adapter", subdir="controlnet", what="T2I-Adapter folders", suffixes=None,
                       entry_dir=_class_is("T2IAdapter"), flag="--models")
-
-
-def _ready(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
-    """``nodes.loading.ready`` on the run-time device and dtype."""
-    device = devices.device(settings)
-    return ready(model, device, devices.dtype(settings, device))
 
 
 def load_controlnet(path: Path, settings: Settings) -> torch.nn.Module:
@@ -299,16 +291,14 @@ class LoadT2IAdapter(Node):
     outputs = (Output("adapter", T2I_ADAPTER),)
 
     def run(self, ctx, adapter):
-        from diffusers import T2IAdapter
+        from .checkpoint import standalone_options
+        from .loading.assemble import _pretrained
 
         path = T2I_ADAPTERS.locate(ctx.settings, adapter)
         if not path.is_dir() or config_class(path) != "T2IAdapter":
             raise CheckpointError(f"{path}: not a T2I-Adapter folder (config.json of a T2IAdapter + weights)")
-        try:
-            model = T2IAdapter.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load the T2I-Adapter: {str(e).splitlines()[0]}") from e
-        return Adapter(_ready(model, ctx.settings), adapter)
+        opts = standalone_options(ctx.settings, sorted(path.glob("diffusion_pytorch_model*.safetensors")))
+        return Adapter(_pretrained("T2IAdapter", path, None, opts), adapter)  # errors name the folder
 
 
 # --------------------------------------------------------------------------------------------

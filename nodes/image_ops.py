@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nodegraph import Combo, Float, Folder, Int, Node, Output, Socket
+from nodegraph import Combo, Float, Folder, Int, Node, Output, Settings, Socket
 
 from . import devices
 from .images import pil_to_tensor, tensor_to_pils
@@ -326,19 +326,14 @@ VAES = Folder("vae", what="VAEs (diffusers AutoencoderKL folders or single .safe
               suffixes=(".safetensors", ".pt", ".ckpt"), entry_dir=is_vae_folder, flag="--models")
 
 
-def _load_folder(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> torch.nn.Module:
-    import diffusers
-
-    from .loading import CheckpointError, first_line, ready
+def _load_folder(path: Path, settings: Settings) -> torch.nn.Module:
+    """A VAE folder's model, loaded as a checkpoint's components are (streamed, or mapped where guarded)."""
+    from .checkpoint import standalone_options
+    from .loading.assemble import _pretrained
     from .loading.configs import read_json
 
-    cls = getattr(diffusers, read_json(path / "config.json")["_class_name"])
-    kwargs = {} if allow_pickle else {"use_safetensors": True}  # never unpickle a .bin silently
-    try:
-        module = cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load the {cls.__name__}: {first_line(e)}") from e
-    return ready(module, device, dtype)
+    opts = standalone_options(settings, sorted(path.glob("diffusion_pytorch_model*.safetensors")))
+    return _pretrained(read_json(path / "config.json")["_class_name"], path, None, opts)
 
 
 class LoadVAE(Node):
@@ -359,7 +354,7 @@ class LoadVAE(Node):
         device = devices.device(ctx.settings)
         dtype = devices.dtype(ctx.settings, device)
         if path.is_dir():
-            module = _load_folder(path, device, dtype, ctx.settings.allow_pickle)
+            module = _load_folder(path, ctx.settings)
         else:
             module = load_vae_file(path, device=device, dtype=dtype, allow_pickle=ctx.settings.allow_pickle)
         config = module.config
@@ -508,7 +503,7 @@ class LoadTinyVAE(Node):
         device = devices.device(ctx.settings)
         dtype = devices.dtype(ctx.settings, device)
         if path.is_dir():
-            module = _load_folder(path, device, dtype, ctx.settings.allow_pickle)
+            module = _load_folder(path, ctx.settings)
         else:
             module = load_tiny_files(path, device, dtype, ctx.settings.allow_pickle)
         return _as_vae(ctx, module, vae, device)

@@ -303,10 +303,12 @@ def _family_of_configs(unet_config: Mapping, text_config: Any, has_second_encode
 
 
 def _model_class(name: str) -> type:
-    if name in ("UNet2DConditionModel", "AutoencoderKL", "ControlNetModel"):
-        import diffusers
+    """A diffusers model class by name, else a transformers one (CLIP text and vision encoders)."""
+    import diffusers
 
-        return getattr(diffusers, name)
+    cls = getattr(diffusers, name, None)
+    if cls is not None:
+        return cls
     import transformers
 
     return getattr(transformers, name)
