@@ -268,7 +268,7 @@ def _release(fd: int) -> None:
 
 def _start_listener() -> int:
     """The thread that answers the guards' notices (started once; a daemon: it never holds the process up)."""
-    global _listener, _listener_tid
+    global _listener
     if _listener is None or not _listener.is_alive():
         started = threading.Event()
         _listener = threading.Thread(target=_listen, args=(started,), name="nodegraph-filemaps", daemon=True)
