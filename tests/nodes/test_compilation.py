@@ -26,7 +26,7 @@ def test_a_compiled_unet_draws_what_the_eager_one_draws(settings, caplog):
     eager = _image(settings)
     with caplog.at_level(logging.WARNING, logger="nodes.compilation"):
         compiled = _image(settings.replace(compile=True))
-    assert not caplog.records, "compilation fell back to the eager UNet"
+    assert not [r for r in caplog.records if r.name == "nodes.compilation"], "compilation fell back to eager"
     assert max_diff(compiled, eager) < 1e-4  # the same float32 maths, fused differently
 
 
