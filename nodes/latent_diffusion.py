@@ -83,7 +83,9 @@ class LDMModels:
 
 def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, dict[str, Any], dict]:
     """(the folder, its components loaded on the run's device and dtype, its scheduler configuration)."""
+    from .checkpoint import standalone_options
     from .loading import CheckpointError, first_line, quiet_transformers, ready
+    from .loading.assemble import _pretrained
     from .loading.configs import read_json
 
     folder = LDM.locate(settings, name)
@@ -103,17 +105,21 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
             raise CheckpointError(f"{folder}: model_index.json's {component} is {class_name!r}; expected one of "
                                   f"{', '.join(sorted(accepted))}")
         where = folder / component
-        try:
-            if component == "tokenizer":
-                loaded[component] = _class(class_name).from_pretrained(where, local_files_only=True,
-                                                                       model_max_length=PROMPT_TOKENS)
-                continue
-            kwargs = {} if settings.allow_pickle else {"use_safetensors": True}  # never unpickle silently
-            with quiet_transformers():
-                module = _class(class_name).from_pretrained(where, local_files_only=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
-            raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}") from e
-        module = ready(module, device, dtype)
+        if component in ("unet", "vqvae"):  # streamed, or mapped where guarded, as checkpoints load
+            opts = standalone_options(settings, sorted(where.glob("diffusion_pytorch_model*.safetensors")))
+            module = _pretrained(class_name, folder, component, opts)  # errors name the folder
+        else:
+            try:
+                if component == "tokenizer":
+                    loaded[component] = _class(class_name).from_pretrained(where, local_files_only=True,
+                                                                           model_max_length=PROMPT_TOKENS)
+                    continue
+                kwargs = {} if settings.allow_pickle else {"use_safetensors": True}  # never unpickle silently
+                with quiet_transformers():
+                    module = _class(class_name).from_pretrained(where, local_files_only=True, **kwargs)
+            except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
+                raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}") from e
+            module = ready(module, device, dtype)
         part = "unet" if component == "unet" else "vae"
         if devices.channels_last(settings, device, part) and component != "bert":
             from . import attention, fastpaths
