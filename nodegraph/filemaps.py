@@ -23,6 +23,9 @@ notice is answered while the main thread runs a long computation. The kernel sen
 to the whole process, until the lease is directed at the thread an instant later: such a notice is ignored, and the
 thread, which also checks every guard each second, answers within that second.
 
+A child forked after a guard was taken shares the lease but not the answering thread: its own maps are not
+guarded (nodegraph's processes are started, not forked, after loading).
+
 Where a lease cannot be had (not Linux, a file of another user without CAP_LEASE, a file open for writing right now,
 a file system without leases such as NFS, a file too large, see above) :func:`guard` gives None and the caller
 copies instead.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import fcntl
 import logging
 import mmap
 import os
@@ -44,6 +46,11 @@ import time
 import weakref
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no leases, no guards
+    fcntl = None
+
 from . import heap
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,9 @@ _PRUNE_AFTER_S = 60.0
 _CHUNK = 64 * 1024 * 1024  # bytes copied per mremap: bounds the extra memory while a map is replaced
 COPY_S_PER_GB = 4.0  # a pessimistic time to copy maps into fresh memory (see the module docstring)
 _MADV_HUGEPAGE = 14
-_F_SETSIG, _F_SETOWN_EX, _F_OWNER_TID = 10, 15, 0
+# Linux's values (fcntl.h), for Pythons whose fcntl module lacks the names
+_F_SETSIG, _F_SETOWN_EX, _F_OWNER_TID, _F_SETLEASE, _F_GETLEASE = 10, 15, 0, 1024, 1025
+_F_RDLCK, _F_UNLCK = 0, 2
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_ANONYMOUS = 0x20
 
@@ -82,7 +91,7 @@ def _libc():
 
 def supported() -> bool:
     """Whether guards can work here at all (Linux with leases enabled)."""
-    if not sys.platform.startswith("linux") or _libc() is None:
+    if not sys.platform.startswith("linux") or fcntl is None or _libc() is None:
         return False
     try:
         return Path("/proc/sys/fs/leases-enable").read_text().strip() != "0"
@@ -126,7 +135,7 @@ class Guard:
 
     def _breaking(self) -> bool:
         try:
-            return fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+            return fcntl.fcntl(self._fd, _F_GETLEASE) != _F_RDLCK
         except OSError:
             return True
 
@@ -155,7 +164,7 @@ def guard(path: Path | str) -> Guard | None:
             tid = _start_listener()
             # the signal first (the lease keeps it), then the lease, then its owner: the thread that answers
             fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            fcntl.fcntl(fd, _F_SETLEASE, _F_RDLCK)
             fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, tid))
             held = _guards[key] = Guard(path, fd, key)
             return held
@@ -260,7 +269,7 @@ def max_guarded_bytes() -> int:
 
 def _release(fd: int) -> None:
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        fcntl.fcntl(fd, _F_SETLEASE, _F_UNLCK)
     except OSError:
         pass
     os.close(fd)
