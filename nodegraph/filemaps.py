@@ -189,7 +189,8 @@ class Unguarded:
 
 def _prune() -> None:
     """Give up guards of files this process no longer maps (a model unloaded), once their loads are surely past
-    their first map: each holds a descriptor, which would keep a deleted file's disk space."""
+    their first map: each holds a descriptor, which would keep a deleted file's disk space. Called on each new
+    guard, and every ``_PRUNE_AFTER_S`` by the answering thread."""
     now = time.monotonic()
     for key, g in list(_guards.items()):
         if now - g.taken > _PRUNE_AFTER_S and not private_maps(key):
@@ -291,6 +292,7 @@ def _listen(started: threading.Event) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {_SIGNAL})
     _listener_tid = threading.get_native_id()
     started.set()
+    pruned = time.monotonic()
     while True:
         try:
             signal.sigtimedwait({_SIGNAL}, _POLL_S)
@@ -298,6 +300,10 @@ def _listen(started: threading.Event) -> None:
                 breaking = [g for g in _guards.values() if g._breaking()]
             for g in breaking:
                 g._answer()
+            if time.monotonic() - pruned > _PRUNE_AFTER_S:  # a server that unloaded its models loads no more
+                pruned = time.monotonic()
+                with LOCK:
+                    _prune()
         except Exception:  # noqa: BLE001 - the thread must outlive any one failure: every lease points at it
             log.exception("answering a lease notice failed")
 

@@ -8,6 +8,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,16 @@ def test_no_guard_for_a_file_too_large_to_copy_within_the_lease_break_time(path,
     monkeypatch.setattr(filemaps, "COPY_S_PER_GB", seconds / 2 / (_BYTES + 16) * 1e9)
     assert filemaps.guard(path) is not None
     filemaps.release(path)
+
+
+def test_the_answering_thread_gives_up_idle_guards_by_itself(path, monkeypatch):
+    """A server that unloaded its models and loads no more still lets go of their files."""
+    monkeypatch.setattr(filemaps, "_PRUNE_AFTER_S", 0.2)
+    maps = filemaps.guard(path)
+    try:
+        deadline = time.monotonic() + 10
+        while path in [g.path for g in filemaps.held()] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert maps.broken and path not in [g.path for g in filemaps.held()]
+    finally:
+        filemaps.release(path)
