@@ -71,6 +71,8 @@ _MAP_ANONYMOUS = 0x20
 # as it is (a guard moves memory over the ranges it answers for).
 LOCK = threading.RLock()
 _guards: dict[tuple[int, int], "Guard"] = {}
+_answering: list["Guard"] = []  # the guard whose maps are being copied (under LOCK)
+_deferred: list[tuple[int, int]] = []  # maps to unmap once that copy is done
 _listener: threading.Thread | None = None
 _listener_tid: int | None = None
 
@@ -125,13 +127,17 @@ class Guard:
                 return
             self.broken = True
             _guards.pop(self.key, None)
+            _answering.append(self)
             try:
                 moved = _replace_all(private_maps(self.key))
                 log.info("%s is being written: %.0f MB of its maps copied into memory first", self.path, moved / 2**20)
             except Exception:  # noqa: BLE001 - the writer must be let go whatever happens
                 log.exception("%s is being written and its maps could not all be copied", self.path)
             finally:
+                _answering.clear()
                 _release(self._fd)
+                while _deferred:  # maps whose tensors went while they were being copied
+                    _libc().munmap(*_deferred.pop())
 
     def _breaking(self) -> bool:
         try:
@@ -217,7 +223,10 @@ def map_region(fd: int, offset: int, nbytes: int):
 
 def _unmap(address: int, length: int) -> None:
     with LOCK:  # never while a guard moves memory to this address
-        _libc().munmap(address, length)
+        if _answering:  # this very thread, copying maps (a collection ran in its Python code): after the copy
+            _deferred.append((address, length))
+        else:
+            _libc().munmap(address, length)
 
 
 def private_maps(key: tuple[int, int]) -> list[tuple[int, int]]:
