@@ -125,13 +125,11 @@ def standalone_options(settings: Settings, files: list[Path], channels_last: fro
     """How to load a model of its own (a ControlNet, an image encoder) from ``files`` (its safetensors), as
     checkpoints load: on the run's device in its dtype, streamed, or mapped where :func:`maps_weights` says so
     (then ``not options.clone``)."""
-    from .loading import StreamedSafetensors, is_safetensors
     from .loading.assemble import _Options
 
     device = devices.device(settings)
     dtype = devices.dtype(settings, device)
-    stored = StreamedSafetensors(files[0]).file_dtype() if len(files) == 1 and is_safetensors(files[0]) else None
-    mapped = maps_weights(settings, device, dtype, stored, lambda: files)
+    mapped = maps_weights(settings, device, dtype, _stored_dtype(files), lambda: files)
     return _Options(device, dtype, settings.allow_pickle, clone=not mapped, channels_last=channels_last,
                     packed=packed, guarded_only=settings.map_weights is None)
 
@@ -148,11 +146,16 @@ def stored_dtype(path):
     """The dtype a checkpoint's safetensors store (a single file, or a diffusers folder's UNet); None otherwise.
     --map-weights maps only what is used as stored: a cast copies every tensor anyway, and the map's pages would
     count beside the copies."""
-    from .loading import StreamedSafetensors, is_safetensors
-
     if not isinstance(path, Path):  # a hub id
         return None
-    files = [path] if path.is_file() else sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    return _stored_dtype([path] if path.is_file() else
+                         sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors")))
+
+
+def _stored_dtype(files: list[Path]):
+    """The dtype the one safetensors file of ``files`` stores; None for several files, a pickle or none."""
+    from .loading import StreamedSafetensors, is_safetensors
+
     if len(files) != 1 or not is_safetensors(files[0]):
         return None
     return StreamedSafetensors(files[0]).file_dtype()
