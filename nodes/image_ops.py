@@ -356,7 +356,13 @@ class LoadVAE(Node):
         if path.is_dir():
             module = _load_folder(path, ctx.settings)
         else:
-            module = load_vae_file(path, device=device, dtype=dtype, allow_pickle=ctx.settings.allow_pickle)
+            from .checkpoint import standalone_options
+            from .loading.weights import file_kind
+
+            # streamed, or mapped where guarded, as checkpoints load
+            opts = standalone_options(ctx.settings, [path] if file_kind(path) == "safetensors" else [])
+            module = load_vae_file(path, device=device, dtype=dtype, allow_pickle=ctx.settings.allow_pickle,
+                                   clone_weights=opts.clone, guarded_only=opts.guarded_only)
         config = module.config
         if (module.dtype == torch.float16 and getattr(config, "force_upcast", False)
                 and math.isclose(float(config.scaling_factor), SDXL_SCALING_FACTOR)):

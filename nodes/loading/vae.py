@@ -25,11 +25,12 @@ _PREFIXES = (VAE, "vae.")
 
 
 def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.dtype, allow_pickle: bool = False,
-                  clone_weights: bool = True) -> torch.nn.Module:
+                  clone_weights: bool = True, guarded_only: bool = False) -> torch.nn.Module:
     """The ``AutoencoderKL`` of an original-layout VAE file (safetensors; a pickle only with ``allow_pickle``),
-    ready to run on ``device`` in ``dtype``. Failures are :class:`CheckpointError` naming the file."""
+    ready to run on ``device`` in ``dtype``; ``clone_weights`` and ``guarded_only`` as for ``load_components``.
+    Failures are :class:`CheckpointError` naming the file."""
     path = Path(path)
-    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights)
+    opts = _Options(torch.device(device), dtype, allow_pickle, clone_weights, guarded_only=guarded_only)
     if file_kind(path) == "pickle":
         tensors = read_pickle(path, allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -470,3 +472,21 @@ def test_image_ops_run_in_a_graph(executor):
     assert result.output("grow", "mask").shape == (1, 64, 64)
     assert result.output("up", "latent").shape == (1, 4, 12, 12)
     assert result.output("decode", "image").shape == (1, 128, 128, 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guards are leases, a Linux feature")
+@pytest.mark.parametrize("name", ["tiny-vae", "tiny-vae-ldm.safetensors"])
+@pytest.mark.parametrize("map_weights", [None, False])
+def test_vaes_map_their_weights_where_guarded_as_checkpoints_do(settings, name, map_weights):
+    from nodegraph import filemaps
+
+    executor = ng.Executor(ng.build_registry(), settings=settings.replace(dtype="float32", device="cpu")
+                           .replace(**({"map_weights": map_weights} if map_weights is not None else {})))
+    vae = load_vae(executor, name).vae
+    path = settings.models_dir / "vae" / name
+    weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    st = os.stat(weights)
+    ranges = filemaps.private_maps((st.st_dev, st.st_ino))
+    inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in vae.parameters() if p.layout == torch.strided]
+    mapped = map_weights is None and filemaps.guard(weights) is not None
+    assert (sum(inside) > len(inside) // 2) if mapped else not any(inside)
