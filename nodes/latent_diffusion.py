@@ -84,7 +84,7 @@ class LDMModels:
 def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, dict[str, Any], dict]:
     """(the folder, its components loaded on the run's device and dtype, its scheduler configuration)."""
     from .checkpoint import standalone_options
-    from .loading import CheckpointError, first_line, quiet_transformers, ready
+    from .loading import CheckpointError, first_line
     from .loading.assemble import _pretrained
     from .loading.configs import read_json
 
@@ -93,7 +93,6 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
     if index.get("_class_name") != pipeline:
         raise CheckpointError(f"{folder}: a {index.get('_class_name')} folder, not a {pipeline} one")
     device = devices.device(settings)
-    dtype = devices.dtype(settings, device)
     wanted = ("unet", "vqvae") + (("bert", "tokenizer") if pipeline == TEXT_TO_IMAGE else ())
     loaded: dict[str, Any] = {}
     for component in wanted:
@@ -105,21 +104,17 @@ def _load_folder(settings: Settings, name: str, pipeline: str) -> tuple[Path, di
             raise CheckpointError(f"{folder}: model_index.json's {component} is {class_name!r}; expected one of "
                                   f"{', '.join(sorted(accepted))}")
         where = folder / component
-        if component in ("unet", "vqvae"):  # streamed, or mapped where guarded, as checkpoints load
-            opts = standalone_options(settings, sorted(where.glob("diffusion_pytorch_model*.safetensors")))
-            module = _pretrained(class_name, folder, component, opts)  # errors name the folder
-        else:
+        if component == "tokenizer":
             try:
-                if component == "tokenizer":
-                    loaded[component] = _class(class_name).from_pretrained(where, local_files_only=True,
-                                                                           model_max_length=PROMPT_TOKENS)
-                    continue
-                kwargs = {} if settings.allow_pickle else {"use_safetensors": True}  # never unpickle silently
-                with quiet_transformers():
-                    module = _class(class_name).from_pretrained(where, local_files_only=True, **kwargs)
+                loaded[component] = _class(class_name).from_pretrained(where, local_files_only=True,
+                                                                       model_max_length=PROMPT_TOKENS)
             except Exception as e:  # noqa: BLE001 - every library error becomes one clear message
                 raise CheckpointError(f"{where}: cannot load the {class_name}: {first_line(e)}") from e
-            module = ready(module, device, dtype)
+            continue
+        # streamed, or mapped where guarded, as checkpoints load
+        stem = "model" if component == "bert" else "diffusion_pytorch_model"
+        opts = standalone_options(settings, sorted(where.glob(f"{stem}*.safetensors")))
+        module = _pretrained(_class(class_name), folder, component, opts)  # errors name the folder
         part = "unet" if component == "unet" else "vae"
         if devices.channels_last(settings, device, part) and component != "bert":
             from . import attention, fastpaths

@@ -323,14 +323,16 @@ def _variant(folder: Path) -> str | None:
     return variants[0] if variants else None
 
 
-def _pretrained(class_name: str, folder: Path, subfolder: str | None, opts: _Options,
+def _pretrained(class_name: str | type, folder: Path, subfolder: str | None, opts: _Options,
                 part: str | None = None) -> torch.nn.Module:
     """One component of a diffusers folder (or a lone model folder when ``subfolder`` is None), ready to run.
+    ``class_name``: a diffusers or transformers class's name, or the class itself (one neither library exports).
     ``part``: its name in ``opts.channels_last`` and ``opts.packed`` (default: the folder's name)."""
     where = folder / subfolder if subfolder else folder
     if not where.is_dir():
         raise CheckpointError(f"{folder}: model_index.json lists {subfolder!r} but there is no {subfolder}/ folder")
-    cls = _model_class(class_name)
+    cls = class_name if isinstance(class_name, type) else _model_class(class_name)
+    class_name = cls.__name__
     kwargs: dict[str, Any] = {"local_files_only": True, "variant": _variant(where)}
     if subfolder:
         kwargs["subfolder"] = subfolder
@@ -357,7 +359,9 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
     dtype (:class:`StreamedSafetensors`): the same values as ``from_pretrained`` then :func:`ready`, without the
     memory-mapped file and the model's copy side by side. None when the folder is not that simple (sharded
     weights, pickles, renamed legacy keys...): ``from_pretrained`` then handles it."""
-    stem = "diffusion_pytorch_model" if cls.__module__.startswith("diffusers") else "model"
+    from diffusers import ModelMixin
+
+    stem = "diffusion_pytorch_model" if issubclass(cls, ModelMixin) else "model"  # transformers' name otherwise
     weights = where / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
     if not weights.is_file() or not (where / "config.json").is_file():
         return None

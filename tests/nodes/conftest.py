@@ -67,6 +67,25 @@ def max_diff(a, b) -> float:
     return float((torch.as_tensor(np.asarray(a)) - torch.as_tensor(np.asarray(b))).abs().max())
 
 
+def in_maps_of(path, tensors) -> list[bool]:
+    """Whether each tensor lies in this process's private maps of the file at ``path`` (/proc/self/maps)."""
+    from nodegraph import filemaps
+
+    st = os.stat(path)
+    ranges = filemaps.private_maps((st.st_dev, st.st_ino)) if os.path.exists("/proc/self/maps") else []
+    return [any(a <= t.data_ptr() < b for a, b in ranges) for t in tensors]
+
+
+def spy_reads(monkeypatch) -> list[str]:
+    """The keys every StreamedSafetensors is asked for from now on (until ``monkeypatch.undo()``), in order."""
+    from nodes.loading import StreamedSafetensors
+
+    read: list[str] = []
+    original = StreamedSafetensors.__getitem__
+    monkeypatch.setattr(StreamedSafetensors, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    return read
+
+
 @pytest.fixture(scope="session")
 def pipelines(models_root):
     """diffusers' own pipelines over the tiny models: the reference our graphs are compared with."""

@@ -4,7 +4,6 @@ models, float32), chained controls match MultiControlNetModel, and bad inputs fa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -16,7 +15,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 from nodes.testing.tiny_adapters import build_tiny_controlnet, build_tiny_t2i_adapter, write_controlnet_single_file
 
-from .conftest import generator, max_diff
+from .conftest import generator, in_maps_of, max_diff, spy_reads
 from .test_parity import graph as parity_graph
 from .test_parity import ours
 
@@ -402,15 +401,6 @@ def test_controlnets_take_the_unets_fast_layout_on_the_cpu(settings, monkeypatch
         assert max_diff(runs[True], runs[False]) < 1e-5
 
 
-def _in_maps_of(path, tensors) -> list[bool]:
-    """Whether each tensor lies in this process's maps of ``path`` (/proc/self/maps)."""
-    from nodegraph import filemaps
-
-    st = os.stat(path)
-    ranges = filemaps.private_maps((st.st_dev, st.st_ino)) if os.path.exists("/proc/self/maps") else []
-    return [any(a <= t.data_ptr() < b for a, b in ranges) for t in tensors]
-
-
 @pytest.mark.parametrize("name", ["tiny-cn", "tiny-cn.safetensors", "bare/tiny-cn.safetensors"])
 @pytest.mark.parametrize("dtype, map_weights", [("float32", None), ("float32", False), ("bfloat16", None)])
 def test_controlnets_load_as_checkpoints_do(control_models, models_root, monkeypatch, name, dtype, map_weights):
@@ -421,18 +411,10 @@ def test_controlnets_load_as_checkpoints_do(control_models, models_root, monkeyp
     from nodegraph import filemaps
     from nodes import fastpaths
     from nodes.control import load_controlnet
-    from nodes.loading import StreamedSafetensors
 
     path = control_models / name
     weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
-    read: list[str] = []
-    original = StreamedSafetensors.__getitem__
-
-    def spy(self, key):
-        read.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(StreamedSafetensors, "__getitem__", spy)
+    read = spy_reads(monkeypatch)
     settings = ng.Settings(models_dir=models_root, device="cpu", dtype=dtype, map_weights=map_weights)
     model = load_controlnet(path, settings)
     monkeypatch.undo()
@@ -446,5 +428,5 @@ def test_controlnets_load_as_checkpoints_do(control_models, models_root, monkeyp
     assert kernels  # the UNet's fast layout
     expect_mapped = dtype == "float32" and map_weights is None and filemaps.guard(weights) is not None
     plain = [p for p in model.parameters() if p.layout == torch.strided]
-    inside = _in_maps_of(weights, plain)
+    inside = in_maps_of(weights, plain)
     assert (sum(inside) > len(inside) // 2) if expect_mapped else not any(inside)

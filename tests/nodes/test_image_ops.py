@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from types import SimpleNamespace
@@ -36,7 +35,7 @@ from nodes.image_ops import (
 from nodes.latent import decode
 from nodes.values import Conditioning, Latent, Posterior
 
-from .conftest import EXACT, generator, max_diff
+from .conftest import EXACT, generator, in_maps_of, max_diff
 from .test_parity import graph, ours
 
 
@@ -485,8 +484,6 @@ def test_vaes_map_their_weights_where_guarded_as_checkpoints_do(settings, name, 
     vae = load_vae(executor, name).vae
     path = settings.models_dir / "vae" / name
     weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
-    st = os.stat(weights)
-    ranges = filemaps.private_maps((st.st_dev, st.st_ino))
-    inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in vae.parameters() if p.layout == torch.strided]
+    inside = in_maps_of(weights, [p for p in vae.parameters() if p.layout == torch.strided])
     mapped = map_weights is None and filemaps.guard(weights) is not None
     assert (sum(inside) > len(inside) // 2) if mapped else not any(inside)

@@ -12,7 +12,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 from nodes.testing.tiny_adapters import build_tiny_image_encoder, write_image_encoder_single_file, write_tiny_ip_adapter
 
-from .conftest import generator, max_diff
+from .conftest import generator, in_maps_of, max_diff, spy_reads
 from .test_parity import graph as parity_graph
 from .test_parity import ours
 
@@ -232,19 +232,14 @@ def test_reference_batch_uses_all_images(executor, lcm_with_ip, reference, input
 def test_image_encoders_load_as_checkpoints_do(ip_models, monkeypatch, name, dtype, map_weights):
     """Streamed tensor by tensor into the run's dtype (each read once, no random initialisation), or, used as
     stored with a guard, kept in maps of the file: the weights transformers' from_pretrained gives either way."""
-    import os
-
     from transformers import CLIPVisionModelWithProjection
 
     from nodegraph import filemaps
     from nodes.ipadapter import load_image_encoder
-    from nodes.loading import StreamedSafetensors
 
     path = ip_models / "clip_vision" / name
     weights = path / "model.safetensors" if path.is_dir() else path
-    read: list[str] = []
-    original = StreamedSafetensors.__getitem__
-    monkeypatch.setattr(StreamedSafetensors, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    read = spy_reads(monkeypatch)
     monkeypatch.setattr(torch.nn.init, "normal_", lambda *a, **k: pytest.fail("random initialisation"))
     settings = ng.Settings(models_dir=ip_models, device="cpu", dtype=dtype, map_weights=map_weights)
     encoder, _ = load_image_encoder(path, settings)
@@ -253,8 +248,6 @@ def test_image_encoders_load_as_checkpoints_do(ip_models, monkeypatch, name, dty
     reference = CLIPVisionModelWithProjection.from_pretrained(ip_models / "clip_vision" / "tiny-vision")
     ours, theirs = encoder.state_dict(), reference.to(getattr(torch, dtype)).state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    st = os.stat(weights)
-    ranges = filemaps.private_maps((st.st_dev, st.st_ino))
-    inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in encoder.parameters()]
+    inside = in_maps_of(weights, encoder.parameters())
     mapped = dtype == "float32" and map_weights is None and filemaps.guard(weights) is not None
     assert all(inside) if mapped else not any(inside)

@@ -20,7 +20,7 @@ import nodegraph as ng
 from nodegraph import Link as L
 from nodes.testing.tiny_families import build_tiny_ldm_super_resolution, build_tiny_ldm_text2im
 
-from .conftest import generator, max_diff
+from .conftest import generator, in_maps_of, max_diff, spy_reads
 
 SR, T2I = "tiny-ldm-sr", "tiny-ldm-text2im"
 TOLERANCE = 1e-5
@@ -181,3 +181,29 @@ def test_clip_skip_on_an_ldmbert_model_is_a_clear_error(executor, ldm_models):
     result = executor.run(wf)
     assert "clip_skip works with CLIP text encoders" in result.nodes["pos"].error["message"]
     assert "LDMBert" in result.nodes["pos"].error["message"]
+
+
+@pytest.mark.parametrize("dtype, map_weights", [("float32", None), ("float32", False), ("bfloat16", None)])
+def test_every_component_loads_as_checkpoints_do(ldm_models, models_root, monkeypatch, dtype, map_weights):
+    """The UNet, the VQ autoencoder and the LDMBert text encoder are streamed tensor by tensor (each read once, in
+    the run's dtype), or, used as stored with a guard, kept in maps of their files: the pipeline's weights."""
+    from diffusers import LDMTextToImagePipeline
+
+    from nodegraph import filemaps
+    from nodes.latent_diffusion import TEXT_TO_IMAGE, _load_folder
+
+    settings = ng.Settings(models_dir=models_root, device="cpu", dtype=dtype, map_weights=map_weights,
+                           memory_format="contiguous")
+    read = spy_reads(monkeypatch)
+    folder, loaded, _ = _load_folder(settings, f"nested/{T2I}", TEXT_TO_IMAGE)
+    monkeypatch.undo()
+    assert read and len(read) == len(set(read))
+    pipe = LDMTextToImagePipeline.from_pretrained(folder, local_files_only=True).to(getattr(torch, dtype))
+    for part in ("unet", "vqvae", "bert"):
+        ours, theirs = loaded[part].state_dict(), getattr(pipe, part).state_dict()
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+        assert {p.dtype for p in loaded[part].parameters()} == {getattr(torch, dtype)}
+        weights = next((folder / part).glob("*.safetensors"))
+        inside = in_maps_of(weights, list(loaded[part].parameters()))
+        mapped = dtype == "float32" and map_weights is None and filemaps.guard(weights) is not None
+        assert all(inside) if mapped else not any(inside), part
