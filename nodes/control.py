@@ -193,8 +193,7 @@ def _controlnet_from_file(path: Path, opts) -> torch.nn.Module:
     if file_kind(path) == "safetensors":
         shapes = read_header(path)
         # each tensor read once, in the run's dtype and layout (or mapped), as it is converted
-        tensors = StreamedSafetensors(path, opts.dtype, channels_last="controlnet" in opts.channels_last,
-                                      plain_3x3="controlnet" in opts.packed, maps=opts.maps(path))
+        tensors = opts.streamed(path, part="controlnet")
     else:
         tensors = read_pickle(path, opts.allow_pickle)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}

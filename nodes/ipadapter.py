@@ -273,7 +273,7 @@ def load_image_encoder(path: Path, settings: Settings):
 
     from .checkpoint import standalone_options
     from .loading.assemble import _pretrained, empty_weights
-    from .loading.weights import StreamedSafetensors, file_kind, read_header, read_pickle
+    from .loading.weights import file_kind, read_header, read_pickle
 
     files = sorted(path.glob("model*.safetensors")) if path.is_dir() else [path]
     opts = standalone_options(settings, [f for f in files if file_kind(f) == "safetensors"])
@@ -284,7 +284,7 @@ def load_image_encoder(path: Path, settings: Settings):
     else:
         if file_kind(path) == "safetensors":
             shapes = read_header(path)
-            tensors = StreamedSafetensors(path, opts.dtype, maps=opts.maps(path))  # each read once, in its dtype
+            tensors = opts.streamed(path)  # each read once, in its dtype, on its device
         else:
             tensors = read_pickle(path, settings.allow_pickle)
             shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -102,6 +102,13 @@ class _Options:
         guard = filemaps.guard(path)
         return guard if guard is not None or self.guarded_only else filemaps.Unguarded(path)
 
+    def streamed(self, path: Path, dtype: torch.dtype | None | bool = True, part: str | None = None):
+        """``path``'s tensors read as these options load (:class:`StreamedSafetensors`): in ``dtype`` (True: the
+        run's, None: the file's), on the run's device, in ``part``'s layout, mapped where :meth:`maps` says."""
+        return StreamedSafetensors(path, self.dtype if dtype is True else dtype,
+                                   channels_last=part in self.channels_last, plain_3x3=part in self.packed,
+                                   maps=self.maps(path), device=self.device)
+
 
 #: Builds the UNet in place of a checkpoint's own, given that checkpoint's UNet configuration (to check the fit).
 UNetOver = Callable[[Mapping[str, Any]], torch.nn.Module]
@@ -188,7 +195,8 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         # Streamed: each tensor read once, into its final dtype, straight into the model being built (or mapped,
         # where used as stored and asked for).
         maps = opts.maps(path)
-        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, maps=maps), opts,
+        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, maps=maps,
+                                                                                 device=opts.device), opts,
                                  config_dir, unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
@@ -370,9 +378,7 @@ def _streamed_component(cls: type, folder: Path, where: Path, variant: str | Non
         with empty_weights():
             model = cls.from_config(config) if hasattr(cls, "from_config") else cls(cls.config_class.from_dict(config))
         fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
-        tensors = StreamedSafetensors(weights, None if fp32_modules else opts.dtype,
-                                      channels_last=part in opts.channels_last,
-                                      plain_3x3=part in opts.packed, maps=opts.maps(weights))
+        tensors = opts.streamed(weights, None if fp32_modules else True, part)
     except Exception:  # noqa: BLE001 - from_pretrained will say what is wrong
         return None
     expected = set(model.state_dict())
@@ -579,7 +585,7 @@ def _build(class_name: str, config: Mapping, convert: Callable[[torch.nn.Module]
     if not streamed:
         return _placed(model, opts)
     for _, t in _tensors(model):
-        if t.device.type != "cpu":
+        if t.device.type == "meta":
             continue
         if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
             t.data = t.data.contiguous().clone()

@@ -38,7 +38,7 @@ def load_vae_file(path: Path | str, *, device: torch.device | str, dtype: torch.
     else:
         shapes = read_header(path)
         # Streamed (each tensor once, in its final dtype), or mapped where used as stored if asked
-        read = lambda: StreamedSafetensors(path, dtype, maps=opts.maps(path))
+        read = lambda: opts.streamed(path)
     prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in shapes)), "")
     own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if "encoder.conv_in.weight" not in own:

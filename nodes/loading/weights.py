@@ -198,17 +198,21 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     A tensor in a map sits at the same offset within its page as safetensors' own map of the whole file puts it
     (CPU kernels' results can depend on that alignment at the 1e-7 level). Asking twice for a key reads it twice:
     take each once.
+
+    ``device`` (default the CPU): where the tensors are made. Each is read into the reused host buffer and copied
+    straight to the device, so a model loaded onto a GPU never exists whole in host memory (maps are CPU-only).
     """
 
     def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False,
-                 plain_3x3: bool = False, maps=None):
+                 plain_3x3: bool = False, maps=None, device: torch.device | str | None = None):
         self.path = Path(path)
         self.dtype = dtype
         self.channels_last = channels_last
+        self.device = torch.device(device if device is not None else "cpu")
         self.plain_3x3 = plain_3x3  # 3x3 kernels as stored, for the caller to pack at once (fastpaths.pack)
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
-        self.maps = maps
+        self.maps = maps if self.device.type == "cpu" else None
         self._plain_maps = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -222,7 +226,7 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
                     and entry.shape[1] > 1 and not (self.plain_3x3 and entry.shape[2:] == (3, 3)))
         maps = self.maps
         if maps is None and self.plain_3x3 and not cast and len(entry.shape) == 4 and entry.shape[2:] == (3, 3) \
-                and torch_dtype.is_floating_point:
+                and torch_dtype.is_floating_point and self.device.type == "cpu":
             # to be packed as soon as the model is built (fastpaths.pack(now=True)): not copied into memory that
             # packing would replace at once
             maps = self._plain_maps = self._plain_maps or filemaps.Unguarded(self.path)
@@ -240,7 +244,8 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
             _read_into(f.fileno(), memoryview(raw.numpy()), self._start + entry.begin, self.path, key)
         tensor = raw.view(torch_dtype).reshape(entry.shape)
         layout = torch.channels_last if relayout else torch.contiguous_format
-        return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype, memory_format=layout).copy_(tensor)
+        return torch.empty(entry.shape, dtype=self.dtype if cast else torch_dtype, memory_format=layout,
+                           device=self.device).copy_(tensor)
 
     def file_dtype(self) -> torch.dtype | None:
         """The dtype of the file's first floating-point tensor (None if it has none)."""

@@ -105,3 +105,19 @@ def test_the_demo_model_draws_its_prompt_in_float16(on):
         [image] = _images(executor, wf).values()
         correct += shapes.judge(np.asarray((image[0].numpy() * 255).round(), np.uint8), caption)["correct"]
     assert correct >= 2
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd.safetensors"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_loads_onto_the_gpu_give_the_cpu_load_weights(models_root, name, dtype):
+    """Streamed straight to the GPU, tensor by tensor (never whole in host memory): the weights a CPU load gives."""
+    from nodes.loading import load_components
+
+    path = models_root / "checkpoints" / name
+    gpu = load_components(path, device="cuda", dtype=dtype)
+    cpu = load_components(path, device="cpu", dtype=dtype)
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(gpu, part).state_dict(), getattr(cpu, part).state_dict()
+        assert set(ours) == set(theirs), part
+        assert all(t.device.type == "cuda" for t in ours.values()), part
+        assert all(torch.equal(ours[k].cpu(), theirs[k]) for k in theirs), part

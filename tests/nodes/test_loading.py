@@ -344,6 +344,27 @@ def test_loads_stream_each_tensor_once_into_the_values_of_a_mapped_load(tiny, mo
         assert config_of(getattr(streamed, name)) == config_of(getattr(mapped, name))
 
 
+@pytest.mark.parametrize("which", ["sd", "single", "sdxl"])
+def test_loads_onto_another_device_make_each_tensor_there_as_it_is_read(tiny, monkeypatch, which):
+    """A model loaded onto a device other than the CPU (here the meta device, which holds no data: the same path
+    as a GPU) never exists whole in host memory: every tensor read is made on the device, in the run's dtype."""
+    from nodes.loading.weights import StreamedSafetensors
+
+    made: list[torch.Tensor] = []
+    original = StreamedSafetensors.__getitem__
+    monkeypatch.setattr(StreamedSafetensors, "__getitem__", lambda self, key: made.append(original(self, key))
+                        or made[-1])
+    path = tiny.families[which].path if which == "sdxl" else getattr(tiny, which)
+    meta = torch.device("meta")
+    loaded = load_components(path, device=meta, dtype=torch.float16, clone_weights=False)
+    monkeypatch.undo()
+    assert made and all(t.device == meta for t in made)
+    assert {t.dtype for t in made if t.is_floating_point()} == {torch.float16}
+    for name in ("unet", "vae", "text_encoder"):
+        tensors = [*getattr(loaded, name).parameters(), *getattr(loaded, name).buffers()]
+        assert all(t.device == meta for t in tensors), name
+
+
 def config_of(model) -> dict:
     config = model.config
     return dict(config) if hasattr(config, "keys") else config.to_dict()  # diffusers' FrozenDict, transformers'
