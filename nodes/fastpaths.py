@@ -25,7 +25,9 @@ only that, instead of PyTorch reordering every weight on every call (eager convo
 the reorder costs as much as the convolution). Memory stays as it was. The same oneDNN kernel computes: bfloat16
 outputs are bit-identical here, float32 ones equal or, for the few shapes where the plain path picks another kernel,
 within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build and CPU compute
-the blocked form at all, else nothing packs). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79 ->
+the blocked form at all, else nothing packs). The blocked layout oneDNN wants also depends on the input's size
+(float32 1280-channel kernels on the 2-core machine: other blocks at 4x4 than from 8x8 on), so a weight is packed
+for the size of its first call and packed again, once, when the size changes. The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79 ->
 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a
 second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are loaded as
 stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 convolutions are left alone: oneDNN runs
@@ -142,24 +144,38 @@ class PackedConv2d(torch.nn.Conv2d):
         if weight.layout == torch.strided:
             if not (blocked_now and _packable(self) and packing_works(weight.dtype)):
                 return super().forward(x)
-            weight = self._pack()
+            weight = self._pack(x.shape)
         elif not blocked_now:  # autograd, another device or dtype, torch.compile: the plain weight
             return self._conv_forward(x, weight.to_dense().contiguous(memory_format=torch.channels_last), self.bias)
+        elif getattr(weight, "packed_for", None) != tuple(x.shape[-2:]):
+            weight = self._pack(x.shape)  # another input size may want another blocked layout: once per change
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride, self.dilation,
                                                        self.groups, "none", [], "")
 
-    def _pack(self) -> torch.Tensor:
-        plain = self.weight.detach()
-        blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            plain.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            [1, self.in_channels, 16, 16])  # the blocked layout depends on the channels, not on the input's size
-        self.weight = torch.nn.Parameter(blocked, requires_grad=False)
-        release_mapped(plain)  # a kernel of a mapped file (--map-weights): its pages leave the process's RSS
-        del plain
-        # the plain weight just freed lies amid the heap, where glibc would keep it: a model's worth of them
-        # otherwise raises the first step's peak by a quarter of the weights
-        heap.trim()
-        return blocked
+    def _pack(self, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The weight in the blocked layout oneDNN's kernel picks for inputs of ``input_shape`` (default 16x16).
+        The layout depends on the input's size too: float32 1280-channel kernels on the 2-core machine want blocks
+        of 16 output channels for 4x4 maps (the SD1.5 UNet's deepest level at 256 px) and of 32 from 8x8 on; a
+        kernel packed for the wrong one is reordered again at every call (33 ms instead of 6 at that level)."""
+        hint = list(input_shape) if input_shape is not None else [1, self.in_channels, 16, 16]
+        current = self.weight
+        # made in the mode the weight was (an inference tensor or not), so that it can replace its data in place
+        with torch.inference_mode(current.is_inference()), torch.no_grad():
+            source = current.detach().to_mkldnn() if current.layout == torch.strided else current.detach()
+            blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                source, list(self.padding), list(self.stride), list(self.dilation), self.groups, hint)
+            del source
+        if current.layout != torch.strided:
+            current.data = blocked  # in place: a model sharing this weight (share_packed) keeps sharing it
+        else:
+            self.weight = torch.nn.Parameter(blocked, requires_grad=False)
+            release_mapped(current)  # a kernel of a mapped file (--map-weights): its pages leave the process's RSS
+            del current
+            # the plain weight just freed lies amid the heap, where glibc would keep it: a model's worth of them
+            # otherwise raises the first step's peak by a quarter of the weights
+            heap.trim()
+        self.weight.packed_for = tuple(hint[-2:])
+        return self.weight
 
     def unpack(self) -> None:
         """The plain channels_last weight back (an ordinary Conv2d from then on)."""

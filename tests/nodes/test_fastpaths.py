@@ -217,6 +217,34 @@ def test_packed_convolutions_compute_what_plain_ones_do(dtype, bias):
     assert torch.equal(packed.weight.to_dense(), plain.weight)
 
 
+@pytest.mark.parametrize("now", [False, True], ids=["packed at the first call", "packed at load"])
+def test_packed_weights_take_the_blocked_layout_each_input_size_wants(capfd, now):
+    """oneDNN's kernel picks its weights' blocked layout by the input's size too (float32 1280-channel kernels on
+    the 2-core machine: blocks of 16 output channels for 4x4 maps, of 32 from 8x8 on): a weight packed for one size
+    and run at another would be reordered again at every call. Each size change repacks once; after that no call
+    reorders anything (oneDNN's verbose log lists every primitive run), and the results stay the plain ones."""
+    plain = torch.nn.Conv2d(1280, 1280, 3, padding=1).eval().requires_grad_(False)
+    packed = copy.deepcopy(plain)
+    holder = torch.nn.Sequential(packed)
+    fastpaths.pack(holder, now=now)
+    twin = torch.nn.Sequential(copy.deepcopy(plain))
+    fastpaths.share_packed(twin, holder)  # AnimateDiff's UNet shares its base's blocked weights
+    assert twin[0].weight is packed.weight
+    with torch.inference_mode():
+        for size in (4, 8, 4):
+            x = torch.randn(1, 1280, size, size).contiguous(memory_format=torch.channels_last)
+            _assert_same(packed(x), plain(x), torch.float32)
+            assert packed.weight.packed_for == (size, size)
+            capfd.readouterr()
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                again = packed(x)
+            log = capfd.readouterr().out
+            assert ",convolution," in log and ",reorder," not in log, log
+            _assert_same(again, plain(x), torch.float32)
+            assert twin[0].weight is packed.weight  # still one blocked weight for both
+            _assert_same(twin(x), plain(x), torch.float32)
+
+
 def test_packed_convolutions_run_autograd_and_hooks_on_the_plain_weight():
     plain, packed = _packed_pair(torch.float32)
     x = torch.randn(1, 16, 6, 6)
