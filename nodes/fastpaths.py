@@ -19,21 +19,24 @@ the last upsampler of an SD decode at 512 in float32 peaks 287 MB above its inpu
 Not bit-identical (the kernel taps are summed before the products), so the exact path (``--memory-format
 contiguous``) keeps diffusers' form.
 
-:func:`pack` makes a channels_last model's 3x3 convolutions on the CPU reorder their weights into oneDNN's blocked
-layout once (at their first call, or at once: ``pack(..., now=True)``, as a copied checkpoint load does) and keep
-only that, instead of PyTorch reordering every weight on every call (eager convolutions do: at the UNet's 8x8 level
-the reorder costs as much as the convolution). Memory stays as it was. The same oneDNN kernel computes: bfloat16
-outputs are bit-identical here, float32 ones equal or, for the few shapes where the plain path picks another kernel,
-within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build and CPU compute
-the blocked form at all, else nothing packs). The blocked layout oneDNN wants also depends on the input's size
-(float32 1280-channel kernels on the 2-core machine: other blocks at 4x4 than from 8x8 on), so a weight is packed
-for the size of its first call and packed again, once, when the size changes. The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79 ->
-0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about a
-second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are loaded as
-stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 convolutions are left alone: oneDNN runs
-them slower blocked. Whatever moves, casts or loads into such a convolution gets the plain weight back first
-(:meth:`PackedConv2d.unpack`), and its ``state_dict`` holds the plain weight, so other code sees an ordinary
-``Conv2d``.
+:func:`pack` makes a channels_last model's 3x3 and 1x1 convolutions on the CPU reorder their weights into oneDNN's
+blocked layout once (at their first call, or at once: ``pack(..., now=True)``, as a copied checkpoint load does) and
+keep only that, instead of PyTorch reordering every weight on every call (eager convolutions do: at the UNet's 8x8
+level the reorder costs as much as the convolution). Memory stays as it was. The same oneDNN kernel computes:
+bfloat16 outputs are bit-identical here, float32 ones equal or, for the few shapes where the plain path picks
+another kernel, within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build
+and CPU compute the blocked form at all, else nothing packs). The blocked layout oneDNN wants depends on the input's
+size too (float32 1280-channel 3x3 kernels on the 2-core machine: blocks of 16 output channels at 4x4, of 32 from
+8x8 on), so a weight is packed for the size of its first call and packed again, once, when the size changes; one
+packed for 16x16 whatever the input was reordered at every call at the SD1.5 UNet's 4x4 level (256 px): its float32
+step took 1.65 s instead of 0.95 (diffusers 1.32). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79
+-> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs
+about a second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are
+loaded as stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 kernels packed for their input
+size run as fast or faster than plain ones (float32, 2,560 to 1,280 channels at 4x4: 0.48 against 2.28 ms; 320 at
+32x32: 0.59 against 0.70), and no longer reorder at each call (44 reorders, 23 ms of a 256 px step). Whatever moves,
+casts or loads into such a convolution gets the plain weight back first (:meth:`PackedConv2d.unpack`), and its
+``state_dict`` holds the plain weight, so other code sees an ordinary ``Conv2d``.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ class InferenceUpsample2D(Upsample2D):
 
 
 class PackedConv2d(torch.nn.Conv2d):
-    """A 3x3 Conv2d that holds its weight in oneDNN's blocked layout from its first inference call on the CPU (see
+    """A 3x3 or 1x1 Conv2d holding its weight in oneDNN's blocked layout from its first inference call on the CPU (see
     the module docstring and :func:`pack`)."""
 
     packs_weight = True  # inputs go channels_last even while the weight still has its loaded layout
@@ -219,7 +222,7 @@ def packing_works(dtype: torch.dtype) -> bool:
 
 def _packable(conv: torch.nn.Conv2d) -> bool:
     weight = conv.weight
-    return (conv.kernel_size == (3, 3) and conv.groups == 1 and conv.padding_mode == "zeros"
+    return (conv.kernel_size in ((3, 3), (1, 1)) and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.dtype in (torch.float32, torch.bfloat16)
             # packed from either layout alike; from the file's (contiguous) in about half the time
@@ -227,7 +230,7 @@ def _packable(conv: torch.nn.Conv2d) -> bool:
 
 
 def pack(module: torch.nn.Module, now: bool = False) -> int:
-    """Make ``module``'s 3x3 convolutions :class:`PackedConv2d`: each reorders its weight into oneDNN's blocked
+    """Make ``module``'s 3x3 and 1x1 convolutions :class:`PackedConv2d`: each reorders its weight into oneDNN's blocked
     layout at its first inference call on the CPU (where this machine computes that form: :func:`packing_works`),
     or with ``now`` at once, and keeps only that. Call it before :func:`to_channels_last`, which then leaves their
     kernels in the layout they were loaded in. Returns how many."""
@@ -263,7 +266,7 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def channels_last_packed(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with channels_last weights whose 3x3 convolutions keep blocked ones (:func:`pack`) and banded
+    """``module`` with channels_last weights whose 3x3 and 1x1 convolutions keep blocked ones (:func:`pack`) and banded
     bfloat16 attention (nodes/attention.py): the CPU's fast layout for a denoiser (and a ControlNet beside it)."""
     pack(module)
     to_channels_last(module)

@@ -393,7 +393,7 @@ def test_controlnets_take_the_unets_fast_layout_on_the_cpu(settings, monkeypatch
         net = result.output("cn0", "control_net").net
         blocked = {m.kernel_size for m in net.modules() if isinstance(m, torch.nn.Conv2d)
                    and m.weight.layout != torch.strided}
-        assert blocked == ({(3, 3)} if packing else set())  # every 3x3 convolution ran blocked; 1x1 ones never
+        assert blocked == ({(3, 3), (1, 1)} if packing else set())  # every 3x3 and 1x1 convolution ran blocked
         runs[packing] = torch.as_tensor(np.asarray(result.output("decode")))
     if dtype == "bfloat16":
         assert torch.equal(runs[True], runs[False])

@@ -191,11 +191,12 @@ def _assert_same(got, expected, dtype):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _packed_pair(dtype, in_channels=16, out_channels=24, bias=True):
+def _packed_pair(dtype, in_channels=16, out_channels=24, bias=True, kernel=3):
     if not fastpaths.packing_works(dtype):
         pytest.skip(f"this build or CPU has no blocked {dtype} convolutions")
     torch.manual_seed(0)
-    plain = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias).to(dtype).eval().requires_grad_(False)
+    plain = torch.nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=bias)
+    plain = plain.to(dtype).eval().requires_grad_(False)
     plain = plain.to(memory_format=torch.channels_last)
     packed = copy.deepcopy(plain)
     holder = torch.nn.Sequential(packed)
@@ -203,10 +204,11 @@ def _packed_pair(dtype, in_channels=16, out_channels=24, bias=True):
     return plain, packed
 
 
+@pytest.mark.parametrize("kernel", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_convolutions_compute_what_plain_ones_do(dtype, bias):
-    plain, packed = _packed_pair(dtype, bias=bias)
+def test_packed_convolutions_compute_what_plain_ones_do(dtype, bias, kernel):
+    plain, packed = _packed_pair(dtype, bias=bias, kernel=kernel)
     assert packed.weight.layout == torch.strided  # nothing is reordered before the first call
     with torch.inference_mode():
         for shape in [(1, 16, 8, 8), (2, 16, 13, 6), (1, 16, 32, 32)]:
@@ -312,9 +314,9 @@ def test_checkpoints_in_the_fast_layout_pack_their_unet_and_draw_the_same(models
         unet = result.output("ckpt", "model").unet
         convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
         packed = [m for m in convs if m.weight.layout != torch.strided]
-        if packing:  # every 3x3 convolution, after the run; 1x1 ones stay plain
-            assert packed and {m.kernel_size for m in packed} == {(3, 3)}
-            assert all(m.kernel_size != (3, 3) for m in convs if m.weight.layout == torch.strided)
+        if packing:  # every 3x3 and 1x1 convolution, after the run
+            assert packed and {m.kernel_size for m in packed} == {(3, 3), (1, 1)}
+            assert all(m.kernel_size not in ((3, 3), (1, 1)) for m in convs if m.weight.layout == torch.strided)
         else:
             assert not packed
         images[packing] = torch.as_tensor(result.output("decode"))
