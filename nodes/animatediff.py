@@ -46,7 +46,7 @@ MOTION_MODULES = Folder("animatediff_models", what="motion modules (diffusers Mo
 
 @dataclass(frozen=True, eq=False)
 class MotionModule:
-    """A motion adapter's temporal layers (on the CPU until a model takes them)."""
+    """A motion adapter's temporal layers, on the run's device in its dtype."""
 
     adapter: torch.nn.Module
     name: str
@@ -68,31 +68,32 @@ class LoadMotionModule(Node):
     outputs = (Output("motion_module", MOTION_MODULE),)
 
     def run(self, ctx, motion_module):
-        from diffusers import MotionAdapter
-
+        from .checkpoint import standalone_options
         from .loading import CheckpointError, ready
+        from .loading.assemble import _pretrained
 
         path = MOTION_MODULES.locate(ctx.settings, motion_module)
-        # in the run's dtype, as the models it will animate: ApplyMotionModule then shares its tensors
-        dtype = devices.dtype(ctx.settings, devices.device(ctx.settings))
+        # on the run's device in its dtype, as the models it will animate: ApplyMotionModule then shares its tensors
         if path.is_file():
-            adapter = motion_adapter_from_file(path, ctx.settings.allow_pickle, dtype)
+            device = devices.device(ctx.settings)
+            dtype = devices.dtype(ctx.settings, device)
+            adapter = motion_adapter_from_file(path, ctx.settings.allow_pickle, dtype, device)
+            adapter = ready(adapter, device, dtype, clone=False)
         elif _motion_adapter_folder(path) is not True:
             raise CheckpointError(f"{path}: not a motion module (a folder whose config.json names a MotionAdapter)")
-        else:
-            try:
-                adapter = MotionAdapter.from_pretrained(path, local_files_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{path}: cannot load the motion module: {str(e).splitlines()[0]}") from e
-        return MotionModule(ready(adapter, torch.device("cpu"), dtype, clone=not path.is_file()), motion_module)
+        else:  # streamed, or mapped where guarded, as checkpoints load
+            opts = standalone_options(ctx.settings, sorted(path.glob("diffusion_pytorch_model*.safetensors")))
+            adapter = _pretrained("MotionAdapter", path, None, opts)
+        return MotionModule(adapter, motion_module)
 
 
-def motion_adapter_from_file(path: Path, allow_pickle: bool = False,
-                             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def motion_adapter_from_file(path: Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32,
+                             device: torch.device | str = "cpu") -> torch.nn.Module:
     """A MotionAdapter from an original AnimateDiff file (``down_blocks.0.motion_modules.0.temporal_transformer.*``):
     keys renamed as diffusers' converter does, the configuration read from the tensor shapes. Head count and norm
     groups leave no trace in the shapes: every released v1/v2/v3 module uses 8 and 32, diffusers' defaults.
-    A safetensors file is read tensor by tensor into ``dtype`` (no map of the whole file beside the copy)."""
+    A safetensors file is read tensor by tensor into ``dtype`` on ``device`` (no map of the whole file beside the
+    copy); its computed buffers stay on the CPU until the module is placed (``loading.ready``)."""
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
@@ -102,9 +103,9 @@ def motion_adapter_from_file(path: Path, allow_pickle: bool = False,
 
     if file_kind(path) == "safetensors":
         shapes = read_header(path)
-        tensors = StreamedSafetensors(path, dtype)
+        tensors = StreamedSafetensors(path, dtype, device=device)
     else:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v
+        tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                    for k, v in read_pickle(path, allow_pickle).items()}
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     positions = next((v for k, v in shapes.items() if k.endswith("pos_encoder.pe")), None)
@@ -152,20 +153,63 @@ class ApplyMotionModule(Node):
                              f"{motion_widths}; the model {model.name!r} is {model.family} with blocks {unet_widths}")
         from . import fastpaths
 
-        with torch.no_grad():
-            unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
         device = model.device
-        ready(unet, device, model.dtype, clone=False)
         fast_layout = devices.channels_last(ctx.settings, device, "unet")
-        if fast_layout:
-            unet.to(memory_format=torch.channels_last)
-        _share_weights(unet, model.unet)
-        _share_weights(unet, motion_module.adapter)  # its motion modules, where in the model's dtype and device
-        fastpaths.share_packed(unet, model.unet)
+        unet = _animated_unet(model.unet, motion_module.adapter, model.dtype)
+        if unet is None:  # a UNet or adapter whose weights do not map one to one (PIA's conv_in...): copied, then
+            with torch.no_grad():  # shared back where equal
+                unet = UNetMotionModel.from_unet2d(model.unet, motion_module.adapter)
+            ready(unet, device, model.dtype, clone=False)
+            if fast_layout:
+                unet.to(memory_format=torch.channels_last)
+            _share_weights(unet, model.unet)
+            _share_weights(unet, motion_module.adapter)  # its motion modules, where in the model's dtype and device
+            fastpaths.share_packed(unet, model.unet)
         fastpaths.apply(unet, attention=fast_layout)
         animated = replace(model, unet=unet, name=f"{model.name} + {motion_module.name}")
         previews.share(model, animated)
         return animated
+
+
+def _animated_unet(unet: torch.nn.Module, adapter: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
+    """``UNetMotionModel.from_unet2d(unet, adapter)`` without a copy of either: the motion UNet is built on the meta
+    device (no memory, no random initialisation) and given the very parameters of ``unet`` (blocked convolution
+    weights included) and of ``adapter``, module by module of the same name. from_unet2d itself builds a float32
+    model on the CPU and copies every weight into it: a second UNet in memory, moved back to the GPU on CUDA.
+    None when some weight has no source of the same shape in either, or the adapter is in another dtype."""
+    from diffusers import UNetMotionModel
+
+    from .fastpaths import PackedConv2d
+    from .loading.assemble import empty_weights
+
+    device = next(unet.parameters()).device
+    if any(p.dtype != dtype or p.device != device for p in adapter.parameters()):
+        return None
+    with empty_weights():
+        animated = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
+    owners = (dict(unet.named_modules()), dict(adapter.named_modules()))
+    for name, module in animated.named_modules():
+        wanted = {k: p for k, p in module._parameters.items() if p is not None}
+        if not wanted:
+            continue
+        source = next((m for m in (o.get(name) for o in owners) if m is not None and all(
+            isinstance(m._parameters.get(k), torch.Tensor) and m._parameters[k].shape == p.shape
+            for k, p in wanted.items())), None)
+        if source is None:
+            return None
+        if type(source) is PackedConv2d and type(module) is torch.nn.Conv2d:
+            if module.extra_repr() != source.extra_repr():
+                return None
+            module.__class__ = PackedConv2d  # sharing the blocked weight, packed or to be packed at the first call
+        for k in wanted:
+            module._parameters[k] = source._parameters[k]  # the very Parameter: one tensor for both models
+    for module in animated.modules():  # computed buffers (positional encodings), made in float32 on the CPU
+        for k, b in module._buffers.items():
+            if b is not None:
+                module._buffers[k] = b.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
+    animated.eval()
+    animated.requires_grad_(False)
+    return animated
 
 
 def _share_weights(animated: torch.nn.Module, base: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 import nodegraph as ng
 from nodegraph import Link as L
 
-from .conftest import generator, max_diff
+from .conftest import generator, in_maps_of, max_diff, spy_reads
 from .test_parity import ours
 
 TOLERANCE = 1e-5
@@ -124,11 +124,22 @@ def test_the_checkpoint_model_is_left_as_it_was(executor, motion_models):
     assert type(result.output("anim", "model").unet).__name__ == "UNetMotionModel"
 
 
-def test_the_animated_model_shares_the_checkpoints_weights(executor, motion_models):
+@pytest.mark.parametrize("built", ["from the same tensors", "copied, then shared"])
+def test_the_animated_model_shares_the_checkpoints_weights(executor, motion_models, monkeypatch, built):
+    """Built on the meta device and given the checkpoint's and the adapter's very parameters (no copy is ever made),
+    or, where they do not map one to one, by diffusers' from_unet2d (a copy) then pointed back at them."""
+    from nodes import animatediff
+
+    if built != "from the same tensors":
+        monkeypatch.setattr(animatediff, "_animated_unet", lambda *args: None)
     wf = video_graph()
-    wf.outputs = ["ckpt", "anim"]
+    wf.outputs = ["ckpt", "anim", "mm"]
     result = executor.run(wf)
     base, animated = result.output("ckpt", "model").unet, result.output("anim", "model").unet
+    if built == "from the same tensors":
+        same = {id(p) for p in animated.parameters()}
+        assert all(id(p) in same for p in base.parameters())
+        assert all(id(p) in same for p in result.output("mm", "motion_module").adapter.parameters())
     theirs = {p.data_ptr() for p in animated.parameters()}
     assert all(p.data_ptr() in theirs for p in base.parameters())  # no second copy of the checkpoint's UNet
     own = sum(p.numel() for p in animated.parameters() if p.data_ptr() not in {q.data_ptr() for q in base.parameters()})
@@ -140,14 +151,11 @@ def test_the_animated_model_shares_the_checkpoints_weights(executor, motion_mode
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_single_file_motion_module_is_read_once_into_the_runs_dtype(motion_models, tmp_path, monkeypatch, dtype):
-    from nodes.loading import StreamedSafetensors
     from nodes.testing.tiny_adapters import motion_adapter_to_original
 
     folder = motion_models / "animatediff_models"
     motion_adapter_to_original(folder / "tiny-motion", folder / "mm_tiny_v2.safetensors")
-    read: list[str] = []
-    original = StreamedSafetensors.__getitem__
-    monkeypatch.setattr(StreamedSafetensors, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    read = spy_reads(monkeypatch)
     settings = ng.Settings(models_dir=motion_models, dtype=dtype, device="cpu", output_dir=tmp_path)
     wf = ng.Workflow()
     wf.add("mm", "LoadMotionModule", motion_module="mm_tiny_v2.safetensors")
@@ -157,6 +165,34 @@ def test_a_single_file_motion_module_is_read_once_into_the_runs_dtype(motion_mod
     assert read and len(read) == len(set(read))
     assert {p.dtype for p in adapter.parameters()} == {getattr(torch, dtype)}
     assert not any(p.is_meta for p in (*adapter.parameters(), *adapter.buffers()))
+
+
+@pytest.mark.parametrize("dtype, map_weights", [("float32", None), ("float32", False), ("bfloat16", None)])
+def test_a_motion_module_folder_loads_as_checkpoints_do(motion_models, tmp_path, monkeypatch, dtype, map_weights):
+    """Streamed tensor by tensor into the run's dtype (each read once), or, used as stored with a guard, kept in
+    maps of its file: the weights diffusers' MotionAdapter.from_pretrained gives either way."""
+    from diffusers import MotionAdapter
+
+    from nodegraph import filemaps
+
+    folder = motion_models / "animatediff_models" / "tiny-motion"
+    read = spy_reads(monkeypatch)
+    settings = ng.Settings(models_dir=motion_models, dtype=dtype, device="cpu", output_dir=tmp_path,
+                           map_weights=map_weights)
+    wf = ng.Workflow()
+    wf.add("mm", "LoadMotionModule", motion_module="tiny-motion")
+    result = ng.Executor(ng.build_registry(), settings=settings).run(wf, outputs=["mm"])
+    monkeypatch.undo()
+    assert result.status == "success", result.errors
+    adapter = result.output("mm", "motion_module").adapter
+    assert read and len(read) == len(set(read))
+    reference = MotionAdapter.from_pretrained(folder).to(getattr(torch, dtype))
+    ours, theirs = adapter.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    mapped = dtype == "float32" and map_weights is None and filemaps.guard(weights) is not None
+    inside = in_maps_of(weights, list(adapter.parameters()))
+    assert all(inside) if mapped else not any(inside)
 
 
 def test_save_animation_writes_an_mp4(executor, motion_models):
