@@ -52,6 +52,7 @@ from nodegraph import heap
 
 from .attention import use_banded
 from .loading import release_mapped
+from .loading.weights import PACKED_KERNELS
 
 
 class InferenceResnetBlock2D(ResnetBlock2D):
@@ -222,7 +223,7 @@ def packing_works(dtype: torch.dtype) -> bool:
 
 def _packable(conv: torch.nn.Conv2d) -> bool:
     weight = conv.weight
-    return (conv.kernel_size in ((3, 3), (1, 1)) and conv.groups == 1 and conv.padding_mode == "zeros"
+    return (conv.kernel_size in PACKED_KERNELS and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.dtype in (torch.float32, torch.bfloat16)
             # packed from either layout alike; from the file's (contiguous) in about half the time

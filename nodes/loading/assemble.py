@@ -92,7 +92,7 @@ class _Options:
     allow_pickle: bool
     clone: bool
     channels_last: frozenset[str] = frozenset()  # the components whose kernels are streamed channels_last
-    packed: frozenset[str] = frozenset()  # ... but for their 3x3 kernels, packed later from the file's layout
+    packed: frozenset[str] = frozenset()  # ... but for kernels packed later (3x3, 1x1), kept in the file's layout
     guarded_only: bool = False  # without clone: map only files a lease guards (nodegraph.filemaps), copy others
 
     def maps(self, path: Path):
@@ -106,7 +106,7 @@ class _Options:
         """``path``'s tensors read as these options load (:class:`StreamedSafetensors`): in ``dtype`` (True: the
         run's, None: the file's), on the run's device, in ``part``'s layout, mapped where :meth:`maps` says."""
         return StreamedSafetensors(path, self.dtype if dtype is True else dtype,
-                                   channels_last=part in self.channels_last, plain_3x3=part in self.packed,
+                                   channels_last=part in self.channels_last, plain_kernels=part in self.packed,
                                    maps=self.maps(path), device=self.device)
 
 
@@ -142,7 +142,7 @@ def load_components(
     * ``channels_last``: the components ("unet", "vae") whose convolution kernels are laid out channels_last as
       they are streamed (a streamed load then needs no second copy for the layout; others are converted by the
       caller as before).
-    * ``packed``: of those, the components whose 3x3 kernels the caller packs at once (``fastpaths.pack(...,
+    * ``packed``: of those, the components whose 3x3 and 1x1 kernels the caller packs at once (``fastpaths.pack(...,
       now=True)``): they keep the file's layout, from which packing takes half the time, and where the file stores
       them in ``dtype`` a streamed load gives them as views of the file's memory map, which packing then replaces
       (no copy of them in between; until packed, the file must not be rewritten in place).
@@ -528,11 +528,11 @@ def _load_single_file(path: Path, shapes: Mapping[str, Sequence[int]],
     )
 
 
-def _lay_out(tensors: Mapping[str, torch.Tensor], channels_last: bool, plain_3x3: bool) -> None:
+def _lay_out(tensors: Mapping[str, torch.Tensor], channels_last: bool, plain_kernels: bool) -> None:
     """The layout in which a streamed file gives the next component's kernels (one file holds every component)."""
     if isinstance(tensors, StreamedSafetensors):
         tensors.channels_last = channels_last
-        tensors.plain_3x3 = plain_3x3
+        tensors.plain_kernels = plain_kernels
 
 
 def _convert_text(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, prefix: str, kind: str) -> dict:

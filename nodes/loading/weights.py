@@ -176,6 +176,10 @@ _TORCH_DTYPES = {
 }
 
 
+#: The kernel sizes whose convolutions keep oneDNN's blocked weights in the CPU's fast layout (fastpaths.pack).
+PACKED_KERNELS = ((3, 3), (1, 1))
+
+
 class StreamedSafetensors(Mapping[str, torch.Tensor]):
     """The tensors of a safetensors file, each read from the file only when asked for, into memory of its own
     (plain reads, no memory map), floating-point ones cast to ``dtype`` (None keeps the file's), and with
@@ -192,7 +196,8 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     * ``maps`` (a :class:`nodegraph.filemaps.Guard`, or :class:`~nodegraph.filemaps.Unguarded`): every tensor used
       as stored (no cast, no new layout) is a view of a private map of its own bytes in the file (see
       ``--map-weights``); the others are read as above.
-    * ``plain_3x3``: 3x3 kernels stored in the requested dtype are views of such maps, for a caller that packs them
+    * ``plain_kernels``: kernels that will be packed (:data:`PACKED_KERNELS`) stored in the requested dtype are
+      views of such maps, for a caller that packs them
       at once (``fastpaths.pack(..., now=True)``), which replaces each: its map then goes.
 
     A tensor in a map sits at the same offset within its page as safetensors' own map of the whole file puts it
@@ -204,12 +209,12 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: Path | str, dtype: torch.dtype | None = None, channels_last: bool = False,
-                 plain_3x3: bool = False, maps=None, device: torch.device | str | None = None):
+                 plain_kernels: bool = False, maps=None, device: torch.device | str | None = None):
         self.path = Path(path)
         self.dtype = dtype
         self.channels_last = channels_last
         self.device = torch.device(device if device is not None else "cpu")
-        self.plain_3x3 = plain_3x3  # 3x3 kernels as stored, for the caller to pack at once (fastpaths.pack)
+        self.plain_kernels = plain_kernels  # as stored, for the caller to pack (fastpaths.pack)
         self._start, self._entries = _read_entries(self.path)
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.maps = maps if self.device.type == "cpu" else None
@@ -223,10 +228,10 @@ class StreamedSafetensors(Mapping[str, torch.Tensor]):
         nbytes = entry.end - entry.begin
         cast = self.dtype is not None and torch_dtype.is_floating_point and torch_dtype != self.dtype
         relayout = (self.channels_last and torch_dtype.is_floating_point and len(entry.shape) == 4
-                    and entry.shape[1] > 1 and not (self.plain_3x3 and entry.shape[2:] == (3, 3)))
+                    and entry.shape[1] > 1 and not (self.plain_kernels and entry.shape[2:] in PACKED_KERNELS))
         maps = self.maps
-        if maps is None and self.plain_3x3 and not cast and len(entry.shape) == 4 and entry.shape[2:] == (3, 3) \
-                and torch_dtype.is_floating_point and self.device.type == "cpu":
+        if maps is None and self.plain_kernels and not cast and len(entry.shape) == 4 \
+                and entry.shape[2:] in PACKED_KERNELS and torch_dtype.is_floating_point and self.device.type == "cpu":
             # to be packed as soon as the model is built (fastpaths.pack(now=True)): not copied into memory that
             # packing would replace at once
             maps = self._plain_maps = self._plain_maps or filemaps.Unguarded(self.path)
