@@ -139,6 +139,19 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def random_folder(cache: Path, name: str, class_name: str) -> Path:
+    """``cache / name``: a diffusers model of its class's default configuration with random weights (seed 0), saved
+    there unless already there."""
+    folder = cache / name
+    if not (folder / "config.json").is_file():
+        import diffusers
+        import torch
+
+        torch.manual_seed(0)
+        getattr(diffusers, class_name)().save_pretrained(folder)
+    return folder
+
+
 def warm(path: Path) -> None:
     for p in [path] if path.is_file() else sorted(path.rglob("*.safetensors")):
         with p.open("rb") as f:

@@ -28,21 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_memory import build as build_sd15, peak_rss, rss_now, warm  # noqa: E402 - after the path above
+from load_memory import build as build_sd15, peak_rss, random_folder, rss_now, warm  # noqa: E402 - after the path
 
 ENGINES = ("diffusers from_unet2d", "nodegraph ApplyMotionModule")
 
 
 def build(cache: Path) -> tuple[Path, Path, Path]:
-    folder, single = build_sd15(cache)
-    motion = cache / "motion-adapter-random"
-    if not (motion / "config.json").is_file():
-        import torch
-        from diffusers import MotionAdapter
-
-        torch.manual_seed(0)
-        MotionAdapter().save_pretrained(motion)
-    return folder, single, motion
+    return *build_sd15(cache), random_folder(cache, "motion-adapter-random", "MotionAdapter")
 
 
 def _read_all(*modules) -> int:

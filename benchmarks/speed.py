@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_memory import build as build_sd15, peak_rss, rss_now, warm  # noqa: E402 - after the path above
+from load_memory import build as build_sd15, peak_rss, random_folder, rss_now, warm  # noqa: E402 - after the path
 
 PROMPT = "a red circle on a blue background"
 STEPS = 4
@@ -71,15 +71,7 @@ PARTS = ("encode", "step", "decode", "total")
 
 def build(cache: Path) -> tuple[Path, Path, Path]:
     """The SD1.5-size folder and single file (load_memory.py's), and a random full-size tiny VAE folder."""
-    folder, single = build_sd15(cache)
-    taesd = cache / "taesd-random"
-    if not (taesd / "config.json").is_file():
-        import torch
-        from diffusers import AutoencoderTiny
-
-        torch.manual_seed(0)
-        AutoencoderTiny().save_pretrained(taesd)
-    return folder, single, taesd
+    return *build_sd15(cache), random_folder(cache, "taesd-random", "AutoencoderTiny")
 
 
 # --- one engine in its own process -------------------------------------------------------------------------------
