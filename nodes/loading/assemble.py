@@ -194,9 +194,7 @@ def _load_full(path: Path, kind: str, opts: _Options, config_dir: Path | None,
         shapes = read_header(path)
         # Streamed: each tensor read once, into its final dtype, straight into the model being built (or mapped,
         # where used as stored and asked for).
-        maps = opts.maps(path)
-        return _load_single_file(path, shapes, lambda dtype: StreamedSafetensors(path, dtype, maps=maps,
-                                                                                 device=opts.device), opts,
+        return _load_single_file(path, shapes, lambda dtype: opts.streamed(path, dtype), opts,
                                  config_dir, unet_over, streamed=True)
     if kind == "pickle":
         tensors = read_pickle(path, opts.allow_pickle)
