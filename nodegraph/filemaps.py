@@ -23,8 +23,9 @@ notice is answered while the main thread runs a long computation. The kernel sen
 to the whole process, until the lease is directed at the thread an instant later: such a notice is ignored, and the
 thread, which also checks every guard each second, answers within that second.
 
-A child forked after a guard was taken shares the lease but not the answering thread: its own maps are not
-guarded (nodegraph's processes are started, not forked, after loading).
+A child forked after a guard was taken (``os.fork``, multiprocessing's "fork") would share the parent's lease, and
+the parent gives it up as soon as its own maps are copied: the child takes a lease of its own on each guarded file
+as it starts, answered by a thread of its own (or, where it cannot have one, copies its maps of that file at once).
 
 Where a lease cannot be had (not Linux, a file of another user without CAP_LEASE, a file open for writing right now,
 a file system without leases such as NFS, a file too large, see above) :func:`guard` gives None and the caller
@@ -315,6 +316,40 @@ def _listen(started: threading.Event) -> None:
                     _prune()
         except Exception:  # noqa: BLE001 - the thread must outlive any one failure: every lease points at it
             log.exception("answering a lease notice failed")
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: guards of its own for the files the parent guarded (see the module docstring)."""
+    global LOCK, _listener, _listener_tid
+    # the parent's lock may have been held by one of its other threads, which do not exist here
+    LOCK = threading.RLock()
+    _listener = _listener_tid = None
+    inherited = [g for g in _guards.values() if not g.broken]
+    halfway = list(_answering)  # forked while the parent copied these maps: the rest of them are copied here
+    _guards.clear()
+    _answering.clear()
+    _deferred.clear()
+    for g in inherited + halfway:
+        try:
+            os.close(g._fd)  # the parent's open file, and lease: not released here, the parent still holds it
+        except OSError:
+            pass
+        own = None if g in halfway else guard(g.path)
+        if own is not None and own.key == g.key:
+            g._fd, g.taken = own._fd, own.taken
+            _guards[g.key] = g  # the child's own lease, under the object its loaders hold
+            continue
+        if own is not None:  # the path names another file by now: the maps are of the old one
+            release(g.path)
+        g.broken = True
+        try:
+            _replace_all(private_maps(g.key))
+        except Exception:  # noqa: BLE001 - the child goes on; its maps of this file stay unguarded
+            log.exception("%s: a forked child could not copy its maps of it", g.path)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def held() -> list[Guard]:

@@ -157,3 +157,36 @@ def test_the_answering_thread_gives_up_idle_guards_by_itself(path, monkeypatch):
         assert maps.broken and path not in [g.path for g in filemaps.held()]
     finally:
         filemaps.release(path)
+
+
+@pytest.mark.parametrize("lease", ["own lease", "no lease"])
+def test_a_child_forked_after_the_guard_keeps_its_maps_when_the_file_is_rewritten(path, lease):
+    """A forked child shares the parent's lease, which the parent gives up once it has copied its own maps: the
+    child takes a lease of its own, answered by a thread of its own (or, without one, copies its maps as it starts),
+    and its maps keep their bytes too."""
+    result = _child("""
+        import os
+        if {no_lease}:
+            filemaps.guard = lambda path: None  # the child cannot have one
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: tell the parent it is ready, wait for the rewrite, then read its maps
+            try:
+                os.write(ready_w, b"1")
+                os.read(go_r, 1)
+                os._exit(0 if same() and filemaps.private_maps(maps.key) == [] else 3)
+            finally:
+                os._exit(4)
+        os.read(ready_r, 1)
+        waited = rewrite_elsewhere()
+        os.write(go_w, b"1")
+        _, status = os.waitpid(pid, 0)
+        assert same()
+        print("child", os.waitstatus_to_exitcode(status), f"{{waited:.2f}}")
+    """.format(no_lease=lease == "no lease"), path)
+    assert result.returncode == 0, result.stderr
+    _, code, waited = result.stdout.split()
+    # 0: the old bytes, in memory of its own; 3: other bytes or still the file's maps; -7: dead of SIGBUS
+    assert code == "0"
+    assert float(waited) < 20  # the child answered too (not the kernel's timeout)
