@@ -1,0 +1,80 @@
+"""3x3 convolutions as Winograd's F(2x2, 3x3): 4 multiply-adds per output value and channel pair instead of 9.
+
+Each 2x2 block of the output is computed from the 4x4 block of the input around it. The input block and the kernel
+are transformed by fixed matrices of 0, +-1 and +-1/2 (B^T d B and G g G^T), multiplied element by element, which
+over all channels is 16 matrix products of [blocks x in-channels] by [in-channels x out-channels], and the result is
+transformed back (A^T m A). The products run at the matrix-product rate of the CPU; the transforms are cheap adds,
+but they pass four times the map's values through memory on each side, and the transformed kernel holds 16 values
+where the kernel holds 9.
+
+So it pays where channels are many and maps are not too large for their channels, and costs least memory where
+kernels are small. Measured in float32 on the 2-core development machine (``benchmarks/winograd.py``, oneDNN's
+direct convolution with its weight blocked for the input against this form): an SD1.5 UNet's 320-channel kernels
+at 64x64 run 1.31x as fast, 640 at 32x32 1.51x, 1280 at 16x16 2.05x but at 4x4 0.77x, the VAE decoder's
+128-channel ones at 512x512 0.39x. A whole UNet step took 0.88x the time at 256 and 0.89x at 512 with this form for
+kernels of at most 640 channels (118 MB more kernels in float32); for every 3x3 kernel 0.76x at 512 but 1.10x at
+256 (its deepest levels are 4x4 and 8x8), for 1.06 GB more, a third of the UNet's weights. So the fast layout uses
+it for float32 kernels of at most :data:`MAX_CHANNELS` channels that lie in a file's map (``nodes/fastpaths.py``),
+whose pages then leave the process: the transformed kernel is the only copy in memory. Not in bfloat16, which would
+round the transformed values again and was not measured on a CPU that computes it in hardware. The error is below
+the direct convolution's (5.5e-7 against 9.5e-7 relative rms in float32 at 320 channels): the kernel is transformed
+in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: The fast layout computes float32 3x3 convolutions of at most this many input and output channels this way.
+MAX_CHANNELS = 640
+
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+
+
+def transformed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel [out, in, 3, 3] as the 16 matrices G g G^T, [16, in, out] in its dtype (computed in float64)."""
+    g = torch.tensor(_G, dtype=torch.float64)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 3x3 convolution (stride 1, zero padding 1) of ``x`` [n, in, h, w] with the kernel ``u`` transformed by
+    :func:`transformed_kernel`; channels_last. Odd heights and widths are padded by a row or column of zeros and
+    the output cropped."""
+    n, c, h, w = x.shape
+    k = u.shape[2]
+    hb, wb = (h + 1) // 2, (w + 1) // 2
+    # NHWC with one zero row and column around (and one more where h or w is odd)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + w % 2, 1, 1 + h % 2))
+    # B^T d B, rows then columns; B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    r = [xp[:, i:i + 2 * hb:2] for i in range(4)]
+    t = torch.empty(4, n, hb, 2 * wb + 2, c, dtype=x.dtype, device=x.device)
+    torch.sub(r[0], r[2], out=t[0])
+    torch.add(r[1], r[2], out=t[1])
+    torch.sub(r[2], r[1], out=t[2])
+    torch.sub(r[1], r[3], out=t[3])
+    del xp, r
+    s = [t[:, :, :, j:j + 2 * wb:2] for j in range(4)]
+    v = torch.empty(4, 4, n, hb, wb, c, dtype=x.dtype, device=x.device)
+    torch.sub(s[0], s[2], out=v[:, 0])
+    torch.add(s[1], s[2], out=v[:, 1])
+    torch.sub(s[2], s[1], out=v[:, 2])
+    torch.sub(s[1], s[3], out=v[:, 3])
+    del t, s
+    m = torch.bmm(v.view(16, -1, c), u)  # [16, blocks, k]
+    del v
+    # A^T m A for every block at once: one [4, 16] x [16, blocks * k] product
+    a = torch.tensor(_AT, dtype=torch.float64)
+    y = torch.mm(torch.kron(a, a).to(x.dtype), m.view(16, -1)).view(2, 2, n, hb, wb, k)
+    del m
+    out = torch.empty(n, hb, 2, wb, 2, k, dtype=x.dtype, device=x.device)
+    out.permute(2, 4, 0, 1, 3, 5).copy_(y)
+    out = out.view(n, 2 * hb, 2 * wb, k)
+    if h % 2 or w % 2:
+        out = out[:, :h, :w].contiguous()
+    if bias is not None:
+        out += bias
+    return out.permute(0, 3, 1, 2)
