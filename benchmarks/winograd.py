@@ -106,19 +106,19 @@ def unet_step(size: int, dtype_name: str, max_channels: int, steps: int) -> dict
             if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                     and conv.padding == (1, 1) and max(conv.in_channels, conv.out_channels) <= max_channels):
                 weight = conv.weight.to_dense() if conv.weight.layout != torch.strided else conv.weight
-                conv._winograd = transformed_kernel(weight.detach())
+                conv._bench_transformed = transformed_kernel(weight.detach())
                 # the transformed kernel replaces the blocked one (the plain forward is then never reached)
-                added += conv._winograd.nbytes - weight.nbytes
+                added += conv._bench_transformed.nbytes - weight.nbytes
 
         def forward(self, x):
-            u = getattr(self, "_winograd", None)
+            u = getattr(self, "_bench_transformed", None)
             if u is not None and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
                 return conv3x3(x, u, self.bias)
             return plain(self, x)
 
         fastpaths.PackedConv2d.forward = forward
         for conv in unet.modules():
-            if getattr(conv, "_winograd", None) is not None:
+            if getattr(conv, "_bench_transformed", None) is not None:
                 conv.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
     latent = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=torch.channels_last)
     context = torch.randn(1, 77, 768).to(dtype)
@@ -162,12 +162,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed UNet steps per process")
     ap.add_argument("--max-channels", type=int, nargs="+", default=[640, 1280])
     ap.add_argument("--no-unet", action="store_true", help="the per-shape table only")
+    ap.add_argument("--no-shapes", action="store_true", help="the UNet steps only")
     ap.add_argument("--child", type=int, nargs=2, metavar=("SIZE", "MAX_CHANNELS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(unet_step(args.child[0], args.dtype, args.child[1], args.steps)))
         return
-    shape_table(args.sizes, getattr(torch, args.dtype))
+    if not args.no_shapes:
+        shape_table(args.sizes, getattr(torch, args.dtype))
     if not args.no_unet:
         unet_table(args.sizes, args.dtype, args.rounds, args.max_channels, args.steps)
 

@@ -9,16 +9,17 @@ where the kernel holds 9.
 
 So it pays where channels are many and maps are not too large for their channels, and costs least memory where
 kernels are small. Measured in float32 on the 2-core development machine (``benchmarks/winograd.py``, oneDNN's
-direct convolution with its weight blocked for the input against this form): an SD1.5 UNet's 320-channel kernels
-at 64x64 run 1.31x as fast, 640 at 32x32 1.51x, 1280 at 16x16 2.05x but at 4x4 0.77x, the VAE decoder's
-128-channel ones at 512x512 0.39x. A whole UNet step took 0.88x the time at 256 and 0.89x at 512 with this form for
-kernels of at most 640 channels (118 MB more kernels in float32); for every 3x3 kernel 0.76x at 512 but 1.10x at
-256 (its deepest levels are 4x4 and 8x8), for 1.06 GB more, a third of the UNet's weights. So the fast layout uses
-it for float32 kernels of at most :data:`MAX_CHANNELS` channels that lie in a file's map (``nodes/fastpaths.py``),
-whose pages then leave the process: the transformed kernel is the only copy in memory. Not in bfloat16, which would
-round the transformed values again and was not measured on a CPU that computes it in hardware. The error is below
-the direct convolution's (5.5e-7 against 9.5e-7 relative rms in float32 at 320 channels): the kernel is transformed
-in float64.
+direct convolution with its weight blocked for the input against this form, in bands of rows): an SD1.5 UNet's
+320-channel kernels run 1.48x as fast at 64x64 and 1.09x at 96x96, 640 at 32x32 1.62x, 1280 at 16x16 1.89x but at
+4x4 0.77x; the VAE decoder's 512-channel ones 1.44-1.65x, its 128-channel ones at 512x512 0.82x. A whole UNet step
+took 0.88x the time at 256, 0.83x at 512 and 0.86x at 768 with this form for kernels of at most 640 channels (118 MB
+more kernels in float32); for every 3x3 kernel 0.76x at 512, 0.97x at 768 and 1.10x at 256 (its deepest level is
+4x4 there), for 1.06 GB more, a third of the UNet's weights. So the fast layout uses it for float32 kernels of at
+most :data:`MAX_CHANNELS` channels that lie in a file's map (``nodes/fastpaths.py``), whose pages then leave the
+process: the transformed kernel is the only copy in memory. Not in bfloat16, which would round the transformed
+values again and was not measured on a CPU that computes it in hardware. The error is below the direct
+convolution's (5.5e-7 against 9.5e-7 relative rms in float32 at 320 channels): the kernel is transformed in
+float64.
 """
 
 from __future__ import annotations
@@ -40,39 +41,46 @@ def transformed_kernel(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+#: The transformed input of a band of rows, and the products' output, at most this many bytes: large temporaries are
+#: fresh memory at every call (slow to fault in), small ones reuse the heap's. Whole maps at once ran SD1.5's
+#: 320-channel kernels at 128x128 (1024 px) 0.65x as fast as the direct convolution; bands of 8 MB 1.09x.
+BAND_BYTES = 8 << 20
+
+
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The 3x3 convolution (stride 1, zero padding 1) of ``x`` [n, in, h, w] with the kernel ``u`` transformed by
     :func:`transformed_kernel`; channels_last. Odd heights and widths are padded by a row or column of zeros and
     the output cropped."""
     n, c, h, w = x.shape
     k = u.shape[2]
-    hb, wb = (h + 1) // 2, (w + 1) // 2
+    hb, wb = (h + 1) // 2, (w + 1) // 2  # blocks of 2x2 outputs
     # NHWC with one zero row and column around (and one more where h or w is odd)
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + w % 2, 1, 1 + h % 2))
-    # B^T d B, rows then columns; B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-    r = [xp[:, i:i + 2 * hb:2] for i in range(4)]
-    t = torch.empty(4, n, hb, 2 * wb + 2, c, dtype=x.dtype, device=x.device)
-    torch.sub(r[0], r[2], out=t[0])
-    torch.add(r[1], r[2], out=t[1])
-    torch.sub(r[2], r[1], out=t[2])
-    torch.sub(r[1], r[3], out=t[3])
-    del xp, r
-    s = [t[:, :, :, j:j + 2 * wb:2] for j in range(4)]
-    v = torch.empty(4, 4, n, hb, wb, c, dtype=x.dtype, device=x.device)
-    torch.sub(s[0], s[2], out=v[:, 0])
-    torch.add(s[1], s[2], out=v[:, 1])
-    torch.sub(s[2], s[1], out=v[:, 2])
-    torch.sub(s[1], s[3], out=v[:, 3])
-    del t, s
-    m = torch.bmm(v.view(16, -1, c), u)  # [16, blocks, k]
-    del v
-    # A^T m A for every block at once: one [4, 16] x [16, blocks * k] product
-    a = torch.tensor(_AT, dtype=torch.float64)
-    y = torch.mm(torch.kron(a, a).to(x.dtype), m.view(16, -1)).view(2, 2, n, hb, wb, k)
-    del m
-    out = torch.empty(n, hb, 2, wb, 2, k, dtype=x.dtype, device=x.device)
-    out.permute(2, 4, 0, 1, 3, 5).copy_(y)
-    out = out.view(n, 2 * hb, 2 * wb, k)
+    at = torch.tensor(_AT, dtype=torch.float64)
+    at = torch.kron(at, at).to(x.dtype)  # A^T m A of every block at once: [4, 16] x [16, blocks * k]
+    out = torch.empty(n, 2 * hb, 2 * wb, k, dtype=x.dtype, device=x.device)
+    rows = max(1, BAND_BYTES // (16 * n * wb * max(c, k) * x.element_size()))
+    for b0 in range(0, hb, rows):
+        b1 = min(hb, b0 + rows)
+        # B^T d B, rows then columns; B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+        r = [xp[:, 2 * b0 + i:2 * b1 + i:2] for i in range(4)]
+        t = torch.empty(4, n, b1 - b0, 2 * wb + 2, c, dtype=x.dtype, device=x.device)
+        torch.sub(r[0], r[2], out=t[0])
+        torch.add(r[1], r[2], out=t[1])
+        torch.sub(r[2], r[1], out=t[2])
+        torch.sub(r[1], r[3], out=t[3])
+        s = [t[:, :, :, j:j + 2 * wb:2] for j in range(4)]
+        v = torch.empty(4, 4, n, b1 - b0, wb, c, dtype=x.dtype, device=x.device)
+        torch.sub(s[0], s[2], out=v[:, 0])
+        torch.add(s[1], s[2], out=v[:, 1])
+        torch.sub(s[2], s[1], out=v[:, 2])
+        torch.sub(s[1], s[3], out=v[:, 3])
+        del r, s, t
+        m = torch.bmm(v.view(16, -1, c), u)  # [16, blocks, k]
+        del v
+        y = torch.mm(at, m.view(16, -1)).view(2, 2, n, b1 - b0, wb, k)
+        del m
+        out[:, 2 * b0:2 * b1].view(n, b1 - b0, 2, wb, 2, k).permute(2, 4, 0, 1, 3, 5).copy_(y)
     if h % 2 or w % 2:
         out = out[:, :h, :w].contiguous()
     if bias is not None:

@@ -344,10 +344,13 @@ def test_float32_unets_take_the_blocked_layout_where_it_computes(overrides, expe
     assert devices.channels_last(settings, torch.device("cpu"), "vae") is (overrides.get("memory_format") != "contiguous")
 
 
+@pytest.mark.parametrize("bands", ["one band", "a band per row of blocks"])
 @pytest.mark.parametrize("batch, height, width, bias", [(1, 8, 8, True), (2, 7, 10, False), (1, 1, 1, True),
                                                         (2, 5, 4, True)])
-def test_winograds_form_computes_the_3x3_convolution(batch, height, width, bias):
-    """Odd heights and widths included (padded, then cropped)."""
+def test_winograds_form_computes_the_3x3_convolution(batch, height, width, bias, bands, monkeypatch):
+    """Odd heights and widths included (padded, then cropped), in bands of rows or not."""
+    if bands != "one band":
+        monkeypatch.setattr(winograd, "BAND_BYTES", 1)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, 3, padding=1, bias=bias)
     x = torch.randn(batch, 24, height, width).contiguous(memory_format=torch.channels_last)
