@@ -36,9 +36,7 @@ loaded as stored and packed from that (:func:`to_channels_last` leaves them be).
 size run as fast or faster than plain ones (float32, 2,560 to 1,280 channels at 4x4: 0.48 against 2.28 ms; 320 at
 32x32: 0.59 against 0.70), and no longer reorder at each call (44 reorders, 23 ms of a 256 px step). Whatever moves,
 casts or loads into such a convolution gets the plain weight back first (:meth:`PackedConv2d.unpack`), and its
-``state_dict`` holds the plain weight, so other code sees an ordinary ``Conv2d``. Float32 3x3 kernels of few
-channels that lie in a file's map compute in Winograd's form instead (``nodes/winograd.py``; see
-``PackedConv2d._winograd``): faster there, and the plain weight's pages leave the process as a packed one's would.
+``state_dict`` holds the plain weight, so other code sees an ordinary ``Conv2d``.
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ from diffusers.models.upsampling import Upsample2D
 from nodegraph import heap
 
 from .attention import use_banded
-from . import winograd
-from .loading import in_file_map, release_mapped
+from .loading import release_mapped
 from .loading.weights import PACKED_KERNELS
 
 
@@ -151,9 +148,6 @@ class PackedConv2d(torch.nn.Conv2d):
         if weight.layout == torch.strided:
             if not (blocked_now and _packable(self) and packing_works(weight.dtype)):
                 return super().forward(x)
-            transformed = self._winograd()
-            if transformed is not None:
-                return winograd.conv3x3(x, transformed, self.bias)
             weight = self._pack(x.shape)
         elif not blocked_now:  # autograd, another device or dtype, torch.compile: the plain weight
             return self._conv_forward(x, weight.to_dense().contiguous(memory_format=torch.channels_last), self.bias)
@@ -161,26 +155,6 @@ class PackedConv2d(torch.nn.Conv2d):
             weight = self._pack(x.shape)  # another input size may want another blocked layout: once per change
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride, self.dilation,
                                                        self.groups, "none", [], "")
-
-    def _winograd(self) -> torch.Tensor | None:
-        """The kernel transformed for :func:`.winograd.conv3x3` where this convolution computes that way: float32
-        3x3 ones of at most ``winograd.MAX_CHANNELS`` channels whose weight lies in a file's map (a mapped load: the
-        map's pages then leave the process, as a packed kernel's do, so the transformed kernel is the only copy in
-        memory; a copied load would hold both, and packs). Kept on the weight itself, so models that share the
-        weight (AnimateDiff's UNet) share it too; made again if the weight changes."""
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        made = getattr(weight, "winograd", None)
-        if made is not None and made[0] == key:
-            return made[1]
-        if not (weight.dtype == torch.float32 and same_conv3x3_config(self)
-                and max(self.in_channels, self.out_channels) <= winograd.MAX_CHANNELS and in_file_map(weight)):
-            return None
-        with torch.inference_mode(weight.is_inference()), torch.no_grad():
-            transformed = winograd.transformed_kernel(weight)
-        weight.winograd = (key, transformed)
-        release_mapped(weight)
-        return transformed
 
     def _pack(self, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The weight in the blocked layout oneDNN's kernel picks for inputs of ``input_shape`` (default 16x16).
@@ -351,13 +325,9 @@ def share_packed(module: torch.nn.Module, like: torch.nn.Module) -> None:
 
 def same_conv3x3(conv: torch.nn.Module | None) -> bool:
     """Whether ``conv`` is a plain Conv2d with a 3x3 kernel that keeps the map's size (stride 1, zero padding 1)."""
-    return type(conv) is torch.nn.Conv2d and same_conv3x3_config(conv)
-
-
-def same_conv3x3_config(conv: torch.nn.Conv2d) -> bool:
-    """Whether the Conv2d ``conv`` (of any subclass) has a 3x3 kernel that keeps the map's size."""
-    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
 
 
 def _fits_upsample(block: torch.nn.Module) -> bool:

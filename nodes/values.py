@@ -50,9 +50,6 @@ def storages(*parts: Any) -> Iterator[tuple[Hashable, int]]:
         elif isinstance(part, torch.nn.Module):
             for tensor in (*part.parameters(), *part.buffers()):
                 yield tensor_storage(tensor)
-                derived = getattr(tensor, "winograd", None)  # a transformed kernel kept beside it (nodes/fastpaths.py)
-                if derived is not None:
-                    yield tensor_storage(derived[1])
         elif isinstance(part, (tuple, list, set, frozenset)):
             stack.extend(part)
         elif isinstance(part, Mapping):

@@ -27,8 +27,8 @@ from .detect import config_class, detect, detect_family, indices, is_checkpoint_
 from .errors import CheckpointError, few, first_line
 from .hub import looks_like_hub_id
 from .vae import load_vae_file
-from .weights import (CHECKPOINT_SUFFIXES, StreamedSafetensors, in_file_map, is_safetensors, read_header,
-                      read_weights, release_mapped)
+from .weights import (CHECKPOINT_SUFFIXES, StreamedSafetensors, is_safetensors, read_header, read_weights,
+                      release_mapped)
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "CONFIGS_DIR", "FAMILIES", "CheckpointError", "Components", "StreamedSafetensors",
@@ -36,6 +36,6 @@ __all__ = [
     "derive_configs", "detect", "detect_family", "family_config_dir", "few", "first_line", "head_count", "indices",
     "is_checkpoint_folder", "is_safetensors", "list_checkpoints", "load_components", "load_vae_file",
     "looks_like_hub_id",
-    "in_file_map", "norm_groups", "quiet_transformers", "read_header", "read_weights", "ready", "release_mapped",
+    "norm_groups", "quiet_transformers", "read_header", "read_weights", "ready", "release_mapped",
     "unet_layout",
 ]

@@ -295,16 +295,6 @@ def release_mapped(tensor: torch.Tensor) -> int:
         return _release_mapped(tensor)
 
 
-def in_file_map(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor``'s bytes lie in a private memory map of a file (a weight of a mapped load)."""
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided or not sys.platform.startswith("linux"):
-        return False
-    page = mmap.PAGESIZE
-    begin = tensor.data_ptr()
-    start, end = begin // page * page, begin + tensor.numel() * tensor.element_size()
-    return end > start and _in_private_file_map(start, end)
-
-
 def _release_mapped(tensor: torch.Tensor) -> int:
     page = mmap.PAGESIZE
     begin, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()

@@ -13,7 +13,7 @@ from diffusers.models.upsampling import Upsample2D
 
 import nodegraph as ng
 
-from nodes import fastpaths, winograd
+from nodes import fastpaths
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -314,19 +314,11 @@ def test_checkpoints_in_the_fast_layout_pack_their_unet_and_draw_the_same(models
         unet = result.output("ckpt", "model").unet
         convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
         packed = [m for m in convs if m.weight.layout != torch.strided]
-        transformed = [m for m in convs if getattr(m.weight, "winograd", None) is not None]
         if packing:  # every 3x3 and 1x1 convolution, after the run
-            if dtype == "float32":  # the mapped file's small 3x3 kernels: Winograd's form, their pages released
-                assert transformed and all(fastpaths.same_conv3x3_config(m) and m.weight.layout == torch.strided
-                                           and max(m.in_channels, m.out_channels) <= winograd.MAX_CHANNELS
-                                           for m in transformed)
-            else:
-                assert not transformed
-            assert packed and {m.kernel_size for m in packed + transformed} == {(3, 3), (1, 1)}
-            assert all(m.kernel_size not in ((3, 3), (1, 1)) for m in convs
-                       if m.weight.layout == torch.strided and m not in transformed)
+            assert packed and {m.kernel_size for m in packed} == {(3, 3), (1, 1)}
+            assert all(m.kernel_size not in ((3, 3), (1, 1)) for m in convs if m.weight.layout == torch.strided)
         else:
-            assert not packed and not transformed
+            assert not packed
         images[packing] = torch.as_tensor(result.output("decode"))
     _assert_same(images[True], images[False], getattr(torch, dtype))
 
@@ -342,71 +334,3 @@ def test_float32_unets_take_the_blocked_layout_where_it_computes(overrides, expe
     settings = ng.Settings(dtype="float32", device="cpu", **overrides)
     assert devices.channels_last(settings, torch.device("cpu"), "unet") is expected
     assert devices.channels_last(settings, torch.device("cpu"), "vae") is (overrides.get("memory_format") != "contiguous")
-
-
-@pytest.mark.parametrize("bands", ["one band", "a band per row of blocks"])
-@pytest.mark.parametrize("batch, height, width, bias", [(1, 8, 8, True), (2, 7, 10, False), (1, 1, 1, True),
-                                                        (2, 5, 4, True)])
-def test_winograds_form_computes_the_3x3_convolution(batch, height, width, bias, bands, monkeypatch):
-    """Odd heights and widths included (padded, then cropped), in bands of rows or not."""
-    if bands != "one band":
-        monkeypatch.setattr(winograd, "BAND_BYTES", 1)
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(24, 40, 3, padding=1, bias=bias)
-    x = torch.randn(batch, 24, height, width).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        got = winograd.conv3x3(x, winograd.transformed_kernel(conv.weight), conv.bias)
-        exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(),
-                                           conv.bias.double() if bias else None, padding=1)
-    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
-
-
-def test_small_float32_kernels_of_a_mapped_file_compute_in_winograds_form(tmp_path):
-    """Only a kernel in a file's map (its pages then leave the process): a copied one would be held twice, so it
-    packs, as do kernels of more than winograd.MAX_CHANNELS channels."""
-    from safetensors.torch import save_file
-
-    from nodes.loading import in_file_map
-    from nodes.loading.weights import read_safetensors
-    from nodes.values import storages
-
-    if not fastpaths.packing_works(torch.float32):
-        pytest.skip("this build or CPU has no blocked float32 convolutions")
-    generator = torch.Generator().manual_seed(0)
-    big = winograd.MAX_CHANNELS + 8
-    stored = {"small": torch.randn(48, 32, 3, 3, generator=generator) / 20,
-              "wide": torch.randn(big, 8, 3, 3, generator=generator) / 20}
-    save_file(stored, tmp_path / "w.safetensors")
-    kernels = {**read_safetensors(tmp_path / "w.safetensors"), "copied": stored["small"].clone()}
-    convs = {}
-    for name, weight in kernels.items():
-        conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, bias=False).eval()
-        conv.weight = torch.nn.Parameter(weight, requires_grad=False)
-        assert fastpaths.pack(conv) == 1
-        convs[name] = conv
-    assert in_file_map(convs["small"].weight) and not in_file_map(convs["copied"].weight)
-
-    def check(name):
-        conv = convs[name]
-        x = torch.randn(2, conv.in_channels, 6, 9, generator=generator).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            got = conv(x)
-        weight = conv.weight.to_dense() if conv.weight.layout != torch.strided else conv.weight
-        torch.testing.assert_close(got, torch.nn.functional.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
-
-    for name in convs:
-        check(name)
-    small = convs["small"].weight
-    transformed = small.winograd[1]
-    assert small.layout == torch.strided and in_file_map(small) and transformed.shape == (16, 32, 48)
-    assert convs["wide"].weight.layout != torch.strided and convs["copied"].weight.layout != torch.strided
-    assert not hasattr(convs["copied"].weight, "winograd")
-    # the cache counts the transformed kernel beside the weight
-    assert sum(n for _, n in storages(convs["small"])) == small.nbytes + transformed.nbytes
-    check("small")
-    assert small.winograd[1] is transformed  # made once
-    with torch.no_grad():
-        small.mul_(2)  # a weight changed in place: transformed again
-    check("small")
-    assert small.winograd[1] is not transformed

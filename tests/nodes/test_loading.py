@@ -867,7 +867,7 @@ def test_release_mapped_gives_back_only_unwritten_pages_of_a_file_map(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/pagemap")
 def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
     """--map-weights with the fast layout: the UNet's 3x3 and 1x1 kernels stay in the file's map until their first call
-    packs them (or transforms them: nodes/winograd.py); then their pages leave the process, and the UNet computes what a copied load computes (which
+    packs them; then their pages leave the process, and the UNet computes what a copied load computes (which
     packed its kernels as it loaded them)."""
     import nodegraph as ng
     from nodes import checkpoint, devices, fastpaths
@@ -904,11 +904,8 @@ def test_mapped_unets_pack_from_the_map_and_give_its_pages_back(models_root):
     with torch.inference_mode():
         got = mapped(sample, 10, text).sample
         expected = copied(sample, 10, text).sample
-    # the small float32 3x3 kernels of a mapped file compute in Winograd's form (nodes/winograd.py), kept beside
-    # the plain weight; the others packed
-    transformed = [m for m in kernels if getattr(m.weight, "winograd", None) is not None]
-    assert transformed and all(m.weight.layout != torch.strided for m in kernels if m not in transformed)
-    assert sum(_resident_pages(t)[0] for t in plain) == 0  # either way the plain kernels' pages were given back
+    assert all(m.weight.layout != torch.strided for m in kernels)
+    assert sum(_resident_pages(t)[0] for t in plain) == 0  # packed: the plain kernels' pages were given back
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
