@@ -37,6 +37,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.attention import best_seconds  # noqa: E402 - after the path
+
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
 
@@ -108,16 +110,6 @@ def conv_shapes(size: int) -> list[tuple[str, int, int, int]]:
     return unet + vae
 
 
-def best_ms(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
-
-
 def shape_table(sizes: list[int], dtype: torch.dtype) -> None:
     print("| size | conv | map | channels | direct ms | Winograd ms | speed-up | err direct | err Winograd "
           "| kernel MB added |")
@@ -145,7 +137,7 @@ def shape_table(sizes: list[int], dtype: torch.dtype) -> None:
                 def err(fn):
                     return ((fn().double() - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()
 
-                d, wg = best_ms(direct), best_ms(winograd)
+                d, wg = best_seconds(direct) * 1e3, best_seconds(winograd) * 1e3
                 added = (u.numel() - weight.numel()) * weight.element_size() / 1e6
                 print(f"| {size} | {where} | {side}x{side} | {cin} | {d:.1f} | {wg:.1f} | {d / wg:.2f} | "
                       f"{err(direct):.1e} | {err(winograd):.1e} | {added:.1f} |", flush=True)
