@@ -74,6 +74,20 @@ def build(cache: Path) -> tuple[Path, Path]:
     return folder, single
 
 
+def product_checkpoint(dtype_name: str, cache: Path = Path.home() / ".cache" / "nodegraph-bench"):
+    """The single file (built unless there) loaded in this process as ``LoadCheckpoint`` loads it
+    (``nodes.checkpoint.load``: the fast layout, mapped where guarded), on the CPU in ``dtype_name``."""
+    import tempfile
+
+    import nodegraph as ng
+    from nodes import checkpoint
+
+    single = build(cache)[1]
+    models = Path(tempfile.mkdtemp())
+    (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
+    return checkpoint.load(ng.Settings(models_dir=models, device="cpu", dtype=dtype_name), single.name)
+
+
 def _status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where there is none (not Linux)."""
     try:

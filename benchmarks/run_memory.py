@@ -1,15 +1,17 @@
 """Peak memory of one process that loads the SD1.5-size single file and draws images, node by node.
 
     python benchmarks/run_memory.py                                   # bfloat16 where the CPU computes it, 512 px
+    python benchmarks/run_memory.py --folder                          # the same weights as a diffusers folder
     python benchmarks/run_memory.py --dtype float32 --images 2 --steps 4 --no-map-weights  # copied
 
 The job of ``benchmarks/speed.py`` (a prompt, ``--steps`` LCM steps, batch 1, no guidance, decode) in one process
 through the executor, as ``nodegraph run`` or a server runs it: LoadCheckpoint of the random-weight single file that
-``benchmarks/load_memory.py`` builds, then per image CLIPEncode, LCMSampler and VAEDecode run one at a time. For
-each node the table gives its seconds and the process's RSS at its start, its peak (Linux's ``VmHWM``, reset
-before the node through ``/proc/self/clear_refs``) and its end, each above the RSS before the load (the interpreter
-with torch, diffusers and transformers imported) less the weights; and the peak above that base over the weights:
-the ratio issue #14's memory target puts at 1.15. Linux only (it reads and resets ``/proc/self``).
+``benchmarks/load_memory.py`` builds (or, with ``--folder``, the diffusers folder of the same weights), then per
+image CLIPEncode, LCMSampler and VAEDecode run one at a time. For each node the table gives its seconds and the
+process's RSS at its start, its peak (Linux's ``VmHWM``, reset before the node through ``/proc/self/clear_refs``)
+and its end, each above the RSS before the load (the interpreter with torch, diffusers and transformers imported)
+less the weights; and the peak above that base over the weights: the ratio issue #14's memory target puts at 1.15.
+Linux only (it reads and resets ``/proc/self``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--map-weights", action=argparse.BooleanOptionalAction, default=None,
                     help="as the CLI option; default: nodegraph's (a float32 file in float32 mapped where guarded)")
+    ap.add_argument("--folder", action="store_true", help="load the diffusers folder instead of the single file")
     args = ap.parse_args()
 
     import torch  # noqa: F401 - imports are part of the base, not of the load
@@ -58,7 +61,9 @@ def main() -> None:
     import nodegraph as ng
     import nodes.checkpoint  # noqa: F401
 
-    _, single = build(args.cache.expanduser())
+    folder, single = build(args.cache.expanduser())
+    if args.folder:
+        single = folder  # the checkpoint the run loads, by name from the same checkpoints folder
     warm(single)
     models = Path(tempfile.mkdtemp())
     (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)

@@ -147,16 +147,10 @@ def unet_step(size: int, dtype_name: str, min_channels: int, max_channels: int, 
     """In this process: the SD1.5-size single file loaded as the product loads it, ``steps`` timed UNet steps at
     ``size`` after a warm-up, Winograd's form for its 3x3 convolutions of ``min_channels`` to ``max_channels``
     channels (0: none)."""
-    import tempfile
+    from benchmarks.load_memory import product_checkpoint
+    from nodes import fastpaths
 
-    import nodegraph as ng
-    from benchmarks.load_memory import build
-    from nodes import checkpoint, fastpaths
-
-    models = Path(tempfile.mkdtemp())
-    single = build(Path.home() / ".cache" / "nodegraph-bench")[1]
-    (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
-    unet = checkpoint.load(ng.Settings(models_dir=models, device="cpu", dtype=dtype_name), single.name).unet
+    unet = product_checkpoint(dtype_name).unet
     dtype = getattr(torch, dtype_name)
     plain = fastpaths.PackedConv2d.forward
     chosen = [conv for conv in unet.modules() if type(conv) is fastpaths.PackedConv2d
