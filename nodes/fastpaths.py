@@ -27,9 +27,10 @@ bfloat16 outputs are bit-identical here, float32 ones equal or, for the few shap
 another kernel, within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build
 and CPU compute the blocked form at all, else nothing packs). The blocked layout oneDNN wants depends on the input's
 size too (float32 1280-channel 3x3 kernels on the 2-core machine: blocks of 16 output channels at 4x4, of 32 from
-8x8 on), so a weight is packed for the size of its first call and packed again, once, when the size changes; one
-packed for 16x16 whatever the input was reordered at every call at the SD1.5 UNet's 4x4 level (256 px): its float32
-step took 1.65 s instead of 0.95 (diffusers 1.32). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79
+8x8 on), so a weight is packed for the size of its first call and packed again, once, when the size changes to
+one that wants another layout (:meth:`PackedConv2d._repack` learns which do from the first kernel of each shape);
+one packed for 16x16 whatever the input was reordered at every call at the SD1.5 UNet's 4x4 level (256 px): its
+float32 step took 1.65 s instead of 0.95 (diffusers 1.32). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79
 -> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs
 about a second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are
 loaded as stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 kernels packed for their input
@@ -41,6 +42,7 @@ casts or loads into such a convolution gets the plain weight back first (:meth:`
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -152,9 +154,33 @@ class PackedConv2d(torch.nn.Conv2d):
         elif not blocked_now:  # autograd, another device or dtype, torch.compile: the plain weight
             return self._conv_forward(x, weight.to_dense().contiguous(memory_format=torch.channels_last), self.bias)
         elif getattr(weight, "packed_for", None) != tuple(x.shape[-2:]):
-            weight = self._pack(x.shape)  # another input size may want another blocked layout: once per change
+            weight = self._repack(x.shape)  # another input size may want another blocked layout: once per change
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride, self.dilation,
                                                        self.groups, "none", [], "")
+
+    def _repack(self, input_shape: tuple[int, ...]) -> torch.Tensor:
+        """The blocked weight for inputs of ``input_shape`` after it was packed for another size: kept as it is where
+        that size wants the same layout. Which sizes do is learnt per weight shape from the first weight repacked
+        between them (its bytes compared before and after), so of a model's many kernels of one shape only one is
+        reordered to find out: the SD1.5 UNet's 3x3 kernels keep one layout from 8x8 to 128x128 here, while switching
+        sizes repacked all 98 kernels (1.3-1.6 s on the 2-core machine)."""
+        weight, size = self.weight, tuple(input_shape[-2:])
+        if getattr(weight, "packed_for", None) is None:
+            return self._pack(input_shape)
+        key = (tuple(weight.shape), weight.dtype, tuple(self.padding), tuple(self.stride), tuple(self.dilation),
+               self.groups, frozenset((weight.packed_for, size)))
+        same = _SAME_LAYOUT.get(key)
+        if same:
+            weight.packed_for = size
+            return weight
+        if same is not None:
+            return self._pack(input_shape)
+        before = _fingerprint(weight)
+        weight = self._pack(input_shape)
+        after = _fingerprint(weight) if before is not None else None
+        if after is not None:  # a wrong answer would cost time (a reorder at every call), never the result
+            _SAME_LAYOUT[key] = before[0] == after[0] and torch.equal(before[1], after[1])
+        return weight
 
     def _pack(self, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The weight in the blocked layout oneDNN's kernel picks for inputs of ``input_shape`` (default 16x16).
@@ -165,7 +191,12 @@ class PackedConv2d(torch.nn.Conv2d):
         current = self.weight
         # made in the mode the weight was (an inference tensor or not), so that it can replace its data in place
         with torch.inference_mode(current.is_inference()), torch.no_grad():
-            source = current.detach().to_mkldnn() if current.layout == torch.strided else current.detach()
+            if current.layout == torch.strided:
+                source = current.detach().to_mkldnn()
+            elif self.kernel_size == (1, 1):  # oneDNN's reorder between two blocked 1x1 layouts runs 10-15x slower
+                source = current.detach().to_dense().to_mkldnn()
+            else:
+                source = current.detach()
             blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 source, list(self.padding), list(self.stride), list(self.dilation), self.groups, hint)
             del source
@@ -200,6 +231,31 @@ class PackedConv2d(torch.nn.Conv2d):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.unpack()
         self._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # an ordinary Conv2d's now
+
+
+#: Whether two input sizes want one blocked layout, by (weight shape, dtype, convolution, the two sizes): learnt from
+#: the first weight of that shape repacked between them (see PackedConv2d._repack).
+_SAME_LAYOUT: dict[tuple, bool] = {}
+#: A blocked weight's fingerprint: its bytes and at most this many of its 32-bit words, at a prime stride (blocks are
+#: powers of two wide, so a stride of one could see the same offset in every block).
+_FINGERPRINT_WORDS = 1 << 16
+_STRIDES = (1, 7, 31, 127, 509, 2039, 8191, 32749, 131071)
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """Its bytes and a sample of its words, for a blocked weight whose values are mostly distinct (a constant or
+    zero kernel looks alike in every layout); None otherwise or where this build cannot show its bytes."""
+    if weight.layout == torch.strided:
+        return None
+    try:
+        nbytes = torch.ops.mkldnn._nbytes(weight)
+        raw = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(weight))
+        words = torch.frombuffer(raw, dtype=torch.int32, count=nbytes // 4)
+    except (RuntimeError, AttributeError, NotImplementedError, ValueError):  # ops this build lacks
+        return None
+    stride = next((p for p in _STRIDES if p * _FINGERPRINT_WORDS >= words.numel()), _STRIDES[-1])
+    sample = words[::stride].clone()
+    return (nbytes, sample) if 2 * sample.unique().numel() >= sample.numel() else None
 
 
 @functools.cache
