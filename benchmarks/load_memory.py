@@ -74,9 +74,11 @@ def build(cache: Path) -> tuple[Path, Path]:
     return folder, single
 
 
-def product_checkpoint(dtype_name: str, cache: Path = Path.home() / ".cache" / "nodegraph-bench"):
+def product_checkpoint(dtype_name: str, cache: Path = Path.home() / ".cache" / "nodegraph-bench",
+                       map_weights: bool | None = None):
     """The single file (built unless there) loaded in this process as ``LoadCheckpoint`` loads it
-    (``nodes.checkpoint.load``: the fast layout, mapped where guarded), on the CPU in ``dtype_name``."""
+    (``nodes.checkpoint.load``: the fast layout, mapped where guarded unless ``map_weights`` is False), on the CPU in
+    ``dtype_name``."""
     import tempfile
 
     import nodegraph as ng
@@ -85,7 +87,8 @@ def product_checkpoint(dtype_name: str, cache: Path = Path.home() / ".cache" / "
     single = build(cache)[1]
     models = Path(tempfile.mkdtemp())
     (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
-    return checkpoint.load(ng.Settings(models_dir=models, device="cpu", dtype=dtype_name), single.name)
+    settings = ng.Settings(models_dir=models, device="cpu", dtype=dtype_name, map_weights=map_weights)
+    return checkpoint.load(settings, single.name)
 
 
 def _status_bytes(field: str) -> int | None:

@@ -2,6 +2,7 @@
 
     python benchmarks/size_switch.py                                    # float32, sizes 512 640 512 640 256 512
     python benchmarks/size_switch.py --sizes 512 768 512 --rounds 3 --dtype bfloat16
+    python benchmarks/size_switch.py --no-map-weights --sizes 512 640   # a copied load packs at once, for 16x16
 
 oneDNN wants a convolution's weight in a blocked layout that can depend on the input's size, so the fast layout's
 kernels (``nodes/fastpaths.py``) are packed for the size they first see and checked again when it changes. Two forms,
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 FORMS = ("learnt", "repack all")
 
 
-def child(form: str, sizes: list[int], dtype_name: str) -> list[dict]:
+def child(form: str, sizes: list[int], dtype_name: str, map_weights: bool | None) -> list[dict]:
     import torch
 
     from benchmarks.load_memory import product_checkpoint
@@ -36,7 +37,7 @@ def child(form: str, sizes: list[int], dtype_name: str) -> list[dict]:
 
     if form == "repack all":
         fastpaths._fingerprint = lambda weight: None  # nothing learnt: every change repacks every kernel
-    unet = product_checkpoint(dtype_name).unet
+    unet = product_checkpoint(dtype_name, map_weights=map_weights).unet
     pack = fastpaths.PackedConv2d._pack
     spent = {"n": 0, "s": 0.0}
 
@@ -71,18 +72,22 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 640, 512, 640, 256, 512])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--map-weights", action=argparse.BooleanOptionalAction, default=None,
+                    help="as the CLI option (default: mapped where guarded; a copied load packs its kernels at once)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.sizes, args.dtype)))
+        print(json.dumps(child(args.child, args.sizes, args.dtype, args.map_weights)))
         return
     runs: dict[str, list[list[dict]]] = {form: [] for form in FORMS}
     for _ in range(args.rounds):
         for form in FORMS:
-            out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", args.dtype, "--sizes",
-                                  *map(str, args.sizes)], check=True, capture_output=True, text=True).stdout
+            mapping = [] if args.map_weights is None else [f"--{'' if args.map_weights else 'no-'}map-weights"]
+            out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", args.dtype, *mapping,
+                                  "--sizes", *map(str, args.sizes)], check=True, capture_output=True, text=True).stdout
             runs[form].append(json.loads(out.strip().splitlines()[-1]))
-    print(f"SD1.5-size UNet, {args.dtype}, {args.rounds} rounds, medians\n")
+    loaded = {None: "mapped where guarded", True: "mapped where guarded", False: "copied"}[args.map_weights]
+    print(f"SD1.5-size UNet, {args.dtype}, {loaded}, {args.rounds} rounds, medians\n")
     print("| # | size | form | first step s | kernels repacked | repacking s | second step s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for i, size in enumerate(args.sizes):
