@@ -27,16 +27,16 @@ bfloat16 outputs are bit-identical here, float32 ones equal or, for the few shap
 another kernel, within 2e-6 (the tests check both; at first use per dtype a small convolution checks that this build
 and CPU compute the blocked form at all, else nothing packs). The blocked layout oneDNN wants depends on the input's
 size too (float32 1280-channel 3x3 kernels on the 2-core machine: blocks of 16 output channels at 4x4, of 32 from
-8x8 on), so a weight is packed for the size of its first call and packed again, once, when the size changes to
-one that wants another layout (:meth:`PackedConv2d._repack` learns which do from the first kernel of each shape);
-one packed for 16x16 whatever the input was reordered at every call at the SD1.5 UNet's 4x4 level (256 px): its
-float32 step took 1.65 s instead of 0.95 (diffusers 1.32). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79
--> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs
-about a second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are
-loaded as stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 kernels packed for their input
-size run as fast or faster than plain ones (float32, 2,560 to 1,280 channels at 4x4: 0.48 against 2.28 ms; 320 at
-32x32: 0.59 against 0.70), and no longer reorder at each call (44 reorders, 23 ms of a 256 px step). Whatever moves,
-casts or loads into such a convolution gets the plain weight back first (:meth:`PackedConv2d.unpack`), and its
+8x8 on), so a weight is packed for the size of its first call and packed again, once, when the size changes to one
+that wants another layout (:meth:`PackedConv2d._repack` learns which do from the first kernel of each shape); one
+packed for 16x16 whatever the input was reordered at every call at the SD1.5 UNet's 4x4 level (256 px): its float32
+step took 1.65 s instead of 0.95 (diffusers 1.32). The SD1.5-size UNet's step on the 2-core machine: bfloat16 0.79
+-> 0.56 s at 256, 2.99 -> 2.65 s at 512 (float32 channels_last 1.69 -> 1.17 s and 5.6 -> 4.6 s); packing costs about
+a second once, less from the layout a file stores (contiguous) than from channels_last, so those kernels are loaded
+as stored and packed from that (:func:`to_channels_last` leaves them be). 1x1 kernels packed for their input size
+run as fast or faster than plain ones (float32, 2,560 to 1,280 channels at 4x4: 0.48 against 2.28 ms; 320 at 32x32:
+0.59 against 0.70), and no longer reorder at each call (44 reorders, 23 ms of a 256 px step). Whatever moves, casts
+or loads into such a convolution gets the plain weight back first (:meth:`PackedConv2d.unpack`), and its
 ``state_dict`` holds the plain weight, so other code sees an ordinary ``Conv2d``.
 """
 
