@@ -180,6 +180,8 @@ class PackedConv2d(torch.nn.Conv2d):
         after = _fingerprint(weight) if before is not None else None
         if after is not None:  # a wrong answer would cost time (a reorder at every call), never the result
             _SAME_LAYOUT[key] = before[0] == after[0] and torch.equal(before[1], after[1])
+            while len(_SAME_LAYOUT) > _LAYOUT_MEMORY:
+                _SAME_LAYOUT.pop(next(iter(_SAME_LAYOUT)), None)
         return weight
 
     def _pack(self, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -234,8 +236,10 @@ class PackedConv2d(torch.nn.Conv2d):
 
 
 #: Whether two input sizes want one blocked layout, by (weight shape, dtype, convolution, the two sizes): learnt from
-#: the first weight of that shape repacked between them (see PackedConv2d._repack).
+#: the first weight of that shape repacked between them (see PackedConv2d._repack). At most ``_LAYOUT_MEMORY``
+#: answers, the oldest forgotten first (a server asked for ever new sizes would otherwise grow it without end).
 _SAME_LAYOUT: dict[tuple, bool] = {}
+_LAYOUT_MEMORY = 4096
 #: A blocked weight's fingerprint: its bytes and at most this many of its 32-bit words, at a prime stride (blocks are
 #: powers of two wide, so a stride of one could see the same offset in every block).
 _FINGERPRINT_WORDS = 1 << 16

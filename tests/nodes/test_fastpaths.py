@@ -294,6 +294,19 @@ def test_a_size_change_reorders_one_kernel_of_a_shape_where_the_layout_stays(mon
     assert kept >= 4  # oneDNN's 320-channel 3x3 kernels keep one layout from 8x8 to 32x32 on x86 CPUs
 
 
+def test_what_is_learnt_about_layouts_stays_bounded(monkeypatch):
+    """A server asked for ever new sizes keeps only the latest answers; a forgotten one is learnt again."""
+    packed = _spy_packs(monkeypatch)
+    monkeypatch.setattr(fastpaths, "_LAYOUT_MEMORY", 2)
+    plain, conv = _packed_pair(torch.float32, 32, 32)
+    with torch.inference_mode():
+        for size in (8, 10, 12, 14, 16, 8, 10):
+            x = torch.randn(1, 32, size, size).contiguous(memory_format=torch.channels_last)
+            _assert_same(conv(x), plain(x), torch.float32)
+            assert len(fastpaths._SAME_LAYOUT) <= 2
+    assert len(packed) == 7  # one kernel of its shape: each change repacks it to learn (or learn again)
+
+
 def test_a_constant_kernel_teaches_nothing_about_layouts(monkeypatch, capfd):
     """A kernel of equal values reads alike in every layout: it must not make another kernel of its shape skip a
     repack that the size change needs (float32 1280-channel kernels here change layout between 4x4 and 8x8)."""
