@@ -240,8 +240,8 @@ class PackedConv2d(torch.nn.Conv2d):
 #: answers, the oldest forgotten first (a server asked for ever new sizes would otherwise grow it without end).
 _SAME_LAYOUT: dict[tuple, bool] = {}
 _LAYOUT_MEMORY = 4096
-#: A blocked weight's fingerprint: its bytes and at most this many of its 32-bit words, at a prime stride (blocks are
-#: powers of two wide, so a stride of one could see the same offset in every block).
+#: A blocked weight's fingerprint: its bytes and at most this many of its 32-bit words, every word of a small one, else
+#: at a prime stride (blocks are powers of two wide: an even stride could see the same offset in every block).
 _FINGERPRINT_WORDS = 1 << 16
 _STRIDES = (1, 7, 31, 127, 509, 2039, 8191, 32749, 131071)
 
