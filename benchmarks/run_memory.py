@@ -61,19 +61,18 @@ def main() -> None:
     import nodegraph as ng
     import nodes.checkpoint  # noqa: F401
 
-    folder, single = build(args.cache.expanduser())
-    if args.folder:
-        single = folder  # the checkpoint the run loads, by name from the same checkpoints folder
-    warm(single)
+    # the checkpoint the run loads, by name, from the checkpoints folder both lie in
+    ckpt = build(args.cache.expanduser())[0 if args.folder else 1]
+    warm(ckpt)
     models = Path(tempfile.mkdtemp())
-    (models / "checkpoints").symlink_to(single.parent, target_is_directory=True)
+    (models / "checkpoints").symlink_to(ckpt.parent, target_is_directory=True)
     settings = ng.Settings(models_dir=models, output_dir=tempfile.mkdtemp(), dtype=args.dtype,
                            map_weights=args.map_weights)
     executor = ng.Executor(ng.build_registry(), settings=settings)
 
     def workflow(seed: int) -> ng.Workflow:
         wf = ng.Workflow()
-        wf.add("ckpt", "LoadCheckpoint", ckpt=single.name)
+        wf.add("ckpt", "LoadCheckpoint", ckpt=ckpt.name)
         wf.add("pos", "CLIPEncode", clip=ng.Link("ckpt", "clip"), text=f"a red circle on a blue background {seed}")
         wf.add("sched", "LCMScheduler", model=ng.Link("ckpt", "model"), steps=args.steps)
         wf.add("empty", "EmptyLatent", width=args.size, height=args.size, batch=1, vae=ng.Link("ckpt", "vae"))
@@ -92,7 +91,7 @@ def main() -> None:
             loaded.output("ckpt", "clip").text_encoder]
     weights = sum(t.nbytes for m in held for t in (*m.parameters(), *m.buffers()))
     del held, loaded
-    print(f"{single.name}, {settings.dtype or 'default dtype'}, {args.size} px, {args.steps} steps"
+    print(f"{ckpt.name}, {settings.dtype or 'default dtype'}, {args.size} px, {args.steps} steps"
           f", map_weights={settings.map_weights}: weights {weights / 1e9:.2f} GB, base {base / 1e9:.2f} GB\n")
     print("| image | node | s | start MB | peak MB | end MB | (peak - base) / weights |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

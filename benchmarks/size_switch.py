@@ -86,7 +86,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", args.dtype, *mapping,
                                   "--sizes", *map(str, args.sizes)], check=True, capture_output=True, text=True).stdout
             runs[form].append(json.loads(out.strip().splitlines()[-1]))
-    loaded = {None: "mapped where guarded", True: "mapped where guarded", False: "copied"}[args.map_weights]
+    loaded = {None: "mapped where guarded", True: "mapped", False: "copied"}[args.map_weights]
     print(f"SD1.5-size UNet, {args.dtype}, {loaded}, {args.rounds} rounds, medians\n")
     print("| # | size | form | first step s | kernels repacked | repacking s | second step s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -249,8 +249,6 @@ _STRIDES = (1, 7, 31, 127, 509, 2039, 8191, 32749, 131071)
 def _fingerprint(weight: torch.Tensor) -> tuple[int, torch.Tensor] | None:
     """Its bytes and a sample of its words, for a blocked weight whose values are mostly distinct (a constant or
     zero kernel looks alike in every layout); None otherwise or where this build cannot show its bytes."""
-    if weight.layout == torch.strided:
-        return None
     try:
         nbytes = torch.ops.mkldnn._nbytes(weight)
         raw = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(weight))

@@ -219,6 +219,15 @@ def test_packed_convolutions_compute_what_plain_ones_do(dtype, bias, kernel):
     assert torch.equal(packed.weight.to_dense(), plain.weight)
 
 
+def _assert_no_reorder(capfd, conv, x, expected):
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        got = conv(x)
+    log = capfd.readouterr().out
+    assert ",convolution," in log and ",reorder," not in log, log
+    _assert_same(got, expected, torch.float32)
+
+
 @pytest.mark.parametrize("now", [False, True], ids=["packed at the first call", "packed at load"])
 def test_packed_weights_take_the_blocked_layout_each_input_size_wants(capfd, now):
     """oneDNN's kernel picks its weights' blocked layout by the input's size too (float32 1280-channel kernels on
@@ -237,12 +246,7 @@ def test_packed_weights_take_the_blocked_layout_each_input_size_wants(capfd, now
             x = torch.randn(1, 1280, size, size).contiguous(memory_format=torch.channels_last)
             _assert_same(packed(x), plain(x), torch.float32)
             assert packed.weight.packed_for == (size, size)
-            capfd.readouterr()
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                again = packed(x)
-            log = capfd.readouterr().out
-            assert ",convolution," in log and ",reorder," not in log, log
-            _assert_same(again, plain(x), torch.float32)
+            _assert_no_reorder(capfd, packed, x, plain(x))
             assert twin[0].weight is packed.weight  # still one blocked weight for both
             _assert_same(twin(x), plain(x), torch.float32)
 
@@ -258,15 +262,6 @@ def _spy_packs(monkeypatch) -> list:
     monkeypatch.setattr(fastpaths.PackedConv2d, "_pack", spy)
     monkeypatch.setattr(fastpaths, "_SAME_LAYOUT", {})  # nothing learnt by earlier tests
     return packed
-
-
-def _assert_no_reorder(capfd, conv, x, expected):
-    capfd.readouterr()
-    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-        got = conv(x)
-    log = capfd.readouterr().out
-    assert ",convolution," in log and ",reorder," not in log, log
-    _assert_same(got, expected, torch.float32)
 
 
 def test_a_size_change_reorders_one_kernel_of_a_shape_where_the_layout_stays(monkeypatch, capfd):
